@@ -1,0 +1,5 @@
+import sys
+
+from vpn.cli import main
+
+sys.exit(main())

@@ -1,0 +1,286 @@
+"""Command line: python -m vpn info | train | eval | sample.
+
+    python -m vpn info --preset full
+    python -m vpn train --preset micro --data data/moving_mnist --steps 2000 --out runs/micro
+    python -m vpn train --preset micro --data data/moving_mnist --overfit --steps 5000
+    python -m vpn eval --checkpoint runs/micro/checkpoint.pt --data data/moving_mnist --split test
+    python -m vpn sample --checkpoint runs/micro/checkpoint.pt --data data/moving_mnist --out runs/micro/samples
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from vpn.config import PRESETS, VPNConfig
+from vpn.train import (
+    TrainConfig,
+    Trainer,
+    load_checkpoint,
+    load_model,
+    overfit,
+    prepare,
+    resolve_device,
+)
+
+log = logging.getLogger("vpn")
+
+
+# -- shared arguments ---------------------------------------------------------------------------
+def _add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a preset, then any overrides)")
+    g.add_argument("--preset", choices=sorted(PRESETS), default="micro")
+    g.add_argument("--enc-blocks", type=int)
+    g.add_argument("--dec-blocks", type=int)
+    g.add_argument("--filter-fraction", type=float)
+    g.add_argument("--image-channels", type=int, choices=(1, 3))
+    g.add_argument("--output", choices=("categorical", "bernoulli"))
+    g.add_argument("--dilation", action=argparse.BooleanOptionalAction, default=None)
+
+
+def _model_config(args: argparse.Namespace, image_channels: int | None = None) -> VPNConfig:
+    overrides = {
+        k: getattr(args, k)
+        for k in ("enc_blocks", "dec_blocks", "filter_fraction", "image_channels", "output", "dilation")
+        if getattr(args, k) is not None
+    }
+    if image_channels is not None:
+        overrides.setdefault("image_channels", image_channels)
+    return VPNConfig.preset(args.preset, **overrides)
+
+
+def _parse_sets(pairs: list[str]) -> dict[str, Any]:
+    """--set key=value (value parsed as YAML: 3e-4, true, null, 8) -> dict."""
+    out = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep:
+            raise ValueError(f"--set expects key=value, got {pair!r}")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def _dataset(root: str, split: str):
+    from vpn.data import MovingMNIST
+
+    return MovingMNIST(root, split)
+
+
+# -- commands -----------------------------------------------------------------------------------
+def cmd_info(args: argparse.Namespace) -> int:
+    names = sorted(PRESETS) if args.all else [args.preset]
+    rows = []
+    for name in names:
+        cfg = _model_config(args) if not args.all else VPNConfig.preset(name)
+        from vpn.model import VideoPixelNetwork
+
+        model = VideoPixelNetwork(cfg)
+        rows.append(
+            {
+                "preset": cfg.matching_preset() or "custom",
+                "enc_blocks": cfg.enc_blocks,
+                "dec_blocks": cfg.dec_blocks,
+                "filter_fraction": cfg.filter_fraction,
+                "mu_channels": cfg.mu_channels,
+                "residual_channels": cfg.residual_channels,
+                "lstm_channels": cfg.lstm_channels,
+                "image_channels": cfg.image_channels,
+                "output": cfg.output,
+                "parameters": model.num_parameters(),
+                f"gflops_per_frame_{args.height}x{args.width}": round(model.flops_per_frame(args.height, args.width) / 1e9, 3),
+            }
+        )
+    if args.json:
+        print(json.dumps(rows if args.all else rows[0], indent=2))
+    else:
+        for row in rows:
+            print("\n".join(f"{k:>28}: {v}" for k, v in row.items()))
+            print()
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    out = Path(args.out)
+    sets = _parse_sets(args.set)
+    for flag in ("steps", "batch_size", "lr", "seed", "device"):
+        if getattr(args, flag) is not None:
+            sets[flag] = getattr(args, flag)
+    train_data = _dataset(args.data, "train")
+    image_channels = train_data[0].shape[1]
+    ckpt = out / "checkpoint.pt"
+
+    if args.overfit:
+        cfg = _model_config(args, image_channels)
+        tcfg = TrainConfig.from_dict({"context": 1, **sets})
+        sequence = train_data[args.index]
+        result = overfit(cfg, tcfg, sequence, tol=args.tol)
+        summary = {
+            "preset": cfg.matching_preset() or "custom",
+            "converged_step": result.converged_step,
+            "floor_nats_per_frame": result.floor,
+            "tol_nats_per_frame": result.tol,
+            "first_nats_per_frame": result.losses[0],
+            "last_nats_per_frame": result.losses[-1],
+            "steps_run": len(result.losses),
+        }
+        _write_json(out / "overfit.json", {**summary, "losses": result.losses})
+        if result.converged_step is None:
+            print(f"did not converge within {len(result.losses)} steps: {json.dumps(summary)}")
+            return 1
+        print(f"converged at iteration {result.converged_step}: {json.dumps(summary)}")
+        return 0
+
+    val_data = _dataset(args.data, "val")
+    if args.resume:
+        trainer = Trainer.from_checkpoint(args.resume, train_data, val_data, **sets)
+        log.info("resumed from %s at step %d", args.resume, trainer.step)
+    else:
+        cfg = _model_config(args, image_channels)
+        trainer = Trainer(cfg, TrainConfig.from_dict(sets), train_data, val_data)
+    metrics_path = out / "metrics.jsonl"
+    out.mkdir(parents=True, exist_ok=True)
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+
+    last = trainer.fit(on_log=on_log, on_checkpoint=lambda step: trainer.save(ckpt), progress=not args.quiet)
+    print(json.dumps({"step": trainer.step, "checkpoint": str(ckpt), **last}))
+    return 0
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    from vpn.metrics import bernoulli_lower_bound
+
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    tcfg = TrainConfig.from_dict(state["train_config"])
+    model = load_model(args.checkpoint, device)
+    data = _dataset(args.data, args.split)
+    n = len(data) if args.limit is None else min(args.limit, len(data))
+    total, bound = 0.0, 0.0
+    with torch.no_grad():
+        for start in range(0, n, args.batch_size):
+            batch = torch.stack([data[k] for k in range(start, min(n, start + args.batch_size))])
+            frames = prepare(batch, tcfg).to(device)
+            total += float(model.nll(frames, context=args.context).sum())
+            if model.cfg.output == "bernoulli":
+                bound += float(bernoulli_lower_bound(frames.cpu(), context=args.context).sum())
+    result = {"split": args.split, "sequences": n, "context": args.context, "nats_per_frame": total / n}
+    if model.cfg.output == "bernoulli":
+        result["lower_bound_nats_per_frame"] = bound / n
+    print(json.dumps(result))
+    return 0
+
+
+def cmd_sample(args: argparse.Namespace) -> int:
+    from vpn.viz import save_gif, save_png, strip
+
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    tcfg = TrainConfig.from_dict(state["train_config"])
+    model = load_model(args.checkpoint, device)
+    data = _dataset(args.data, args.split)
+    truth = prepare(torch.stack([data[args.index + b] for b in range(args.batch)]), tcfg)  # (B, T, C, H, W)
+    if not 1 <= args.context < truth.shape[1] + 1:
+        raise ValueError(f"--context must be in [1, {truth.shape[1]}]")
+    context = truth[:, : args.context].to(device)
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    video = model.sample(context, args.frames, generator=generator, temperature=args.temperature, method=args.method)
+    video = video.cpu()
+    out = Path(args.out)
+    rows = []
+    for b in range(args.batch):
+        rows.append(truth[b, : args.context + args.frames])
+        rows.append(torch.cat([truth[b, : args.context], video[b]]))
+    save_png(strip(rows, separator_at=args.context), out / "sample.png")
+    save_gif(rows, out / "sample.gif")
+    torch.save(video, out / ".sample.pt.tmp")
+    (out / ".sample.pt.tmp").replace(out / "sample.pt")
+    print(json.dumps({"png": str(out / "sample.png"), "gif": str(out / "sample.gif"), "frames": list(video.shape)}))
+    return 0
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    tmp.replace(path)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m vpn", description="Video Pixel Networks")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("info", help="block counts, widths, parameters and FLOPs per frame")
+    _add_model_args(p)
+    p.add_argument("--all", action="store_true", help="every preset")
+    p.add_argument("--height", type=int, default=64)
+    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("train", help="train on a Moving MNIST folder (or overfit one sequence)")
+    _add_model_args(p)
+    p.add_argument("--data", required=True, help="folder with train.npy / val.npy (the generate stage's output)")
+    p.add_argument("--out", default="runs/latest", help="checkpoint.pt and metrics.jsonl go here")
+    p.add_argument("--steps", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--seed", type=int)
+    p.add_argument("--device")
+    p.add_argument("--resume", help="checkpoint to continue from (its configs are used)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
+    p.add_argument("--overfit", action="store_true", help="the blog post's experiment: fit one sequence")
+    p.add_argument("--index", type=int, default=0, help="--overfit: which training sequence")
+    p.add_argument("--tol", type=float, help="--overfit: nats/frame above the floor that count as converged")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("eval", help="NLL in nats/frame on a split")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--context", type=int, default=10)
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--limit", type=int, help="score only the first N sequences")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("sample", help="sample frames after a context; writes sample.png and sample.gif")
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=("train", "val", "test"))
+    p.add_argument("--index", type=int, default=0)
+    p.add_argument("--batch", type=int, default=1, help="sequences index..index+batch-1")
+    p.add_argument("--context", type=int, default=10)
+    p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--method", choices=("cached", "naive"), default="cached")
+    p.add_argument("--out", default="runs/latest/samples")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=cmd_sample)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (ValueError, FileNotFoundError, TypeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,141 @@
+"""VPNConfig: every hyperparameter of a Video Pixel Network, in one frozen dataclass.
+
+The presets follow the seed blog post (o-tawab/Video-Pixel-Networks), relative to the paper's model:
+
+| preset | encoder blocks | decoder blocks | filters vs full | MU width c | residual 2c | ConvLSTM |
+|--------|----------------|----------------|-----------------|------------|-------------|----------|
+| full   | 8              | 12             | 1               | 128        | 256         | 256      |
+| mini   | 4              | 6              | 1/4             | 32         | 64          | 64       |
+| micro  | 2              | 3              | 1/4             | 32         | 64          | 64       |
+
+Any other point of (enc_blocks, dec_blocks, filter_fraction) is a valid model too: the sweeps explore
+that space, so every point that passes validation must build.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+# Widths of the paper's (and the TF code's "full") model, that filter_fraction scales.
+FULL_MU_CHANNELS = 128
+FULL_LSTM_CHANNELS = 256
+
+PRESETS: dict[str, dict[str, Any]] = {
+    "full": dict(enc_blocks=8, dec_blocks=12, filter_fraction=1.0),
+    "mini": dict(enc_blocks=4, dec_blocks=6, filter_fraction=0.25),
+    "micro": dict(enc_blocks=2, dec_blocks=3, filter_fraction=0.25),
+}
+
+OUTPUTS = ("categorical", "bernoulli")
+
+# Dilation rates of the paper's dilated encoder, repeated over the blocks (block i gets RATES[i % 4]).
+DILATION_RATES = (1, 2, 4, 8)
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class VPNConfig:
+    """Architecture of a Video Pixel Network.
+
+    enc_blocks: residual multiplicative blocks in the per-frame encoder (paper: k = 8).
+    dec_blocks: residual multiplicative blocks in the PixelCNN decoder (paper: l = 12).
+    filter_fraction: widths as a fraction of the full model's (MU width c = 128, ConvLSTM 256).
+    image_channels: 1 (greyscale) or 3 (RGB; R before G before B within a pixel).
+    output: "categorical" (256-way softmax, the general model) or "bernoulli" (sigmoid
+        cross-entropy against x/255, the paper's Moving MNIST metric).
+    dilation: encoder MUs use dilation rates 1, 2, 4, 8 repeated over the blocks.
+    """
+
+    enc_blocks: int = 8
+    dec_blocks: int = 12
+    filter_fraction: float = 1.0
+    image_channels: int = 1
+    output: str = "categorical"
+    dilation: bool = False
+
+    def __post_init__(self) -> None:
+        for name in ("enc_blocks", "dec_blocks"):
+            value = getattr(self, name)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        f = self.filter_fraction
+        if isinstance(f, bool) or not isinstance(f, (int, float)) or not math.isfinite(f):
+            raise ValueError(f"filter_fraction must be a number in (0, 1], got {f!r}")
+        if not 0.0 < f <= 1.0:
+            raise ValueError(f"filter_fraction must be in (0, 1], got {f!r}")
+        object.__setattr__(self, "filter_fraction", float(f))
+        if self.image_channels not in (1, 3) or not _is_int(self.image_channels):
+            raise ValueError(f"image_channels must be 1 or 3, got {self.image_channels!r}")
+        if self.output not in OUTPUTS:
+            raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
+        if not isinstance(self.dilation, bool):
+            raise ValueError(f"dilation must be true or false, got {self.dilation!r}")
+        # Masked convolutions split every decoder layer's channels into one group per colour
+        # (R, G, B); a group with no channel would cut the path from earlier colours to later ones.
+        if self.mu_channels < self.image_channels:
+            raise ValueError(
+                f"filter_fraction={f} gives MU width c={self.mu_channels}, which can't be split "
+                f"into {self.image_channels} colour groups (need c >= {self.image_channels})"
+            )
+
+    # -- derived widths -------------------------------------------------------------------------
+    @property
+    def mu_channels(self) -> int:
+        """c: channels inside each multiplicative unit (half the residual stream)."""
+        return max(0, round(FULL_MU_CHANNELS * self.filter_fraction))
+
+    @property
+    def residual_channels(self) -> int:
+        """2c: channels of the residual stream between blocks."""
+        return 2 * self.mu_channels
+
+    @property
+    def lstm_channels(self) -> int:
+        """Hidden channels of the ConvLSTM (256 in the full model)."""
+        return max(1, round(FULL_LSTM_CHANNELS * self.filter_fraction))
+
+    @property
+    def out_channels_per_colour(self) -> int:
+        return 256 if self.output == "categorical" else 1
+
+    def encoder_dilations(self) -> tuple[int, ...]:
+        """Dilation rate of each encoder block: 1, 2, 4, 8, 1, 2, ... or all 1."""
+        if not self.dilation:
+            return (1,) * self.enc_blocks
+        return tuple(DILATION_RATES[i % len(DILATION_RATES)] for i in range(self.enc_blocks))
+
+    def matching_preset(self) -> str | None:
+        """Name of the preset with the same depth and width, or None."""
+        for name, spec in PRESETS.items():
+            if all(getattr(self, k) == v for k, v in spec.items()):
+                return name
+        return None
+
+    # -- construction ---------------------------------------------------------------------------
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "VPNConfig":
+        """Build from a mapping, rejecting keys that are not fields (a typo must not pass silently)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown VPNConfig key(s) {unknown}; valid keys are {sorted(names)}")
+        return cls(**dict(d))
+
+    @classmethod
+    def preset(cls, name: str, **overrides: Any) -> "VPNConfig":
+        """A preset ("full", "mini", "micro"), with keyword overrides of any field."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
+        return cls.from_dict({**PRESETS[name], **overrides})
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "VPNConfig":
+        return self.from_dict({**self.to_dict(), **changes})

@@ -1,0 +1,182 @@
+"""Building blocks of a Video Pixel Network, named after the paper (Kalchbrenner et al. 2016, sec. 3-4).
+
+- MaskedConv2d: a convolution that sees only earlier pixels and earlier colours (van den Oord et al. 2016).
+- MultiplicativeUnit (MU): LSTM-like gates around a convolution.
+- ResidualMultiplicativeBlock (RMB): 1x1 down to c, MU, MU, 1x1 back up to 2c, plus an additive skip.
+- ConvLSTM: a resolution-preserving convolutional LSTM (Shi et al. 2015).
+
+Colour ordering. For RGB frames every decoder layer's channels are split into three contiguous groups
+(R, G, B) and the masks let group j read group i at the same pixel only if i < j (mask A) or i <= j
+(mask B). `colour_groups` fixes that split; every elementwise product inside an MU multiplies channels
+of the same group, so the invariant carries through the gates.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+ConvFactory = Callable[[int, int, int], nn.Module]
+"""(in_channels, out_channels, kernel_size) -> a resolution-preserving conv module."""
+
+
+def colour_groups(channels: int, colours: int) -> Tensor:
+    """Colour group (0..colours-1) of each of `channels` channels, in contiguous runs: (channels,) long.
+
+    channel k belongs to group floor(k * colours / channels), so any width >= colours works, not only
+    multiples of 3 (the full model's c = 128 is not).
+    """
+    return torch.arange(channels) * colours // channels
+
+
+def causal_mask(
+    kernel_size: int, mask_type: str, in_groups: Tensor, out_groups: Tensor
+) -> Tensor:
+    """The PixelCNN mask for a kernel_size x kernel_size kernel: (out, in, k, k) float of 0/1.
+
+    For one colour (in and out groups all 0) and k = 3:
+
+        mask A          mask B
+        1 1 1           1 1 1
+        1 0 0           1 1 0
+        0 0 0           0 0 0
+
+    Rows above the centre and pixels left of it are always visible; everything after the centre never
+    is. At the centre, output group j sees input group i iff i < j (A) or i <= j (B), so a pixel's
+    colour never sees itself through mask A and the stack of A then B's never sees it at all.
+    """
+    if mask_type not in ("A", "B"):
+        raise ValueError(f"mask_type must be 'A' or 'B', got {mask_type!r}")
+    if kernel_size % 2 != 1:
+        raise ValueError(f"masked convolutions need an odd kernel, got {kernel_size}")
+    c = kernel_size // 2
+    mask = torch.zeros(len(out_groups), len(in_groups), kernel_size, kernel_size)
+    mask[:, :, :c, :] = 1.0  # rows above
+    mask[:, :, c, :c] = 1.0  # left of centre, same row
+    o, i = out_groups[:, None], in_groups[None, :]
+    mask[:, :, c, c] = (i < o).float() if mask_type == "A" else (i <= o).float()
+    return mask
+
+
+class MaskedConv2d(nn.Conv2d):
+    """Conv2d whose kernel is multiplied by a causal mask in every call (never edited in place).
+
+    Pixel (i, j) colour g of the output depends only on pixels above, pixels left in the same row,
+    and (B: same or, A: strictly) earlier colours of pixel (i, j); so information cannot flow from a
+    pixel to itself or backwards in raster order.
+
+    Input (N, in_channels, H, W) -> output (N, out_channels, H, W), same dtype.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        mask_type: str,
+        colours: int,
+        in_groups: Tensor | None = None,
+        out_groups: Tensor | None = None,
+        bias: bool = True,
+    ) -> None:
+        super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
+        in_groups = colour_groups(in_channels, colours) if in_groups is None else in_groups
+        out_groups = colour_groups(out_channels, colours) if out_groups is None else out_groups
+        self.mask_type = mask_type
+        self.register_buffer("mask", causal_mask(kernel_size, mask_type, in_groups, out_groups))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+
+
+class MultiplicativeUnit(nn.Module):
+    """MU(h) = g1 * tanh(g2 * h + g3 * u), with g1, g2, g3 = sigmoid(conv(h)) and u = tanh(conv(h)).
+
+    The four 3x3 convolutions are one convolution with 4c outputs (chunked g1 | g2 | g3 | u), which
+    is the same function with a quarter of the kernel launches. `g2 * h` multiplies h, the unit's own
+    input, never the raw frame: the public implementations' leak was exactly that term on the raw frame.
+
+    h: (N, c, H, W) -> (N, c, H, W).
+    """
+
+    def __init__(self, channels: int, make_conv: ConvFactory) -> None:
+        super().__init__()
+        self.channels = channels
+        self.gates = make_conv(channels, 4 * channels, 3)
+
+    def forward(self, h: Tensor) -> Tensor:
+        g1, g2, g3, u = self.gates(h).chunk(4, dim=1)  # 4 x (N, c, H, W)
+        return torch.sigmoid(g1) * torch.tanh(torch.sigmoid(g2) * h + torch.sigmoid(g3) * torch.tanh(u))
+
+
+class ResidualMultiplicativeBlock(nn.Module):
+    """RMB: x + W_up(MU(MU(W_down(x)))), with 1x1 convolutions halving then restoring the width.
+
+    x: (N, 2c, H, W) -> (N, 2c, H, W).
+    """
+
+    def __init__(self, channels: int, make_conv: ConvFactory, make_mu_conv: ConvFactory) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"an RMB needs an even residual width, got {channels}")
+        half = channels // 2
+        self.down = make_conv(channels, half, 1)
+        self.mu1 = MultiplicativeUnit(half, make_mu_conv)
+        self.mu2 = MultiplicativeUnit(half, make_mu_conv)
+        self.up = make_conv(half, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(self.mu2(self.mu1(self.down(x))))
+
+
+class ConvLSTM(nn.Module):
+    """Convolutional LSTM over time that keeps the spatial resolution (Shi et al. 2015).
+
+    gates = conv_x(x_t) + conv_h(h_{t-1}); i, f, o = sigmoid, g = tanh;
+    c_t = f * c_{t-1} + i * g;  h_t = o * tanh(c_t).
+
+    The input half of the gates is computed for all time steps in one batched convolution; only the
+    recurrent half runs step by step.
+    """
+
+    def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int = 3) -> None:
+        super().__init__()
+        self.hidden_channels = hidden_channels
+        pad = kernel_size // 2
+        self.conv_x = nn.Conv2d(in_channels, 4 * hidden_channels, kernel_size, padding=pad)
+        self.conv_h = nn.Conv2d(hidden_channels, 4 * hidden_channels, kernel_size, padding=pad, bias=False)
+
+    def initial_state(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Zero (h, c), each (N, hidden, H, W), matching x: (N, *, H, W)."""
+        n, _, h, w = x.shape
+        zeros = x.new_zeros(n, self.hidden_channels, h, w)
+        return zeros, zeros
+
+    def cell(self, gates_x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+        """One step from precomputed input gates (N, 4*hidden, H, W) -> new (h, c)."""
+        h, c = state
+        i, f, o, g = (gates_x + self.conv_h(h)).chunk(4, dim=1)  # 4 x (N, hidden, H, W)
+        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+        h = torch.sigmoid(o) * torch.tanh(c)
+        return h, c
+
+    def step(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """x: (N, in, H, W) -> new (h, c), each (N, hidden, H, W)."""
+        if state is None:
+            state = self.initial_state(x)
+        return self.cell(self.conv_x(x), state)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x: (B, T, in, H, W) -> hidden states h_0..h_{T-1}: (B, T, hidden, H, W)."""
+        b, t = x.shape[:2]
+        gates_x = self.conv_x(x.flatten(0, 1)).unflatten(0, (b, t))  # (B, T, 4*hidden, H, W)
+        state = self.initial_state(gates_x[:, 0])
+        hs = []
+        for step in range(t):
+            state = self.cell(gates_x[:, step], state)
+            hs.append(state[0])
+        return torch.stack(hs, dim=1)  # (B, T, hidden, H, W)

@@ -1,0 +1,214 @@
+"""The Video Pixel Network: encoder -> ConvLSTM -> PixelCNN decoder (Kalchbrenner et al. 2016, fig. 1).
+
+p(video) = prod_t prod_i prod_j prod_colour p(x[t, colour, i, j] | frames < t, pixels above and left
+in frame t, earlier colours of pixel (i, j)).
+
+- Every frame F_0..F_{T-2} goes through the same resolution-preserving encoder of `enc_blocks` RMBs.
+- A ConvLSTM runs over the encoded frames; its state after frame t-1 is the context of frame t.
+- The decoder for frame t is a PixelCNN of `dec_blocks` masked RMBs. The current frame enters only
+  through a mask-A convolution, and every later layer is mask-B, so no pixel sees its own value. The
+  context (which depends only on earlier frames) is added through unmasked 1x1 convolutions before
+  the first block and before every block, so it reaches every position at every depth.
+  (How the paper injects the context is not stated; the TF code concatenates it once at the input.)
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from vpn.config import VPNConfig
+from vpn.layers import ConvLSTM, MaskedConv2d, ResidualMultiplicativeBlock, colour_groups
+from vpn.metrics import bernoulli_cross_entropy, categorical_cross_entropy, grey_targets, per_frame
+
+
+def to_input(frames: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 intensities -> inputs in [-1, 1] of `dtype`, same shape."""
+    return frames.to(dtype) * (2.0 / 255.0) - 1.0
+
+
+class Encoder(nn.Module):
+    """Resolution-preserving CNN applied to each frame: (N, C, H, W) float -> (N, 2c, H, W)."""
+
+    def __init__(self, cfg: VPNConfig) -> None:
+        super().__init__()
+        width = cfg.residual_channels
+        self.stem = nn.Conv2d(cfg.image_channels, width, 3, padding=1)
+        blocks = []
+        for rate in cfg.encoder_dilations():
+            def mu_conv(cin: int, cout: int, k: int, rate: int = rate) -> nn.Module:
+                return nn.Conv2d(cin, cout, k, padding=rate * (k // 2), dilation=rate)
+
+            blocks.append(ResidualMultiplicativeBlock(width, _plain_conv, mu_conv))
+        self.blocks = nn.Sequential(*blocks)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.blocks(self.stem(x))
+
+
+def _plain_conv(cin: int, cout: int, k: int) -> nn.Module:
+    return nn.Conv2d(cin, cout, k, padding=k // 2)
+
+
+class Decoder(nn.Module):
+    """PixelCNN over the current frame, conditioned on the LSTM context.
+
+    frame: (N, C, H, W) float in [-1, 1]; context: (N, L, H, W)
+    -> logits (N, C * K, H, W), channels ordered (colour, K) with K = 256 or 1.
+    """
+
+    def __init__(self, cfg: VPNConfig) -> None:
+        super().__init__()
+        colours, width = cfg.image_channels, cfg.residual_channels
+        self.colours, self.width, self.n_blocks = colours, width, cfg.dec_blocks
+
+        def masked_b(cin: int, cout: int, k: int) -> nn.Module:
+            return MaskedConv2d(cin, cout, k, "B", colours)
+
+        def mu_gates(cin: int, cout: int, k: int) -> nn.Module:
+            # The fused conv's output is g1 | g2 | g3 | u, each of width cin; channel j of each chunk
+            # multiplies channel j of h, so each chunk repeats h's colour split.
+            return MaskedConv2d(cin, cout, k, "B", colours, out_groups=colour_groups(cin, colours).repeat(4))
+
+        # The raw current frame's only way in: a mask-A conv, so pixel (i, j) colour g sees only
+        # pixels before it and colours before g.
+        self.frame_in = MaskedConv2d(colours, width, 3, "A", colours)
+        # Context of all earlier frames may reach every position and colour: unmasked, one 1x1
+        # conv producing the bias of the input layer and of each block.
+        self.context_in = nn.Conv2d(cfg.lstm_channels, width * (cfg.dec_blocks + 1), 1)
+        self.blocks = nn.ModuleList(
+            ResidualMultiplicativeBlock(width, masked_b, mu_gates) for _ in range(cfg.dec_blocks)
+        )
+        k = cfg.out_channels_per_colour
+        self.head_hidden = MaskedConv2d(width, width, 1, "B", colours)
+        self.head_out = MaskedConv2d(
+            width, colours * k, 1, "B", colours, out_groups=torch.arange(colours).repeat_interleave(k)
+        )
+
+    def forward(self, frame: Tensor, context: Tensor) -> Tensor:
+        cond = self.context_in(context).chunk(self.n_blocks + 1, dim=1)  # (n_blocks+1) x (N, 2c, H, W)
+        h = self.frame_in(frame) + cond[0]
+        for block, bias in zip(self.blocks, cond[1:]):
+            h = block(h + bias)
+        return self.head_out(F.relu(self.head_hidden(F.relu(h))))
+
+
+class VideoPixelNetwork(nn.Module):
+    """A Video Pixel Network built from a VPNConfig.
+
+    forward(frames uint8 (B, T, C, H, W)) -> logits predicting frames 1..T-1, each from everything
+    before it: (B, T-1, C, 256, H, W) float for "categorical", (B, T-1, C, H, W) for "bernoulli".
+    """
+
+    def __init__(self, cfg: VPNConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.encoder = Encoder(cfg)
+        self.lstm = ConvLSTM(cfg.residual_channels, cfg.lstm_channels)
+        self.decoder = Decoder(cfg)
+
+    # -- the three stages, reused by the sampler ------------------------------------------------
+    def encode(self, frames: Tensor) -> Tensor:
+        """uint8 (B, T, C, H, W) -> encoder features (B, T, 2c, H, W)."""
+        b, t = frames.shape[:2]
+        x = to_input(frames.flatten(0, 1), self._dtype)  # (B*T, C, H, W)
+        return self.encoder(x).unflatten(0, (b, t))
+
+    def decode(self, frame: Tensor, context: Tensor) -> Tensor:
+        """frame uint8 (N, C, H, W), context (N, L, H, W) -> logits (N, C, K, H, W) (K = 256 or 1)."""
+        logits = self.decoder(to_input(frame, self._dtype), context)  # (N, C*K, H, W)
+        return logits.unflatten(1, (self.cfg.image_channels, self.cfg.out_channels_per_colour))
+
+    def forward(self, frames: Tensor) -> Tensor:
+        self._check_frames(frames, min_frames=2)
+        b, t = frames.shape[:2]
+        context = self.lstm(self.encode(frames[:, :-1]))  # (B, T-1, L, H, W): context[:, t] sees frames <= t
+        logits = self.decode(frames[:, 1:].flatten(0, 1), context.flatten(0, 1))  # (B*(T-1), C, K, H, W)
+        logits = logits.unflatten(0, (b, t - 1))  # (B, T-1, C, K, H, W)
+        return logits if self.cfg.output == "categorical" else logits.squeeze(3)
+
+    # -- likelihood -----------------------------------------------------------------------------
+    def frame_nll(self, logits: Tensor, frames: Tensor) -> Tensor:
+        """Nats per frame of each predicted frame.
+
+        logits: forward's output for frames; frames uint8 (B, T, C, H, W) -> (B, T-1) float32.
+        """
+        target = frames[:, 1:]  # (B, T-1, C, H, W)
+        if self.cfg.output == "categorical":
+            return per_frame(categorical_cross_entropy(logits, target))
+        return per_frame(bernoulli_cross_entropy(grey_targets(target), logits=logits))
+
+    def nll(self, frames: Tensor, context: int = 10) -> Tensor:
+        """uint8 (B, T, C, H, W) -> (B,) nats per frame, averaged over frames context..T-1.
+
+        Each frame is scored given every frame before it (teacher forcing), as the paper scores the
+        10 frames after 10 of context.
+        """
+        if not 1 <= context < frames.shape[1]:
+            raise ValueError(f"context={context} must be in [1, T) for T={frames.shape[1]}")
+        per = self.frame_nll(self(frames), frames)  # (B, T-1): column k scores frame k+1
+        return per[:, context - 1 :].mean(dim=1)
+
+    # -- sampling -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def sample(
+        self,
+        context_frames: Tensor,
+        n_frames: int,
+        generator: torch.Generator | None = None,
+        temperature: float = 1.0,
+        method: str = "cached",
+    ) -> Tensor:
+        """Sample n_frames new frames after context_frames, pixel by pixel and colour by colour.
+
+        context_frames: uint8 (B, Tc, C, H, W) with Tc >= 1 -> uint8 (B, n_frames, C, H, W).
+        Each value is drawn from the model's distribution (not argmax) at `temperature`; the same
+        generator state gives the same sample. method "cached" computes one position per layer per
+        pixel; "naive" reruns the whole decoder for every pixel (the public implementations' way,
+        kept as the reference).
+        """
+        from vpn.sample import sample_video
+
+        return sample_video(self, context_frames, n_frames, generator, temperature, method)
+
+    @property
+    def _dtype(self) -> torch.dtype:
+        # Inputs follow the weights' dtype (float64 in the causality tests); autocast handles bf16.
+        return self.encoder.stem.weight.dtype
+
+    # -- accounting -----------------------------------------------------------------------------
+    def num_parameters(self) -> int:
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_frame(self, height: int = 64, width: int = 64) -> int:
+        """Forward FLOPs (2 x multiply-adds of every conv, masked taps included since they are
+        computed) to encode one frame, step the LSTM once and decode one frame of height x width.
+
+        Counted by torch.utils.flop_counter on the meta device: no memory, no compute.
+        """
+        return count_flops_per_frame(self.cfg, height, width)
+
+    def _check_frames(self, frames: Tensor, min_frames: int) -> None:
+        if frames.dtype != torch.uint8:
+            raise TypeError(f"frames must be uint8 intensities, got {frames.dtype}")
+        if frames.ndim != 5 or frames.shape[2] != self.cfg.image_channels:
+            raise ValueError(
+                f"frames must be (B, T, {self.cfg.image_channels}, H, W), got {tuple(frames.shape)}"
+            )
+        if frames.shape[1] < min_frames:
+            raise ValueError(f"need at least {min_frames} frames, got T={frames.shape[1]}")
+
+
+def count_flops_per_frame(cfg: VPNConfig, height: int = 64, width: int = 64) -> int:
+    """FLOPs of one frame's forward pass for cfg at height x width (see flops_per_frame)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.device("meta"):
+        model = VideoPixelNetwork(cfg)
+        frames = torch.zeros(1, 2, cfg.image_channels, height, width, dtype=torch.uint8)
+    # T = 2 frames: the encoder and the LSTM see frame 0 once, the decoder predicts frame 1 once.
+    with FlopCounterMode(display=False) as counter:
+        model(frames)
+    return int(counter.get_total_flops())

@@ -1,0 +1,460 @@
+"""A plain training loop for any VPNConfig: RMSProp, teacher forcing, validation, exact resume.
+
+- The batch of step s is a pure function of (seed, s): sequences drawn with replacement by a generator
+  seeded from both. A resumed run therefore sees the same batches as an uninterrupted one without
+  any sampler state to save, and a sweep trial restarted from a checkpoint continues its own curve.
+- The loss that is optimised is nats per sub-pixel (nats/frame divided by C*H*W), so the gradient
+  clipping threshold means the same at every frame size; everything reported is nats per frame.
+- Host syncs happen only every `log_every` steps: losses stay on the device in between. A non-finite
+  loss is detected there and raises NonFiniteLossError.
+- Logging and checkpointing hang off two hooks of `fit`, so the same loop serves the CLI and the
+  Ray Tune trainable.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from vpn.config import VPNConfig
+from vpn.metrics import bernoulli_lower_bound
+from vpn.model import VideoPixelNetwork
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "vpn-checkpoint/1"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How to train. Every field can be set from the CLI (--set key=value) or a sweep spec.
+
+    steps: optimizer updates in total.  batch_size: sequences per update.
+    lr, rmsprop_alpha, rmsprop_eps: RMSProp (lr 3e-4 as in the TF code; alpha 0.9 is TF's decay).
+    grad_clip: max global gradient norm of the per-sub-pixel loss (0 disables).
+    seed: model initialisation and batch order.
+    log_every: steps between host syncs / progress updates / logged metrics.
+    val_every, val_batches: validation period in steps, and batches of the validation split per run.
+    context: frames of context when scoring validation (the paper scores frames 10..19 given 0..9).
+    ckpt_every: steps between checkpoints (0: only at the end).
+    seq_len: use the first seq_len frames of each sequence (None: all).
+    downsample: average-pool frames by this factor (1: full size), for quick CPU runs.
+    device: "auto" (CUDA if present), "cpu" or "cuda[:N]".  amp: bf16 autocast on CUDA.
+    num_workers: DataLoader worker processes.
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 3e-4
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 250
+    val_batches: int = 4
+    context: int = 10
+    ckpt_every: int = 500
+    seq_len: int | None = None
+    downsample: int = 1
+    device: str = "auto"
+    amp: bool = True
+    num_workers: int = 0
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "log_every", "val_every", "val_batches", "context", "downsample")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("ckpt_every", "num_workers", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "rmsprop_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not 0 < self.rmsprop_alpha < 1:
+            raise ValueError(f"rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
+            raise ValueError(f"seq_len must be an integer >= 2 or null, got {self.seq_len!r}")
+        if self.seq_len is not None and self.context >= self.seq_len:
+            raise ValueError(f"context={self.context} must be < seq_len={self.seq_len}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown TrainConfig key(s) {unknown}; valid keys are {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> "TrainConfig":
+        return self.from_dict({**self.to_dict(), **changes})
+
+
+class NonFiniteLossError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+    def __init__(self, step: int, value: float) -> None:
+        super().__init__(f"training loss is {value} (non-finite) at step {step}; stopping")
+        self.step, self.value = step, value
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def as_dataset(data: Dataset | Tensor) -> Dataset:
+    """A uint8 tensor (N, T, C, H, W) or any Dataset of uint8 (T, C, H, W) items -> Dataset."""
+    if isinstance(data, Tensor):
+        if data.dtype != torch.uint8 or data.ndim != 5:
+            raise ValueError(f"sequence tensor must be uint8 (N, T, C, H, W), got {data.dtype} {tuple(data.shape)}")
+        return _Sequences(data)
+    return data
+
+
+class _Sequences(Dataset):
+    def __init__(self, data: Tensor) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, index: int) -> Tensor:
+        return self.data[index]
+
+
+def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
+    """Sequence indices of the batch for update `step` (1-based): a pure function of its arguments."""
+    g = torch.Generator().manual_seed(seed * 1_000_003 + step)
+    return torch.randint(n, (batch_size,), generator=g).tolist()
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Yields batch_indices for steps start+1 .. end, for a DataLoader's batch_sampler."""
+
+    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int) -> None:
+        self.n, self.batch_size, self.seed, self.start, self.end = n, batch_size, seed, start, end
+
+    def __len__(self) -> int:
+        return max(0, self.end - self.start)
+
+    def __iter__(self):
+        for step in range(self.start + 1, self.end + 1):
+            yield batch_indices(self.n, self.batch_size, self.seed, step)
+
+
+def prepare(frames: Tensor, cfg: TrainConfig) -> Tensor:
+    """Apply seq_len and downsample: uint8 (B, T, C, H, W) -> uint8 (B, T', C, H/d, W/d)."""
+    if cfg.seq_len is not None:
+        if frames.shape[1] < cfg.seq_len:
+            raise ValueError(f"seq_len={cfg.seq_len} but the data has only {frames.shape[1]} frames")
+        frames = frames[:, : cfg.seq_len]
+    if cfg.downsample > 1:
+        b, t = frames.shape[:2]
+        pooled = F.avg_pool2d(frames.flatten(0, 1).float(), cfg.downsample)  # (B*T, C, H/d, W/d)
+        frames = pooled.round().to(torch.uint8).unflatten(0, (b, t))
+    return frames
+
+
+def _atomic_torch_save(obj: Any, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Trainer:
+    """Owns a model, its optimizer and the step counter; knows nothing about where metrics go."""
+
+    def __init__(
+        self,
+        model_cfg: VPNConfig,
+        train_cfg: TrainConfig,
+        train_data: Dataset | Tensor,
+        val_data: Dataset | Tensor | None = None,
+    ) -> None:
+        self.model_cfg, self.cfg = model_cfg, train_cfg
+        self.device = resolve_device(train_cfg.device)
+        self.train_data = as_dataset(train_data)
+        self.val_data = as_dataset(val_data) if val_data is not None else None
+        if len(self.train_data) == 0:
+            raise ValueError("training data is empty")
+        torch.manual_seed(train_cfg.seed)  # the model's initial weights
+        self.model = VideoPixelNetwork(model_cfg).to(self.device)
+        self.optimizer = torch.optim.RMSprop(
+            self.model.parameters(), lr=train_cfg.lr, alpha=train_cfg.rmsprop_alpha, eps=train_cfg.rmsprop_eps
+        )
+        self.step = 0
+        self.best_val = math.inf
+
+    # -- one update -----------------------------------------------------------------------------
+    def _autocast(self):
+        enabled = self.cfg.amp and self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def train_step(self, batch: Tensor) -> Tensor:
+        """One RMSProp update on uint8 (B, T, C, H, W); returns the batch's mean nats/frame (device, detached)."""
+        frames = prepare(batch.to(self.device, non_blocking=True), self.cfg)
+        self.model.train()
+        with self._autocast():
+            logits = self.model(frames)
+        nats = self.model.frame_nll(logits, frames).mean()  # nats per frame, float32
+        dims = frames.shape[2] * frames.shape[3] * frames.shape[4]
+        self.optimizer.zero_grad(set_to_none=True)
+        (nats / dims).backward()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
+        self.optimizer.step()
+        self.step += 1
+        return nats.detach()
+
+    @torch.no_grad()
+    def evaluate(self, data: Dataset | None = None, batches: int | None = None) -> float:
+        """Mean nats/frame over frames context..T-1 of the first `batches` batches of `data` (val)."""
+        data = self.val_data if data is None else as_dataset(data)
+        if data is None:
+            raise ValueError("no validation data")
+        batches = self.cfg.val_batches if batches is None else batches
+        n = min(len(data), batches * self.cfg.batch_size)
+        self.model.eval()
+        total, count = torch.zeros((), device=self.device), 0
+        for start in range(0, n, self.cfg.batch_size):
+            batch = torch.stack([data[k] for k in range(start, min(n, start + self.cfg.batch_size))])
+            frames = prepare(batch.to(self.device), self.cfg)
+            with self._autocast():
+                logits = self.model(frames)
+            per = self.model.frame_nll(logits, frames)[:, self.cfg.context - 1 :]  # (B, T-context)
+            total += per.mean(dim=1).sum()
+            count += len(frames)
+        return float(total) / count
+
+    # -- the loop -------------------------------------------------------------------------------
+    def loader(self, until: int) -> DataLoader:
+        sampler = _StepBatches(len(self.train_data), self.cfg.batch_size, self.cfg.seed, self.step, until)
+        return DataLoader(
+            self.train_data,
+            batch_sampler=sampler,
+            num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+        )
+
+    def fit(
+        self,
+        until: int | None = None,
+        on_log: Callable[[int, dict[str, float]], None] | None = None,
+        on_checkpoint: Callable[[int], None] | None = None,
+        progress: bool = True,
+    ) -> dict[str, float]:
+        """Train from self.step to `until` (default cfg.steps); returns the last logged metrics.
+
+        on_log(step, metrics) runs every log_every steps with train_nats_per_frame (mean since the
+        last log) and steps_per_second, plus val_nats_per_frame on validation steps.
+        on_checkpoint(step) runs every ckpt_every steps and at the end.
+        """
+        from tqdm.auto import tqdm
+
+        until = self.cfg.steps if until is None else until
+        bar = tqdm(total=until, initial=self.step, disable=not progress, desc="train", dynamic_ncols=True)
+        running, n_running = torch.zeros((), device=self.device), 0
+        last: dict[str, float] = {}
+        tick, tick_step = time.perf_counter(), self.step
+        try:
+            for batch in self.loader(until):
+                running += self.train_step(batch)
+                n_running += 1
+                bar.update(1)
+                step = self.step
+                is_log = step % self.cfg.log_every == 0 or step == until
+                is_val = self.val_data is not None and (step % self.cfg.val_every == 0 or step == until)
+                if is_log or is_val:
+                    loss = float(running) / max(1, n_running)  # the only host sync
+                    if not math.isfinite(loss):
+                        raise NonFiniteLossError(step, loss)
+                    now = time.perf_counter()
+                    metrics = {
+                        "train_nats_per_frame": loss,
+                        "steps_per_second": (step - tick_step) / max(now - tick, 1e-9),
+                    }
+                    running, n_running = torch.zeros((), device=self.device), 0
+                    if is_val:
+                        val = self.evaluate()
+                        self.best_val = min(self.best_val, val)
+                        metrics["val_nats_per_frame"] = val
+                    bar.set_postfix({k.split("_")[0]: f"{v:.2f}" for k, v in metrics.items() if "nats" in k})
+                    last = metrics
+                    if on_log is not None:
+                        on_log(step, metrics)
+                    tick, tick_step = time.perf_counter(), step
+                if on_checkpoint is not None and (
+                    step == until or (self.cfg.ckpt_every and step % self.cfg.ckpt_every == 0)
+                ):
+                    on_checkpoint(step)
+        finally:
+            bar.close()
+        return last
+
+    # -- checkpoints ----------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to resume: only tensors, numbers, strings and containers (weights_only-safe)."""
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "model_config": self.model_cfg.to_dict(),
+            "train_config": self.cfg.to_dict(),
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "best_val": self.best_val,
+            "rng": {
+                "torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+                "numpy": torch.from_numpy(np.random.get_state()[1].astype(np.int64)),
+                "python": repr(random.getstate()),
+            },
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step = int(state["step"])
+        self.best_val = float(state["best_val"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if state["rng"]["cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+
+    def save(self, path: str | Path) -> Path:
+        """Write a self-describing checkpoint atomically (temp file, then rename)."""
+        path = Path(path)
+        _atomic_torch_save(self.state_dict(), path)
+        return path
+
+    @classmethod
+    def from_checkpoint(
+        cls,
+        path: str | Path,
+        train_data: Dataset | Tensor,
+        val_data: Dataset | Tensor | None = None,
+        **train_overrides: Any,
+    ) -> "Trainer":
+        """Rebuild the architecture and trainer from a checkpoint's own configs, then load its state."""
+        state = load_checkpoint(path)
+        train_cfg = TrainConfig.from_dict(state["train_config"]).replace(**train_overrides)
+        trainer = cls(VPNConfig.from_dict(state["model_config"]), train_cfg, train_data, val_data)
+        trainer.load_state_dict(state)
+        return trainer
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint safely (weights_only=True: no code runs) and check that it is one of ours."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # corrupt, truncated or not a torch file
+        raise ValueError(f"checkpoint {path} is corrupt or not a VPN checkpoint: {err}") from err
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+    return state
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> VideoPixelNetwork:
+    """The model of a checkpoint, rebuilt from its config, in eval mode."""
+    state = load_checkpoint(path, map_location)
+    model = VideoPixelNetwork(VPNConfig.from_dict(state["model_config"]))
+    model.load_state_dict(state["model"])
+    return model.to(map_location).eval()
+
+
+# -- the blog post's experiment -----------------------------------------------------------------
+@dataclass(frozen=True)
+class OverfitResult:
+    """converged_step: first step whose loss was within tol of the floor (None: never).
+    losses: train nats/frame at steps 1..len(losses). floor, tol: in nats/frame."""
+
+    converged_step: int | None
+    floor: float
+    tol: float
+    losses: list[float]
+
+
+def sequence_floor(model_cfg: VPNConfig, sequence: Tensor) -> float:
+    """The smallest NLL (nats/frame over frames 1..T-1) any model can reach on this sequence.
+
+    bernoulli: the entropy of the grey-level targets (the paper's lower bound). categorical: 0, as
+    each sub-pixel has one true value that a model can put all its mass on.
+    """
+    if model_cfg.output == "categorical":
+        return 0.0
+    return float(bernoulli_lower_bound(sequence[None], context=1)[0])
+
+
+def overfit(
+    model_cfg: VPNConfig,
+    train_cfg: TrainConfig,
+    sequence: Tensor,
+    tol: float | None = None,
+    on_step: Callable[[int, float], None] | None = None,
+    progress: bool = True,
+) -> OverfitResult:
+    """Train on one sequence (uint8 (T, C, H, W)) until its NLL is within tol of its floor.
+
+    tol defaults to 0.01 nats per sub-pixel (0.01 * C * H * W nats/frame after seq_len/downsample).
+    Runs at most train_cfg.steps updates and reads the loss every step (this is a diagnostic, so a
+    host sync per step is fine). Returns the step at which it converged, as the blog post reports.
+    """
+    from tqdm.auto import tqdm
+
+    train_cfg = train_cfg.replace(batch_size=1)
+    seq = prepare(sequence[None], train_cfg)[0]  # (T, C, H, W) after seq_len / downsample
+    floor = sequence_floor(model_cfg, seq)
+    tol = 0.01 * seq[0].numel() if tol is None else float(tol)
+    trainer = Trainer(model_cfg, train_cfg.replace(seq_len=None, downsample=1), seq[None])
+    batch = seq[None]
+    losses: list[float] = []
+    converged = None
+    with tqdm(total=train_cfg.steps, disable=not progress, desc="overfit", dynamic_ncols=True) as bar:
+        for step in range(1, train_cfg.steps + 1):
+            loss = float(trainer.train_step(batch))
+            if not math.isfinite(loss):
+                raise NonFiniteLossError(step, loss)
+            losses.append(loss)
+            if on_step is not None:
+                on_step(step, loss)
+            bar.update(1)
+            bar.set_postfix(nats=f"{loss:.2f}", floor=f"{floor:.2f}")
+            if loss <= floor + tol:
+                converged = step
+                break
+    return OverfitResult(converged, floor, tol, losses)

@@ -1,0 +1,65 @@
+"""Pictures of videos: a PNG strip of rows of frames, and an animated GIF (Pillow)."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+from torch import Tensor
+
+
+def strip(rows: list[Tensor | np.ndarray], gap: int = 2, separator_at: int | None = None) -> Image.Image:
+    """Rows of videos, each uint8 (T, C, H, W), into one image: row r, column t is rows[r][t].
+
+    separator_at: draw a mid-grey column before frame `separator_at` (the first generated frame).
+    Rows may have different lengths; missing frames stay black.
+    """
+    arrays = [np.asarray(r.cpu() if isinstance(r, Tensor) else r) for r in rows]
+    t_max = max(len(a) for a in arrays)
+    c, h, w = arrays[0].shape[1:]
+    sep = 2 if separator_at is not None else 0  # width of the grey separator column
+    canvas = np.zeros((len(arrays) * (h + gap) - gap, t_max * (w + gap) - gap + sep + gap, c), np.uint8)
+    if separator_at is not None:
+        x = separator_at * (w + gap)
+        canvas[:, x : x + sep] = 128
+    for r, video in enumerate(arrays):
+        for t, frame in enumerate(video):
+            x = t * (w + gap) + (sep + gap if separator_at is not None and t >= separator_at else 0)
+            canvas[r * (h + gap) : r * (h + gap) + h, x : x + w] = np.transpose(frame, (1, 2, 0))
+    return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
+
+
+def _atomic_save(image_save, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    os.close(fd)
+    try:
+        image_save(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def save_png(image: Image.Image, path: str | Path) -> Path:
+    path = Path(path)
+    _atomic_save(lambda p: image.save(p, format="PNG"), path)
+    return path
+
+
+def save_gif(rows: list[Tensor | np.ndarray], path: str | Path, scale: int = 4, ms_per_frame: int = 200) -> Path:
+    """Rows of videos (each uint8 (T, C, H, W), same T) side by side, as an animated GIF."""
+    arrays = [np.asarray(r.cpu() if isinstance(r, Tensor) else r) for r in rows]
+    frames = []
+    for t in range(min(len(a) for a in arrays)):
+        image = strip([a[t : t + 1] for a in arrays])  # one column: the rows stacked vertically
+        frames.append(image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST))
+    path = Path(path)
+    _atomic_save(
+        lambda p: frames[0].save(p, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0),
+        path,
+    )
+    return path
