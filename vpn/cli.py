@@ -75,7 +75,7 @@ def _dataset(root: str, split: str):
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
-    names = sorted(PRESETS) if args.all else [args.preset]
+    names = list(PRESETS) if args.all else [args.preset]
     rows = []
     for name in names:
         cfg = _model_config(args) if not args.all else VPNConfig.preset(name)

@@ -1,0 +1,93 @@
+"""python -m vpn info | train | eval | sample, end to end on a tiny data folder."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from vpn.cli import main
+from vpn.model import VideoPixelNetwork
+from vpn.config import VPNConfig
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    """train/val/test.npy shaped like the generate stage's output: uint8 (N, T, C, H, W)."""
+    rng = np.random.default_rng(0)
+    root = tmp_path / "mm"
+    root.mkdir()
+    for split, n in (("train", 6), ("val", 3), ("test", 3)):
+        frames = np.zeros((n, 5, 1, 8, 8), np.uint8)
+        for k in range(n):
+            y, x = rng.integers(0, 5, 2)
+            for t in range(5):
+                frames[k, t, 0, y : y + 3, (x + t) % 6 : (x + t) % 6 + 3] = 255
+        np.save(root / f"{split}.npy", frames)
+    return root
+
+
+def test_info_prints_every_preset():
+    out = subprocess.run(
+        [sys.executable, "-m", "vpn", "info", "--all", "--json"], capture_output=True, text=True, check=True
+    ).stdout
+    rows = {row["preset"]: row for row in json.loads(out)}
+    assert set(rows) == {"full", "mini", "micro"}
+    for name, row in rows.items():
+        model = VideoPixelNetwork(VPNConfig.preset(name))
+        assert row["parameters"] == model.num_parameters()
+        assert row["gflops_per_frame_64x64"] == pytest.approx(model.flops_per_frame() / 1e9, abs=1e-3)
+    assert (rows["full"]["enc_blocks"], rows["full"]["dec_blocks"], rows["full"]["mu_channels"]) == (8, 12, 128)
+
+
+def test_train_eval_sample(tmp_path, data_dir, capsys):
+    out = tmp_path / "run"
+    rc = main(["train", "--preset", "micro", "--filter-fraction", "0.0625", "--output", "bernoulli", "--data", str(data_dir),
+               "--steps", "4", "--batch-size", "2", "--out", str(out), "--quiet",
+               "--set", "context=2", "--set", "val_every=2", "--set", "log_every=2"])
+    assert rc == 0
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in lines] == [2, 4] and "val_nats_per_frame" in lines[-1]
+    capsys.readouterr()
+
+    # resume for two more steps from the checkpoint
+    assert main(["train", "--data", str(data_dir), "--resume", str(out / "checkpoint.pt"), "--steps", "6",
+                 "--out", str(out), "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
+
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["sequences"] == 3 and result["nats_per_frame"] > result["lower_bound_nats_per_frame"] >= 0
+
+    samples = tmp_path / "samples"
+    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "2",
+                 "--frames", "3", "--batch", "2", "--out", str(samples)]) == 0
+    png = Image.open(samples / "sample.png")
+    png.verify()
+    gif = Image.open(samples / "sample.gif")
+    assert gif.n_frames == 5  # 2 context + 3 generated
+    video = torch.load(samples / "sample.pt", weights_only=True)
+    assert video.shape == (2, 3, 1, 8, 8) and video.dtype == torch.uint8
+
+
+def test_overfit_cli(tmp_path, data_dir, capsys):
+    rc = main(["train", "--preset", "micro", "--filter-fraction", "0.0625", "--output", "bernoulli", "--data", str(data_dir),
+               "--overfit", "--steps", "400", "--lr", "3e-3", "--out", str(tmp_path / "o"), "--quiet"])
+    assert rc == 0
+    summary = json.loads((tmp_path / "o" / "overfit.json").read_text())
+    assert summary["converged_step"] == summary["steps_run"] <= 400
+    assert "converged at iteration" in capsys.readouterr().out
+
+
+def test_cli_errors_name_the_problem(tmp_path, data_dir, capsys):
+    assert main(["train", "--data", str(tmp_path / "nowhere"), "--steps", "1"]) == 2
+    assert "train.npy" in capsys.readouterr().err
+    assert main(["train", "--data", str(data_dir), "--set", "learing_rate=1", "--out", str(tmp_path / "x")]) == 2
+    assert "learing_rate" in capsys.readouterr().err
+    assert main(["info", "--preset", "micro", "--dec-blocks", "0"]) == 2
+    assert "dec_blocks" in capsys.readouterr().err
