@@ -1,0 +1,508 @@
+"""Report stage: a sweep's results tables -> reports/<sweep>/report.md, report.html and PNG figures.
+
+Reads results/<sweep>/trials.parquet (one row per trial) and curves.parquet (one row per trial and
+logged step), which pipeline.results reads back from MLflow, so every number here is MLflow's.
+
+Figures (seaborn):
+- curves.png: nats/frame against step, one line per config, colour = depth, style = width;
+- converge_heatmaps.png: iterations to converge against encoder blocks, decoder blocks, filter fraction;
+- pareto.png: final NLL against parameters and against FLOPs per frame, Pareto front marked;
+- speed.png: training steps per second of each config;
+- samples.png: frames sampled by the best run beside the ground truth.
+For an overfit sweep (the blog post's experiment) also overfit.png: iterations each preset needed,
+against the post's numbers, and each curve with its plateaus shaded.
+
+Definitions (also printed in the report):
+- final NLL: the last logged validation nats/frame (train nats/frame where no validation ran).
+- iterations to converge (train sweeps): first logged step whose train NLL is within
+  `converge_fraction` of the run's total drop from its final value: L(s) - L_end <= f (L_0 - L_end).
+  For overfit sweeps it is the trial's own converged_step (NLL within tol of the sequence's floor).
+- plateau: a stretch of at least `plateau_min_fraction` of the steps before convergence over which
+  the smoothed loss makes less than `plateau_progress` of its total drop, strictly between the first
+  5% and the last 5% of that drop (so neither the start nor the final approach counts).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import html
+import json
+import logging
+import math
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+log = logging.getLogger(__name__)
+
+# The blog post's overfitting result (iterations to converge), shown next to ours.
+BLOG_OVERFIT_ITERATIONS = {"full": 600, "mini": 5000, "micro": 3000}
+BLOG_PLATEAU = {"full": False, "mini": True, "micro": True}
+
+
+@dataclass(frozen=True)
+class ReportParams:
+    """params.yaml section `report`.
+
+    sweeps: sweep names to report (folders under results_dir).
+    results_dir / out_dir: where the tables are read and the reports written (relative to the repo).
+    data: Moving MNIST folder, for the ground truth beside the best run's samples.
+    sample_split, sample_index, sample_context, sample_frames, sample_seed: the sample strip.
+    converge_fraction, plateau_min_fraction, plateau_progress: see the module docstring.
+    """
+
+    sweeps: tuple[str, ...] = ("depth_width",)
+    results_dir: str = "results"
+    out_dir: str = "reports"
+    data: str = "data/moving_mnist"
+    sample_split: str = "test"
+    sample_index: int = 0
+    sample_context: int = 5
+    sample_frames: int = 5
+    sample_seed: int = 0
+    converge_fraction: float = 0.05
+    plateau_min_fraction: float = 0.1
+    plateau_progress: float = 0.02
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sweeps", tuple(self.sweeps))
+        if not self.sweeps:
+            raise ValueError("report.sweeps must name at least one sweep")
+        for name in ("converge_fraction", "plateau_min_fraction", "plateau_progress"):
+            if not 0 < getattr(self, name) < 1:
+                raise ValueError(f"report.{name} must be in (0, 1), got {getattr(self, name)!r}")
+        for name in ("sample_context", "sample_frames"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"report.{name} must be >= 1, got {getattr(self, name)!r}")
+
+
+# -- reading --------------------------------------------------------------------------------------
+class ResultsError(ValueError):
+    """A results table is missing or malformed."""
+
+
+def load_results(results_dir: Path, sweep: str) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, curves) of a sweep; empty frames (with a logged warning) if the sweep has no runs."""
+    folder = Path(results_dir) / sweep
+    tables = []
+    for name in ("trials.parquet", "curves.parquet"):
+        path = folder / name
+        if not path.is_file():
+            raise ResultsError(f"{path}: missing; run the sweep stage (python -m pipeline.sweep) first")
+        try:
+            tables.append(pd.read_parquet(path))
+        except Exception as err:  # pyarrow raises several types for a corrupt file
+            raise ResultsError(f"{path}: not a readable Parquet table: {err}") from err
+    trials, curves = tables
+    for col in ("run_id", "status", "enc_blocks", "dec_blocks", "filter_fraction"):
+        if len(trials) and col not in trials.columns:
+            raise ResultsError(f"{folder / 'trials.parquet'}: no column {col!r}")
+    for col in ("run_id", "step", "train_nats_per_frame"):
+        if len(curves) and col not in curves.columns:
+            raise ResultsError(f"{folder / 'curves.parquet'}: no column {col!r}")
+    return trials, curves
+
+
+# -- analysis (pure functions) ------------------------------------------------------------------------
+def config_label(row: pd.Series) -> str:
+    preset = row.get("preset")
+    base = f"enc {int(row['enc_blocks'])} / dec {int(row['dec_blocks'])} / f {row['filter_fraction']:g}"
+    return f"{preset} ({base})" if isinstance(preset, str) and preset else base
+
+
+def iterations_to_converge(steps: np.ndarray, losses: np.ndarray, fraction: float) -> int | None:
+    """First step with L(s) - L_end <= fraction * (L_0 - L_end); None if the curve never went down."""
+    if len(losses) < 2:
+        return None
+    first, last = float(losses[0]), float(losses[-1])
+    drop = first - last
+    if not drop > 0:
+        return None
+    hit = np.nonzero(losses - last <= fraction * drop)[0]
+    return int(steps[hit[0]])
+
+
+def find_plateaus(
+    steps: np.ndarray, losses: np.ndarray, until: int | None, min_fraction: float, progress: float
+) -> list[tuple[int, int]]:
+    """Stretches (first step, last step) where the loss stalls on its way down (module docstring)."""
+    if until is not None:
+        keep = steps <= until
+        steps, losses = steps[keep], losses[keep]
+    if len(losses) < 8:
+        return []
+    window = max(3, len(losses) // 50)
+    smooth = pd.Series(losses).rolling(window, center=True, min_periods=1).median().to_numpy()
+    start, end = smooth[0], smooth[-1]
+    if not start - end > 0:
+        return []
+    done = (start - smooth) / (start - end)  # progress in [0, 1]
+    span = steps[-1] - steps[0]
+    found: list[tuple[int, int]] = []
+    i = 0
+    while i < len(done):
+        if not 0.05 < done[i] < 0.95:
+            i += 1
+            continue
+        j = i
+        while j + 1 < len(done) and 0.05 < done[j + 1] < 0.95 and done[j + 1] - done[i] < progress:
+            j += 1
+        if steps[j] - steps[i] >= min_fraction * span:
+            found.append((int(steps[i]), int(steps[j])))
+            i = j + 1
+        else:
+            i += 1
+    return found
+
+
+def pareto_front(cost: np.ndarray, loss: np.ndarray) -> np.ndarray:
+    """Boolean mask of points no other point beats on both cost and loss (lower is better)."""
+    mask = np.ones(len(cost), dtype=bool)
+    for k in range(len(cost)):
+        better = (cost <= cost[k]) & (loss <= loss[k]) & ((cost < cost[k]) | (loss < loss[k]))
+        mask[k] = not better.any()
+    return mask
+
+
+def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) -> pd.DataFrame:
+    """One row per trial with label, final NLL, iterations to converge and plateaus added."""
+    rows = []
+    for _, trial in trials.iterrows():
+        curve = curves[curves["run_id"] == trial["run_id"]].sort_values("step")
+        steps = curve["step"].to_numpy()
+        train = curve["train_nats_per_frame"].to_numpy(dtype=float)
+        val = curve["val_nats_per_frame"].dropna() if "val_nats_per_frame" in curve else pd.Series(dtype=float)
+        final = float(val.iloc[-1]) if len(val) else (float(train[-1]) if len(train) else math.nan)
+        overfit_step = trial.get("converged_step")
+        is_overfit = "converged_step" in trials.columns and trials["converged_step"].notna().any()
+        if is_overfit:
+            converge = None if pd.isna(overfit_step) else int(overfit_step)
+        else:
+            converge = iterations_to_converge(steps, train, params.converge_fraction)
+        plateaus = find_plateaus(steps, train, converge, params.plateau_min_fraction, params.plateau_progress)
+        rows.append(
+            {
+                **trial.to_dict(),
+                "config": config_label(trial),
+                "depth": f"enc {int(trial['enc_blocks'])} / dec {int(trial['dec_blocks'])}",
+                "width": f"{trial['filter_fraction']:g}",
+                "final_nll": final,
+                "iterations_to_converge": converge,
+                "plateaus": plateaus,
+                "logged_steps": int(len(steps)),
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+# -- figures ------------------------------------------------------------------------------------------
+def _save(fig, path: Path) -> Path:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+        import matplotlib.pyplot as plt
+
+        plt.close(fig)
+    return path
+
+
+def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    data = curves.merge(summary[["run_id", "config", "depth", "width"]], on="run_id")
+    long = data.melt(
+        id_vars=["run_id", "step", "config", "depth", "width"],
+        value_vars=[c for c in ("train_nats_per_frame", "val_nats_per_frame") if c in data],
+        var_name="split",
+        value_name="nats_per_frame",
+    ).dropna(subset=["nats_per_frame"])
+    long["split"] = long["split"].str.replace("_nats_per_frame", "")
+    splits = sorted(long["split"].unique())
+    fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 4.5), squeeze=False)
+    for ax, split in zip(axes[0], splits):
+        sns.lineplot(
+            data=long[long["split"] == split], x="step", y="nats_per_frame", hue="depth", style="width",
+            units="run_id", estimator=None, ax=ax,
+        )
+        ax.set_yscale("log")
+        ax.set_title(f"{split} NLL (nats/frame)")
+    return _save(fig, out)
+
+
+def plot_converge_heatmaps(summary: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    pairs = [("enc_blocks", "dec_blocks"), ("enc_blocks", "filter_fraction"), ("dec_blocks", "filter_fraction")]
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.2))
+    ok = summary[summary["status"] == "FINISHED"].copy()
+    ok["iterations_to_converge"] = pd.to_numeric(ok["iterations_to_converge"], errors="coerce")
+    for ax, (rows, cols) in zip(axes, pairs):
+        grid = ok.pivot_table(index=rows, columns=cols, values="iterations_to_converge", aggfunc="mean")
+        if grid.empty:
+            ax.text(0.5, 0.5, "no converged runs", ha="center", va="center")
+            ax.set_axis_off()
+            continue
+        sns.heatmap(grid, annot=True, fmt=".0f", cmap="viridis_r", ax=ax, cbar_kws={"label": "steps"})
+        ax.set_title(f"iterations to converge: {rows} x {cols}\n(mean over the other axis)")
+    return _save(fig, out)
+
+
+def plot_pareto(summary: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    ok = summary[(summary["status"] == "FINISHED") & summary["final_nll"].notna()]
+    fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
+    for ax, cost, label in ((axes[0], "parameters", "parameters"), (axes[1], "flops_per_frame", "FLOPs per frame")):
+        if ok.empty or cost not in ok:
+            ax.set_axis_off()
+            continue
+        front = pareto_front(ok[cost].to_numpy(float), ok["final_nll"].to_numpy(float))
+        sns.scatterplot(data=ok, x=cost, y="final_nll", hue="depth", style="width", s=70, ax=ax)
+        line = ok[front].sort_values(cost)
+        ax.plot(line[cost], line["final_nll"], "k--", lw=1, label="Pareto front")
+        ax.scatter(line[cost], line["final_nll"], s=160, facecolors="none", edgecolors="k")
+        ax.set_xscale("log")
+        ax.set_xlabel(label)
+        ax.set_ylabel("final NLL (nats/frame)")
+        ax.legend(fontsize=7)
+    return _save(fig, out)
+
+
+def plot_speed(summary: pd.DataFrame, out: Path) -> Path:
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    ok = summary[summary["steps_per_second"].notna()].sort_values("steps_per_second") if "steps_per_second" in summary else summary.iloc[:0]
+    fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(ok), 3) + 1))
+    if len(ok):
+        sns.barplot(data=ok, y="config", x="steps_per_second", hue="depth", dodge=False, ax=ax)
+    ax.set_xlabel("training steps per second")
+    ax.set_ylabel("")
+    return _save(fig, out)
+
+
+def plot_overfit(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
+    """The blog post's figure: iterations to converge per preset, and the curves with plateaus."""
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    fig, (bar_ax, curve_ax) = plt.subplots(1, 2, figsize=(14, 4.5))
+    rows = []
+    for _, r in summary.iterrows():
+        name = r["preset"] if isinstance(r.get("preset"), str) else r["config"]
+        rows.append({"preset": name, "source": "this run", "iterations": r["iterations_to_converge"]})
+        if name in BLOG_OVERFIT_ITERATIONS:
+            rows.append({"preset": name, "source": "blog post (TF, 64x64)", "iterations": BLOG_OVERFIT_ITERATIONS[name]})
+    bars = pd.DataFrame(rows)
+    bars["iterations"] = pd.to_numeric(bars["iterations"], errors="coerce")
+    sns.barplot(data=bars, x="preset", y="iterations", hue="source", ax=bar_ax)
+    bar_ax.set_title("iterations to converge on one sequence")
+    for _, r in summary.iterrows():
+        curve = curves[curves["run_id"] == r["run_id"]].sort_values("step")
+        name = r["preset"] if isinstance(r.get("preset"), str) else r["config"]
+        curve_ax.plot(curve["step"], curve["train_nats_per_frame"], label=name)
+        for a, b in r["plateaus"]:
+            curve_ax.axvspan(a, b, alpha=0.15, color=curve_ax.lines[-1].get_color())
+    curve_ax.set_yscale("log")
+    curve_ax.set_xlabel("step")
+    curve_ax.set_ylabel("train NLL (nats/frame)")
+    curve_ax.set_title("overfitting curves (shaded: plateaus)")
+    curve_ax.legend()
+    return _save(fig, out)
+
+
+def sample_strip(best: pd.Series, params: ReportParams, repo: Path, out: Path) -> Path | None:
+    """Frames sampled by the best run after a test context, beside the ground truth."""
+    import torch
+
+    from vpn.data import MovingMNIST
+    from vpn.train import TrainConfig, load_checkpoint, load_model, prepare
+    from vpn.viz import save_png, strip
+
+    uri = best.get("checkpoint")
+    if not isinstance(uri, str) or not uri:
+        return None
+    import mlflow.artifacts
+
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    if path.is_dir():
+        found = sorted(path.rglob("*.pt"))
+        if not found:
+            raise ResultsError(f"{uri}: no checkpoint file in the artifact")
+        path = found[0]
+    state = load_checkpoint(path)
+    tcfg = TrainConfig.from_dict(state["train_config"])
+    model = load_model(path)
+    data = MovingMNIST(repo / params.data, params.sample_split)
+    truth = prepare(data[params.sample_index][None], tcfg)  # (1, T, C, H, W)
+    ctx = min(params.sample_context, truth.shape[1] - 1)
+    n = min(params.sample_frames, truth.shape[1] - ctx)
+    video = model.sample(truth[:, :ctx], n, generator=torch.Generator().manual_seed(params.sample_seed))
+    rows = [truth[0, : ctx + n], torch.cat([truth[0, :ctx], video[0]])]
+    image = strip(rows, separator_at=ctx)
+    scale = max(1, 256 // image.height)
+    return save_png(image.resize((image.width * scale, image.height * scale), 0), out)
+
+
+# -- the report ---------------------------------------------------------------------------------------
+TABLE_COLUMNS = [
+    "config", "status", "parameters", "flops_per_frame", "steps", "final_nll",
+    "iterations_to_converge", "plateaus", "steps_per_second", "error", "run_id",
+]
+
+
+def _fmt(value: Any) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(f"{a}-{b}" for a, b in value) if value else "none"
+    return str(value)
+
+
+def markdown_table(df: pd.DataFrame, columns: list[str]) -> str:
+    cols = [c for c in columns if c in df.columns]
+    lines = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
+    for _, row in df.iterrows():
+        cells = []
+        for c in cols:
+            text = _fmt(row[c]).replace("|", "/").replace("\n", " ")
+            if c == "status" and row[c] != "FINISHED":
+                text = f"**{text}**"
+            cells.append(text)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)
+
+
+def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]:
+    """Write reports/<sweep>/ and return the report's metrics (also written as metrics.json)."""
+    out = repo / params.out_dir / sweep
+    out.mkdir(parents=True, exist_ok=True)
+    trials, curves = load_results(repo / params.results_dir, sweep)
+    lines = [f"# Sweep report: {sweep}", ""]
+    metrics: dict[str, Any] = {"sweep": sweep, "trials": int(len(trials))}
+
+    if trials.empty:
+        lines += ["**This sweep has no runs.** MLflow holds no trial for it: run the sweep stage first.", ""]
+        metrics.update(finished=0, failed=0, best_nll=None)
+        _finish(out, lines, metrics)
+        return metrics
+
+    summary = summarise(trials, curves, params)
+    finished = summary[summary["status"] == "FINISHED"]
+    failed = summary[summary["status"] != "FINISHED"]
+    metrics.update(finished=int(len(finished)), failed=int(len(failed)))
+    lines += [
+        f"{len(summary)} trials: {len(finished)} finished, {len(failed)} did not"
+        + (" (marked in bold in the table)." if len(failed) else "."),
+        "",
+    ]
+    if "profile" in summary and summary["profile"].notna().any():
+        lines += [f"Profile: {', '.join(sorted(summary['profile'].dropna().astype(str).unique()))}.", ""]
+    if len(failed):
+        lines += ["## Trials that did not finish", ""]
+        for _, r in failed.iterrows():
+            lines.append(f"- **{r['config']}**: {r['status']}" + (f" ({r['error']})" if isinstance(r.get("error"), str) and r["error"] else ""))
+        lines.append("")
+
+    figures: list[tuple[str, str]] = []
+    if len(finished) and len(curves):
+        best = finished.loc[finished["final_nll"].idxmin()]
+        metrics["best_nll"] = float(best["final_nll"])
+        metrics["best_config"] = best["config"]
+        metrics["iterations_to_converge"] = {
+            r["config"]: (None if pd.isna(r["iterations_to_converge"]) else int(r["iterations_to_converge"]))
+            for _, r in summary.iterrows()
+        }
+        lines += [f"Best final NLL: **{best['final_nll']:.2f} nats/frame**, by {best['config']}.", ""]
+        figures.append(("Convergence curves (colour: depth, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
+        is_overfit = "converged_step" in trials.columns and trials["converged_step"].notna().any() or sweep.endswith("overfit")
+        if is_overfit:
+            figures.append(("Overfitting one sequence: the blog post's figure", plot_overfit(summary, curves, out / "overfit.png").name))
+        figures.append(("Iterations to converge", plot_converge_heatmaps(summary, out / "converge_heatmaps.png").name))
+        figures.append(("Final NLL against cost, Pareto front marked", plot_pareto(summary, out / "pareto.png").name))
+        figures.append(("Training speed", plot_speed(summary, out / "speed.png").name))
+        try:
+            strip_path = sample_strip(best, params, repo, out / "samples.png")
+        except Exception as err:  # a report without samples beats no report; say why
+            log.warning("no sample strip: %s", err)
+            lines += [f"_No sample strip: {html.escape(str(err))}_", ""]
+            strip_path = None
+        if strip_path is None and not any("No sample strip" in line for line in lines):
+            lines += [f"_No sample strip: the best run ({best['config']}) logged no checkpoint._", ""]
+        if strip_path is not None:
+            figures.append((f"Samples of the best run ({best['config']}): top ground truth, bottom context + sampled", strip_path.name))
+    else:
+        metrics["best_nll"] = None
+        lines += ["No trial finished, so there are no curves to compare.", ""]
+
+    for title, name in figures:
+        lines += [f"## {title}", "", f"![{title}]({name})", ""]
+    lines += ["## Every trial", "", markdown_table(summary.sort_values("final_nll"), TABLE_COLUMNS), ""]
+    lines += [
+        "## Definitions",
+        "",
+        "- NLL: nats per frame (sum over pixels), as in Kalchbrenner et al. 2016; final NLL is the last "
+        "validation value (train where no validation ran).",
+        f"- iterations to converge: first step with L(s) - L_end <= {params.converge_fraction} (L_0 - L_end) "
+        "on the train curve; for overfit sweeps, the step at which the NLL came within tolerance of the "
+        "sequence's floor.",
+        f"- plateau: a stretch of >= {params.plateau_min_fraction:.0%} of the steps before convergence with "
+        f"< {params.plateau_progress:.0%} of the total drop, away from the start and the end of the descent.",
+        "",
+    ]
+    _finish(out, lines, metrics)
+    return metrics
+
+
+def _finish(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
+    import markdown
+
+    text = "\n".join(lines)
+    _atomic_write(out / "report.md", text)
+    body = markdown.markdown(text, extensions=["tables"])
+    style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
+    title = html.escape(lines[0].lstrip("# "))
+    _atomic_write(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>")
+    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from pipeline.params import load_section, stage_argparser
+
+    parser = stage_argparser("Turn sweep results into comparison reports.")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import matplotlib
+
+    matplotlib.use("Agg")
+    params = load_section(ReportParams, "report", args.params)
+    repo = Path(args.params).resolve().parent
+    for sweep in params.sweeps:
+        metrics = build_report(sweep, params, repo)
+        print(f"report {sweep}: {params.out_dir}/{sweep}/report.md ({json.dumps({k: metrics.get(k) for k in ('trials', 'finished', 'failed', 'best_nll')})})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

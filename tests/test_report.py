@@ -1,0 +1,132 @@
+"""The report stage on synthetic results tables: figures, numbers, failed trials, empty sweeps."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import numpy as np
+import pandas as pd
+import pytest
+from PIL import Image
+
+from pipeline.report import (
+    ReportParams,
+    ResultsError,
+    build_report,
+    find_plateaus,
+    iterations_to_converge,
+    pareto_front,
+)
+
+
+def write_tables(root, sweep, trials, curves):
+    folder = root / "results" / sweep
+    folder.mkdir(parents=True, exist_ok=True)
+    pd.DataFrame(trials).to_parquet(folder / "trials.parquet")
+    pd.DataFrame(curves, columns=["run_id", "step", "train_nats_per_frame", "val_nats_per_frame", "steps_per_second"]).to_parquet(folder / "curves.parquet")
+
+
+def synthetic(n_failed: int = 1):
+    trials, curves = [], []
+    k = 0
+    for enc in (1, 2):
+        for dec in (1, 3):
+            for frac in (1 / 32, 1 / 16):
+                k += 1
+                status = "FAILED" if k <= n_failed else "FINISHED"
+                trials.append(dict(
+                    run_id=f"r{k}", trial=f"t{k}", sweep="demo", profile="cpu", status=status,
+                    error="training loss is nan (non-finite) at step 40" if status == "FAILED" else None,
+                    preset=None, enc_blocks=enc, dec_blocks=dec, filter_fraction=frac,
+                    parameters=1000 * k, flops_per_frame=10**6 * k, steps=200, steps_per_second=5.0 + k,
+                    converged_step=None, checkpoint=None,
+                ))
+                end = 100.0 - 3 * k
+                for step in range(10, 210, 10):
+                    loss = end + 300 * np.exp(-step / (10 * k))
+                    curves.append((f"r{k}", step, loss, loss + 2 if step % 50 == 0 else np.nan, 5.0 + k))
+    return trials, curves
+
+
+def test_report_figures_table_and_numbers(tmp_path):
+    trials, curves = synthetic(n_failed=1)
+    write_tables(tmp_path, "demo", trials, curves)
+    metrics = build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
+    out = tmp_path / "reports" / "demo"
+    for name in ("curves.png", "converge_heatmaps.png", "pareto.png", "speed.png"):
+        with Image.open(out / name) as image:
+            image.verify()
+    text = (out / "report.md").read_text()
+    html = (out / "report.html").read_text()
+    assert "<table>" in html and "<img" in html
+    # failed trial: said, and marked in the table
+    assert "1 did not" in text and "**FAILED**" in text and "non-finite" in text
+    # the best NLL is the smallest last validation value among finished trials, as in the tables
+    df = pd.DataFrame(curves, columns=["run_id", "step", "train", "val", "sps"])
+    finished = [t["run_id"] for t in trials if t["status"] == "FINISHED"]
+    last_val = df[df.run_id.isin(finished)].dropna(subset=["val"]).groupby("run_id")["val"].last()
+    assert metrics["best_nll"] == pytest.approx(last_val.min())
+    assert f"{last_val.min():.2f} nats/frame" in text
+    # every trial is a row of the table, with its final NLL as in the tables
+    for run_id, value in last_val.items():
+        row = next(line for line in text.splitlines() if f"| {run_id} |" in line)
+        assert f"{value:.4g}" in row
+    assert json.loads((out / "metrics.json").read_text())["finished"] == 7
+
+
+def test_empty_sweep_says_so(tmp_path):
+    write_tables(tmp_path, "empty", [], [])
+    metrics = build_report("empty", ReportParams(sweeps=("empty",)), tmp_path)
+    text = (tmp_path / "reports" / "empty" / "report.md").read_text()
+    assert "no runs" in text and metrics["trials"] == 0
+
+
+def test_all_failed_sweep_does_not_crash(tmp_path):
+    trials, curves = synthetic(n_failed=8)
+    write_tables(tmp_path, "bad", trials, curves)
+    metrics = build_report("bad", ReportParams(sweeps=("bad",)), tmp_path)
+    text = (tmp_path / "reports" / "bad" / "report.md").read_text()
+    assert "No trial finished" in text and metrics["failed"] == 8
+    assert len(re.findall(r"\*\*FAILED\*\*", text)) == 8
+
+
+def test_missing_or_corrupt_tables_name_the_file(tmp_path):
+    with pytest.raises(ResultsError, match="trials.parquet"):
+        build_report("nothing", ReportParams(sweeps=("nothing",)), tmp_path)
+    folder = tmp_path / "results" / "broken"
+    folder.mkdir(parents=True)
+    (folder / "trials.parquet").write_bytes(b"not parquet")
+    (folder / "curves.parquet").write_bytes(b"not parquet")
+    with pytest.raises(ResultsError, match="trials.parquet"):
+        build_report("broken", ReportParams(sweeps=("broken",)), tmp_path)
+
+
+def test_iterations_to_converge():
+    steps = np.arange(1, 11) * 10
+    losses = np.array([100, 60, 30, 15, 12, 11, 10.5, 10.2, 10.1, 10.0])
+    # within 5% of the 90-nat drop of the final value (10 + 4.5): first at 12 (step 50)
+    assert iterations_to_converge(steps, losses, 0.05) == 50
+    assert iterations_to_converge(steps, np.full(10, 5.0), 0.05) is None
+
+
+def test_plateau_found_only_where_the_loss_stalls():
+    steps = np.arange(1, 301)
+    stalled = np.concatenate([np.linspace(100, 60, 50), np.full(100, 60.0), np.linspace(60, 10, 150)])
+    smooth = np.linspace(100, 10, 300)
+    found = find_plateaus(steps, stalled, None, min_fraction=0.1, progress=0.02)
+    assert len(found) == 1 and 45 <= found[0][0] <= 60 and 140 <= found[0][1] <= 155
+    assert find_plateaus(steps, smooth, None, min_fraction=0.1, progress=0.02) == []
+
+
+def test_pareto_front():
+    cost = np.array([1, 2, 3, 4, 2])
+    loss = np.array([10, 8, 9, 5, 12])
+    assert pareto_front(cost, loss).tolist() == [True, True, False, True, False]
+
+
+def test_params_are_validated():
+    with pytest.raises(ValueError, match="converge_fraction"):
+        ReportParams(converge_fraction=1.5)
+    with pytest.raises(ValueError, match="sweeps"):
+        ReportParams(sweeps=())
