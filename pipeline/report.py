@@ -99,6 +99,9 @@ def load_results(results_dir: Path, sweep: str) -> tuple[pd.DataFrame, pd.DataFr
         except Exception as err:  # pyarrow raises several types for a corrupt file
             raise ResultsError(f"{path}: not a readable Parquet table: {err}") from err
     trials, curves = tables
+    # pipeline.results' names -> the short names used in the figures and the table
+    renames = {"mean_steps_per_second": "steps_per_second", "steps_completed": "steps", "checkpoint_uri": "checkpoint"}
+    trials = trials.rename(columns={k: v for k, v in renames.items() if k in trials and v not in trials})
     for col in ("run_id", "status", "enc_blocks", "dec_blocks", "filter_fraction"):
         if len(trials) and col not in trials.columns:
             raise ResultsError(f"{folder / 'trials.parquet'}: no column {col!r}")
@@ -169,6 +172,13 @@ def pareto_front(cost: np.ndarray, loss: np.ndarray) -> np.ndarray:
     return mask
 
 
+def is_overfit_sweep(trials: pd.DataFrame) -> bool:
+    """An overfit sweep (pipeline.sweep mode "overfit") reports converged steps, not validation."""
+    if "mode" in trials.columns and trials["mode"].notna().any():
+        return bool((trials["mode"] == "overfit").any())
+    return "converged_step" in trials.columns and trials["converged_step"].notna().any()
+
+
 def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) -> pd.DataFrame:
     """One row per trial with label, final NLL, iterations to converge and plateaus added."""
     rows = []
@@ -179,8 +189,7 @@ def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) 
         val = curve["val_nats_per_frame"].dropna() if "val_nats_per_frame" in curve else pd.Series(dtype=float)
         final = float(val.iloc[-1]) if len(val) else (float(train[-1]) if len(train) else math.nan)
         overfit_step = trial.get("converged_step")
-        is_overfit = "converged_step" in trials.columns and trials["converged_step"].notna().any()
-        if is_overfit:
+        if is_overfit_sweep(trials):
             converge = None if pd.isna(overfit_step) else int(overfit_step)
         else:
             converge = iterations_to_converge(steps, train, params.converge_fraction)
@@ -336,7 +345,10 @@ def sample_strip(best: pd.Series, params: ReportParams, repo: Path, out: Path) -
         return None
     import mlflow.artifacts
 
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri))
+    from pipeline.tracking import tracking_uri
+
+    dest = Path(tempfile.mkdtemp(prefix="vpn-report-"))
+    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri()))
     if path.is_dir():
         found = sorted(path.rglob("*.pt"))
         if not found:
@@ -436,8 +448,10 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         }
         lines += [f"Best final NLL: **{best['final_nll']:.2f} nats/frame**, by {best['config']}.", ""]
         figures.append(("Convergence curves (colour: depth, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
-        is_overfit = "converged_step" in trials.columns and trials["converged_step"].notna().any() or sweep.endswith("overfit")
-        if is_overfit:
+        best_curve = curves[curves["run_id"] == best["run_id"]].sort_values("step")
+        cols = [c for c in ("step", "train_nats_per_frame", "val_nats_per_frame") if c in best_curve]
+        _atomic_write(out / "best_curve.csv", best_curve[cols].to_csv(index=False))
+        if is_overfit_sweep(trials):
             figures.append(("Overfitting one sequence: the blog post's figure", plot_overfit(summary, curves, out / "overfit.png").name))
         figures.append(("Iterations to converge", plot_converge_heatmaps(summary, out / "converge_heatmaps.png").name))
         figures.append(("Final NLL against cost, Pareto front marked", plot_pareto(summary, out / "pareto.png").name))

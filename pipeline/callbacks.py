@@ -1,0 +1,68 @@
+"""Driver-side Ray Tune hooks of a sweep. In their own module (not pipeline.sweep, which runs as
+__main__) so that the pickled experiment state refers to them by an importable name on resume."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from ray.tune import Callback
+
+from pipeline import tracking
+
+log = logging.getLogger(__name__)
+
+
+def trial_name(trial: Any) -> str:
+    """Ray's trial name (progress table, folder): <point>_<label>."""
+    cfg = trial.config["trial"]
+    return f"{cfg['point']:03d}_{cfg['label']}"
+
+
+class TrackingCallback(Callback):
+    """Closes the MLflow runs of trials that ended without closing them themselves.
+
+    - A trial stopped by the scheduler (ASHA) is killed between two reports: its run is marked
+      FINISHED with the tag stopped_early=true (its curve is complete up to its last report).
+    - A trial that errored for good (crashes beyond max_failures) is marked FAILED with the error.
+    A trial that ends normally, or on a non-finite loss, has already set its own status.
+    """
+
+    def __init__(self, uri: str) -> None:
+        self.uri = uri
+        self._client = None
+
+    def __getstate__(self) -> dict[str, Any]:  # pickled into the experiment state: no client
+        return {"uri": self.uri, "_client": None}
+
+    @property
+    def client(self):
+        if self._client is None:
+            self._client = tracking.client(self.uri)
+        return self._client
+
+    def _open_run(self, trial: Any):
+        run_id = trial.config["trial"]["run_id"]
+        run = tracking.retrying(self.client.get_run, run_id)
+        return run if run.info.status in ("RUNNING", "SCHEDULED") else None
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self._open_run(trial)
+        if run is not None:
+            step = (trial.last_result or {}).get("step")
+            tags = {tracking.TAG_STOPPED_EARLY: "true", "stopped_at_step": step}
+            tracking.set_tags(self.client, run.info.run_id, tags)
+            tracking.retrying(self.client.set_terminated, run.info.run_id, status="FINISHED")
+            log.info("trial %s stopped early by the scheduler at step %s", trial_name(trial), step)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        run = self._open_run(trial)
+        if run is not None:
+            error = _last_line(trial.get_error()) or "trial failed (see the Ray trial's error.txt)"
+            tracking.set_tags(self.client, run.info.run_id, {tracking.TAG_ERROR: error[:5000]})
+            tracking.retrying(self.client.set_terminated, run.info.run_id, status="FAILED")
+
+
+def _last_line(text: Any) -> str:
+    lines = [line for line in str(text or "").strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else ""

@@ -1,0 +1,472 @@
+"""Stage `sweep`: run a sweep spec with Ray Tune, one MLflow run per trial, then the results tables.
+
+    python -m pipeline.sweep sweeps/depth_width.yaml [--profile cpu|gpu|auto] [--data DIR]
+                                                     [--storage PATH] [--retry-errored]
+
+1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.spec). With
+   an explicit profile the data is checked too (splits present, channels, frames, frame size).
+2. Ray: joins the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or the one `ray start`
+   left on this node, else starts a local one. `--profile auto` (the default) picks `gpu` when the
+   cluster has GPUs and `cpu` otherwise. GPUs are requested per trial only when the cluster has
+   some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever. On an
+   autoscaling cluster whose GPU nodes are still booting, VPN_WAIT_FOR_NODES=<seconds> makes the
+   driver wait for them before it looks (sweeps/cluster.yaml sets it).
+3. The sweep's identity is `<name>-<profile>-<fingerprint>`, the fingerprint covering the resolved
+   grid, the data's stats.json and the source files in CODE_FILES (the model, the training loop,
+   the trainable: the DVC stage's code deps). It names the Ray
+   experiment folder under the storage path and tags every MLflow run. Rerunning the same command
+   with the same identity resumes: finished trials are kept, unfinished ones continue from their
+   last checkpoint (`--retry-errored` also retries errored ones). A changed spec, data or model code
+   is a new sweep (its runs sit beside the old ones in the same MLflow experiment).
+4. One MLflow run per grid point is created here, before any trial starts, holding the params
+   (the configs, preset, parameter count, FLOPs per frame, frame size) and the tags (sweep,
+   profile, sweep_id). The trial reattaches to it, also after a retry or a resume.
+5. At the end results/<name>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
+   (pipeline.results). Exit status: 0 when every trial reached a final state (FINISHED or FAILED:
+   failures are results, recorded in the table), 130 when the sweep was interrupted (Ctrl+C), 2 for
+   a bad spec or data.
+
+Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
+Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
+<repo>/ray_results. A multi-node cluster needs shared storage here (s3://, gs://, NFS).
+MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.tracking).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import getpass
+import hashlib
+import logging
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+from pipeline.spec import Point, SpecError, Sweep, SweepSpec, load_spec, repo_root
+
+log = logging.getLogger(__name__)
+
+# Telemetry off before Ray or MLflow is imported; trials inherit the environment of a local Ray.
+QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+STORAGE_ENV = "VPN_SWEEP_STORAGE"
+WAIT_ENV = "VPN_WAIT_FOR_NODES"
+# Ray Tune's table reporter (CLIReporter) is used only with the legacy output engine.
+# Checkpoints force experiment snapshots (num_to_keep): expected here, so no warning about it.
+LEGACY_OUTPUT_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
+# Source files whose change makes a sweep a new one (the model, the loop, the trainable).
+# The same files the DVC stage lists as deps (vpn's CLI, sampler and plots do not count).
+CODE_FILES = (
+    "vpn/config.py", "vpn/layers.py", "vpn/model.py", "vpn/metrics.py", "vpn/train.py", "vpn/data.py",
+    "pipeline/trainable.py", "pipeline/tracking.py",
+)  # fmt: skip
+EXIT_BAD_SPEC, EXIT_INTERRUPTED = 2, 130
+
+
+class DataError(ValueError):
+    """The data a sweep needs is missing or does not fit its configs."""
+
+
+@dataclass(frozen=True)
+class SweepOutcome:
+    """What a finished (or interrupted) sweep left behind."""
+
+    sweep: Sweep
+    sweep_id: str
+    experiment_id: str
+    tracking_uri: str
+    experiment_path: str
+    statuses: Mapping[str, str]  # label -> MLflow run status
+    interrupted: bool
+    results_dir: Path | None
+
+
+# -- checks before Ray ---------------------------------------------------------------------------
+def check_data(sweep: Sweep) -> dict[str, Any]:
+    """Open the splits the sweep reads (memory-mapped headers only) and check every point fits them.
+
+    Returns {"shape": (N, T, C, H, W) of train or the overfit split, "identity": str}.
+    """
+    from vpn.data import load_split, read_stats
+
+    splits = ("train", "val") if sweep.mode == "train" else (sweep.overfit.split,)
+    shapes = {}
+    for split in splits:
+        try:
+            shapes[split] = tuple(load_split(sweep.data, split).shape)
+        except (FileNotFoundError, ValueError) as e:
+            raise DataError(f"{sweep.source}: data: {e}") from e
+    n, t, c, h, w = shapes[splits[0]]
+    for p in sweep.points:
+        where = f"{sweep.source}: point {p.label}"
+        if p.model.image_channels != c:
+            raise DataError(f"{where}: model.image_channels={p.model.image_channels} but {sweep.data} has C={c}")
+        frames = p.train.seq_len or t
+        if frames > t:
+            raise DataError(f"{where}: train.seq_len={frames} but the data has {t} frames per sequence")
+        if sweep.mode == "train" and p.train.context >= frames:
+            raise DataError(f"{where}: train.context={p.train.context} leaves no frame to score of {frames}")
+        if h // p.train.downsample < 2 or w // p.train.downsample < 2:
+            raise DataError(f"{where}: train.downsample={p.train.downsample} shrinks {h}x{w} frames below 2x2")
+    if sweep.mode == "overfit" and sweep.overfit.index >= n:
+        raise DataError(
+            f"{sweep.source}: overfit.index={sweep.overfit.index} but split {sweep.overfit.split} has {n} sequences"
+        )
+    try:
+        identity = json_dumps(read_stats(sweep.data))
+    except FileNotFoundError:  # hand-made data (tests): its shapes stand in for the stats
+        identity = json_dumps(shapes)
+    return {"shape": (n, t, c, h, w), "identity": identity}
+
+
+def json_dumps(obj: Any) -> str:
+    import json
+
+    return json.dumps(obj, sort_keys=True, default=str)
+
+
+def code_identity(root: Path | None = None) -> str:
+    """sha256 of the source that determines what a trial computes."""
+    root = root or repo_root()
+    h = hashlib.sha256()
+    for name in CODE_FILES:
+        h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    return h.hexdigest()
+
+
+def sweep_id_of(sweep: Sweep, data_identity: str) -> str:
+    return f"{sweep.name}-{sweep.profile}-{sweep.fingerprint(data_identity, code_identity())[:10]}"
+
+
+# -- MLflow runs ---------------------------------------------------------------------------------
+def point_params(sweep: Sweep, point: Point, frame_hw: tuple[int, int]) -> dict[str, Any]:
+    """The run's params: both configs (unprefixed: no field name is shared), the preset, the
+    derived widths, the parameter count and the FLOPs of one frame at the frame size trained on."""
+    import torch
+
+    from vpn.model import VideoPixelNetwork, count_flops_per_frame
+
+    h, w = frame_hw[0] // point.train.downsample, frame_hw[1] // point.train.downsample
+    with torch.device("meta"):  # counts without memory or compute
+        parameters = VideoPixelNetwork(point.model).num_parameters()
+    params: dict[str, Any] = {**point.model.to_dict(), **point.train.to_dict()}
+    params.update(
+        preset=point.preset,
+        preset_width_scale=sweep.search.preset_width_scale if sweep.search.preset else None,
+        mu_channels=point.model.mu_channels,
+        lstm_channels=point.model.lstm_channels,
+        parameters=parameters,
+        flops_per_frame=count_flops_per_frame(point.model, h, w),
+        frame_height=h,
+        frame_width=w,
+        mode=sweep.mode,
+        data=str(sweep.data),
+        sample=point.sample,
+    )
+    if sweep.mode == "overfit":
+        params.update({f"overfit_{k}": v for k, v in dataclasses.asdict(sweep.overfit).items()})
+    return params
+
+
+def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, frame_hw: tuple[int, int]) -> list[str]:
+    """One SCHEDULED run per point; runs left by an earlier start of this sweep id are deleted."""
+    from pipeline import tracking
+
+    stale = tracking.sweep_runs(client, experiment_id, sweep_id)
+    if stale:
+        log.warning("sweep %s starts over: deleting %d MLflow run(s) of its earlier start", sweep_id, len(stale))
+        for run in stale:
+            tracking.retrying(client.delete_run, run.info.run_id)
+    run_ids = []
+    for p in sweep.points:
+        tags = {
+            tracking.TAG_SWEEP: sweep.name,
+            tracking.TAG_PROFILE: sweep.profile,
+            tracking.TAG_SWEEP_ID: sweep_id,
+            tracking.TAG_POINT: str(p.index),
+            tracking.TAG_LABEL: p.label,
+            tracking.TAG_MODE: sweep.mode,
+            tracking.TAG_SPEC: sweep.source,
+            "mlflow.user": getpass.getuser(),  # MLflow's "User" column
+        }
+        run_ids.append(tracking.create_run(client, experiment_id, p.label, point_params(sweep, p, frame_hw), tags))
+    return run_ids
+
+
+def trial_config(sweep: Sweep, point: Point, run_id: str, uri: str, fault: Mapping[str, Any] | None) -> dict[str, Any]:
+    """What the trainable gets: plain values only (it is pickled into the Ray experiment state)."""
+    return {
+        "point": point.index,
+        "label": point.label,
+        "run_id": run_id,
+        "mode": sweep.mode,
+        "model": point.model.to_dict(),
+        "train": point.train.to_dict(),
+        "data": str(sweep.data),
+        "tracking_uri": uri,
+        "overfit": dataclasses.asdict(sweep.overfit) if sweep.mode == "overfit" else None,
+        "fault": dict(fault) if fault else None,
+    }
+
+
+# -- Ray -----------------------------------------------------------------------------------------
+def connect_ray() -> bool:
+    """Join RAY_ADDRESS / the node's `ray start` cluster, or start a local one. True if started here."""
+    import ray
+
+    if ray.is_initialized():
+        return False
+    ray.init(address=os.environ.get("RAY_ADDRESS") or None, log_to_driver=True)
+    return True
+
+
+def trial_resources(sweep: Sweep, cluster: Mapping[str, float]) -> dict[str, float]:
+    """{"cpu": n, "gpu": g}: GPUs only where the cluster has them (else the request would hang)."""
+    gpus = float(cluster.get("GPU", 0))
+    want = sweep.run.gpus_per_trial
+    if want and not gpus:
+        log.warning(
+            "profile %s asks for %g GPU(s) per trial but the cluster has none: trials run on CPU", sweep.profile, want
+        )
+        want = 0.0
+    elif want > gpus:
+        raise DataError(f"{sweep.source}: run.gpus_per_trial={want:g} but the cluster has only {gpus:g} GPU(s)")
+    cpus = sweep.run.cpus_per_trial
+    if cpus > float(cluster.get("CPU", 0)):
+        have = float(cluster.get("CPU", 0))
+        raise DataError(f"{sweep.source}: run.cpus_per_trial={cpus:g} but the cluster has {have:g} CPU(s)")
+    return {"cpu": cpus, "gpu": want}
+
+
+def wait_for_nodes(ray, need: Mapping[str, float], wait_s: float) -> dict[str, float]:
+    """The cluster's resources, after waiting up to wait_s for it to offer `need` ({"CPU": n, "GPU": g}).
+
+    An autoscaling cluster starts with its worker nodes still booting (or none at all): what it has
+    at submit time is not what it will have. VPN_WAIT_FOR_NODES (seconds, default 0) sets wait_s.
+    """
+    import time
+
+    cluster = dict(ray.cluster_resources())
+    deadline = time.monotonic() + wait_s
+    announced = False
+    while any(float(cluster.get(k, 0)) < v for k, v in need.items() if v) and time.monotonic() < deadline:
+        if not announced:
+            log.info("waiting up to %.0f s for the cluster to offer %s (it has %s)", wait_s, dict(need), cluster)
+            announced = True
+        time.sleep(5)
+        cluster = dict(ray.cluster_resources())
+    return cluster
+
+
+def choose_profile(spec: SweepSpec, requested: str, cluster: Mapping[str, float] | None) -> str:
+    if requested != "auto":
+        return requested
+    has_gpu = bool(cluster and cluster.get("GPU", 0))
+    for name in (("gpu", "cpu") if has_gpu else ("cpu",)):
+        if name in spec.profiles:
+            return name
+    return spec.profiles[0]
+
+
+def run_sweep(
+    spec: SweepSpec,
+    profile: str = "auto",
+    *,
+    data: str | Path | None = None,
+    storage: str | None = None,
+    retry_errored: bool = False,
+    results_dir: str | Path | None = None,
+    write_tables: bool = True,
+    fault: Mapping[str, Any] | None = None,
+) -> SweepOutcome:
+    """Run (or resume) one sweep; see the module docstring. `fault` is a test hook passed to the
+    trials ({"kill_at_step": n, "marker": path}: SIGKILL the worker once at that step)."""
+    for k, v in {**QUIET_ENV, **LEGACY_OUTPUT_ENV}.items():
+        os.environ.setdefault(k, v)
+
+    sweep = data_info = None
+    if profile != "auto":  # everything checkable is checked before Ray starts
+        sweep = spec.resolve(profile, data)
+        data_info = check_data(sweep)
+
+    import ray
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler
+
+    from pipeline import results, tracking
+    from pipeline.callbacks import TrackingCallback, trial_name
+    from pipeline.trainable import trial
+
+    started = connect_ray()
+    try:
+        wait_s = float(os.environ.get(WAIT_ENV, 0))
+        if sweep is None:
+            gpu = spec.resolve("gpu", data) if "gpu" in spec.profiles else None
+            cluster = wait_for_nodes(ray, {"GPU": gpu.run.gpus_per_trial} if gpu else {}, wait_s)
+            sweep = spec.resolve(choose_profile(spec, profile, cluster), data)
+            data_info = check_data(sweep)
+        cluster = wait_for_nodes(ray, {"CPU": sweep.run.cpus_per_trial, "GPU": sweep.run.gpus_per_trial}, wait_s)
+        log.info("sweep %s, profile %s: %d trial(s); cluster %s", sweep.name, sweep.profile, len(sweep.points), cluster)
+        sweep_id = sweep_id_of(sweep, data_info["identity"])
+        uri = tracking.absolute_uri(tracking.tracking_uri())
+        client = tracking.client(uri)
+        experiment_id = tracking.ensure_experiment(client, sweep.name, uri)
+        client.set_experiment_tag(experiment_id, tracking.EXPERIMENT_LATEST.format(profile=sweep.profile), sweep_id)
+
+        store = storage or os.environ.get(STORAGE_ENV) or sweep.run.storage_path or str(repo_root() / "ray_results")
+        if "://" not in store:
+            store = str(Path(store).expanduser().resolve())
+        experiment_path = f"{store.rstrip('/')}/{sweep_id}"
+        if sum(1 for n in ray.nodes() if n.get("Alive")) > 1:  # what other nodes cannot reach
+            if uri.startswith("sqlite:"):
+                raise DataError(
+                    f"the Ray cluster has several nodes but the MLflow store is a local file ({uri}): "
+                    "set MLFLOW_TRACKING_URI to an `mlflow server` every node reaches"
+                )
+            if "://" not in store:
+                log.warning("storage %s is a local path on a multi-node cluster: it must be shared (NFS)", store)
+        resources = trial_resources(sweep, cluster)
+        trainable = tune.with_resources(trial, resources)
+
+        if tune.Tuner.can_restore(experiment_path):
+            held = tracking.sweep_runs(client, experiment_id, sweep_id)
+            if len(held) != len(sweep.points):
+                raise DataError(
+                    f"{experiment_path} holds sweep {sweep_id} but the MLflow store {uri} has {len(held)} of its "
+                    f"{len(sweep.points)} runs; delete that folder to start the sweep over"
+                )
+            log.info("resuming sweep %s from %s (finished trials are kept)", sweep_id, experiment_path)
+            tuner = tune.Tuner.restore(
+                experiment_path,
+                trainable,
+                resume_unfinished=True,
+                resume_errored=retry_errored,
+                restart_errored=False,
+            )
+        else:
+            run_ids = create_runs(client, experiment_id, sweep, sweep_id, data_info["shape"][3:])
+            configs = [trial_config(sweep, p, r, uri, fault) for p, r in zip(sweep.points, run_ids)]
+            tuner = tune.Tuner(
+                trainable,
+                param_space={"trial": tune.grid_search(configs)},
+                tune_config=tune.TuneConfig(
+                    scheduler=_asha(sweep, ASHAScheduler),
+                    max_concurrent_trials=sweep.run.max_concurrent or None,
+                    reuse_actors=True,  # a new worker costs seconds of imports per trial
+                    trial_name_creator=trial_name,
+                    trial_dirname_creator=trial_name,
+                ),
+                run_config=tune.RunConfig(
+                    name=sweep_id,
+                    storage_path=store,
+                    failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
+                    checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+                    callbacks=[TrackingCallback(uri)],
+                    progress_reporter=_reporter(sweep, tune),
+                    verbose=1,
+                ),
+            )
+        tuner.fit()
+    finally:
+        if started:
+            ray.shutdown()
+
+    runs = tracking.sweep_runs(client, experiment_id, sweep_id)
+    statuses = {r.data.tags.get(tracking.TAG_LABEL, r.info.run_name): r.info.status for r in runs}
+    unfinished = [r for r in runs if r.info.status in ("RUNNING", "SCHEDULED")]
+    for r in unfinished:
+        if r.info.status == "RUNNING":  # its trial was stopped mid-run: honest in the UI until resumed
+            tracking.retrying(client.set_terminated, r.info.run_id, status="KILLED")
+    if unfinished:
+        log.warning("sweep %s interrupted: %d trial(s) unfinished; rerun the command to resume", sweep_id, len(unfinished))
+    out = None
+    if write_tables:
+        out_dir = Path(results_dir) if results_dir else None
+        out = results.write_results(client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
+    return SweepOutcome(sweep, sweep_id, experiment_id, uri, experiment_path, statuses, bool(unfinished), out)
+
+
+def _asha(sweep: Sweep, cls):
+    if not sweep.run.asha.enabled:
+        return None
+    from pipeline.tracking import VAL_KEY
+
+    steps = max(p.train.steps for p in sweep.points)
+    return cls(
+        time_attr="step",
+        metric=VAL_KEY,
+        mode="min",
+        max_t=steps,
+        grace_period=min(sweep.run.asha.grace_steps, steps),
+        reduction_factor=sweep.run.asha.reduction_factor,
+    )
+
+
+def _reporter(sweep: Sweep, tune):
+    from pipeline.tracking import TRAIN_KEY, VAL_KEY
+
+    metrics = {"step": "step", TRAIN_KEY: "train NLL"}
+    metrics.update({VAL_KEY: "val NLL"} if sweep.mode == "train" else {"converged_step": "converged at"})
+    return tune.CLIReporter(
+        metric_columns=metrics,
+        parameter_columns={"trial/label": "trial"},
+        max_report_frequency=30,
+        max_progress_rows=50,
+        print_intermediate_tables=True,
+    )
+
+
+# -- command line --------------------------------------------------------------------------------
+def find_spec(path: str) -> Path:
+    """The spec as given, else relative to the repository (for `ray submit`, which runs in ~)."""
+    p = Path(path)
+    if p.is_file() or p.is_absolute():
+        return p
+    alt = repo_root() / p
+    return alt if alt.is_file() else p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Run a sweep spec with Ray Tune, tracked in MLflow.")
+    parser.add_argument("spec", help="sweep spec YAML, e.g. sweeps/depth_width.yaml")
+    parser.add_argument(
+        "--profile", default="auto", help="a profile of the spec (cpu, gpu); auto: gpu on a cluster with GPUs, else cpu"
+    )
+    parser.add_argument("--data", help="moving_mnist folder, replacing the spec's data (relative: to the repo)")
+    parser.add_argument("--storage", help=f"Ray storage path (default: ${STORAGE_ENV}, the profile's, <repo>/ray_results)")
+    parser.add_argument("--retry-errored", action="store_true", help="on resume, retry errored trials too")
+    parser.add_argument("--results-dir", help="where the tables go (default: results/<sweep name>)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        spec = load_spec(find_spec(args.spec))
+        if args.profile != "auto" and args.profile not in spec.profiles:
+            known = ", ".join(spec.profiles)
+            raise SpecError(f"{args.spec}: profiles: no profile {args.profile!r} (the spec has: {known})")
+        if args.data is None and os.environ.get("VPN_DATA"):
+            args.data = os.environ["VPN_DATA"]
+        outcome = run_sweep(
+            spec,
+            args.profile,
+            data=args.data,
+            storage=args.storage,
+            retry_errored=args.retry_errored,
+            results_dir=args.results_dir,
+        )
+    except (SpecError, DataError) as e:
+        log.error("%s", e)
+        return EXIT_BAD_SPEC
+    failed = sorted(label for label, s in outcome.statuses.items() if s == "FAILED")
+    done = sum(s == "FINISHED" for s in outcome.statuses.values())
+    listed = f": {', '.join(failed)}" if failed else ""
+    print(f"sweep {outcome.sweep_id}: {done} finished, {len(failed)} failed{listed}")
+    print(f"MLflow: {outcome.tracking_uri} (experiment {outcome.sweep.name!r}); Ray: {outcome.experiment_path}")
+    if outcome.results_dir is not None:
+        print(f"results: {outcome.results_dir}")
+    return EXIT_INTERRUPTED if outcome.interrupted else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

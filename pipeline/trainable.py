@@ -1,0 +1,245 @@
+"""The Ray Tune trainable: one sweep trial, a thin wrapper around vpn.train.Trainer.
+
+`trial(config)` runs one grid point. config["trial"] is the dict that pipeline.sweep built for the
+point (see `trial_config`): the two configs, the absolute data path, the tracking URI and the id of
+the MLflow run the driver created for this point.
+
+Reporting, checkpointing and logging hang off the Trainer's hooks:
+- every log_every steps the metrics go into a MetricBuffer (nothing is written yet);
+- at a validation step (train mode) or a log step (overfit mode) the buffer is flushed to MLflow
+  with one log_batch, and the metrics are reported to Tune (progress display, ASHA);
+- every ckpt_every steps and at the end the Trainer's checkpoint (plus trial.json with the run id)
+  is reported to Tune as a Checkpoint; the last one is also logged as the run's artifact
+  checkpoint/checkpoint.pt, for sampling.
+
+Restarts. A trial retried after a crash, or resumed after the sweep was interrupted, restores the
+Trainer from its last Tune checkpoint and reattaches to the same MLflow run. Steps the run already
+holds are not logged again (MetricBuffer), so its curve has no gap and no duplicate.
+
+Non-finite loss. Trainer raises NonFiniteLossError at the next host sync. The run is then marked
+FAILED with tags error and non_finite_step, and the error is raised so that Ray marks the trial
+ERROR; the other trials go on. A NaN is deterministic (same batches, same weights), so a retry
+that finds its run failed this way raises again at once instead of training to the same NaN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import signal
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import torch
+
+from pipeline import tracking
+from vpn.config import VPNConfig
+from vpn.data import MovingMNIST
+from vpn.train import NonFiniteLossError, TrainConfig, Trainer, prepare, sequence_floor
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FILE = "checkpoint.pt"
+TRIAL_FILE = "trial.json"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The trial's loss became NaN or infinite. Raised to Ray in place of vpn's NonFiniteLossError,
+    whose two-argument constructor Ray cannot copy or unpickle when it records the error."""
+
+
+def trial(config: Mapping[str, Any]) -> None:
+    """Ray Tune function trainable for one grid point (config["trial"], from trial_config)."""
+    from ray import tune
+
+    cfg = config["trial"]
+    ctx = tune.get_context()
+    granted = dict(ctx.get_trial_resources().required_resources)  # e.g. {"CPU": 1.0, "GPU": 0.5}
+    # Threads = the CPUs Ray granted this trial (trials share the node's cores).
+    torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
+    client = tracking.client(cfg["tracking_uri"])
+    run_id = cfg["run_id"]
+    run = tracking.retrying(client.get_run, run_id)
+    _refuse_known_non_finite(run)
+
+    tags = {
+        tracking.TAG_TRIAL_ID: ctx.get_trial_id(),
+        tracking.TAG_TRIAL_NAME: ctx.get_trial_name(),
+        tracking.TAG_RESOURCES: json.dumps(granted, sort_keys=True),
+    }
+    if tracking.TAG_STARTED not in run.data.tags:  # the run was created when the sweep started
+        tags[tracking.TAG_STARTED] = int(time.time() * 1000)
+    tracking.set_tags(client, run_id, tags)
+    tracking.retrying(client.update_run, run_id, status="RUNNING")
+    buffer = tracking.MetricBuffer(client, run_id, after_step=tracking.last_logged_step(client, run_id))
+
+    model_cfg = VPNConfig.from_dict(cfg["model"])
+    train_cfg = TrainConfig.from_dict(cfg["train"])
+    runner = _overfit if cfg["mode"] == "overfit" else _train
+    try:
+        runner(cfg, model_cfg, train_cfg, client, buffer, tune)
+    except NonFiniteLossError as err:
+        buffer.flush()  # the finite steps before it belong to the curve
+        tracking.set_tags(client, run_id, {tracking.TAG_ERROR: str(err), tracking.TAG_NON_FINITE_STEP: err.step})
+        tracking.retrying(client.set_terminated, run_id, status="FAILED")
+        raise NonFiniteLoss(f"{err} (MLflow run {run_id})") from None
+
+
+def _refuse_known_non_finite(run) -> None:
+    run_id = run.info.run_id
+    step = run.data.tags.get(tracking.TAG_NON_FINITE_STEP)
+    if run.info.status == "FAILED" and step is not None:
+        error = run.data.tags.get(tracking.TAG_ERROR, f"non-finite loss at step {step}")
+        raise NonFiniteLoss(f"{error} (MLflow run {run_id}; not retrained: a non-finite loss is deterministic)")
+
+
+def _restore(
+    tune, fresh: Callable[[], Trainer], load: Callable[[Path], Trainer], client, run_id: str
+) -> tuple[Trainer, dict[str, Any] | None]:
+    """The Trainer from the trial's last Tune checkpoint and that checkpoint's trial.json, else a
+    fresh Trainer and None. A restore is recorded on the run (tag resumed_from_step)."""
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is None:
+        return fresh(), None
+    with checkpoint.as_directory() as d:
+        meta = json.loads((Path(d) / TRIAL_FILE).read_text())
+        if meta["run_id"] != run_id:
+            raise RuntimeError(f"checkpoint {checkpoint.path} belongs to MLflow run {meta['run_id']}, not {run_id}")
+        trainer = load(Path(d) / CHECKPOINT_FILE)
+    tracking.set_tags(client, run_id, {tracking.TAG_RESUMED_FROM: trainer.step})
+    log.info("trial %s resumed from its checkpoint at step %d", meta.get("label"), trainer.step)
+    return trainer, meta
+
+
+class _Reporter:
+    """Checkpoint saving, MLflow flushes and Tune reports of one trial, shared by both modes."""
+
+    def __init__(self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer, tune) -> None:
+        self.cfg, self.trainer, self.client, self.buffer, self.tune = cfg, trainer, client, buffer, tune
+        self.run_id = cfg["run_id"]
+        self.latest: dict[str, float] = {}
+        self.fault = cfg.get("fault") or {}
+
+    def log(self, step: int, metrics: Mapping[str, float]) -> None:
+        self._maybe_die(step)
+        self.buffer.add(step, metrics)
+        self.latest.update(metrics)
+
+    def report(self, step: int, extra: Mapping[str, Any] | None = None) -> None:
+        self.buffer.flush()
+        self.tune.report(self._result(step, extra))
+
+    def _result(self, step: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
+        return {"step": step, **self.latest, **{k: v for k, v in (extra or {}).items() if v is not None}}
+
+    def checkpoint(self, step: int, final: bool, extra: Mapping[str, Any] | None = None) -> None:
+        """Save, flush, (at the end: artifact + FINISHED,) then report with the checkpoint."""
+        with tempfile.TemporaryDirectory(prefix="vpn-ckpt-") as d:
+            self.trainer.save(Path(d) / CHECKPOINT_FILE)
+            meta = {"run_id": self.run_id, "step": step, "label": self.cfg["label"], "final": final, **(extra or {})}
+            (Path(d) / TRIAL_FILE).write_text(json.dumps(meta))
+            self.buffer.flush()
+            if final:
+                for k, v in (extra or {}).items():
+                    if v is not None:
+                        tracking.retrying(self.client.log_metric, self.run_id, k, float(v), step=step)
+                tracking.retrying(self.client.log_artifact, self.run_id, str(Path(d) / CHECKPOINT_FILE), "checkpoint")
+                tracking.retrying(self.client.set_terminated, self.run_id, status="FINISHED")
+            self.tune.report(self._result(step, extra), checkpoint=self.tune.Checkpoint.from_directory(d))
+
+    def _maybe_die(self, step: int) -> None:
+        # Test hook (never set by a spec): SIGKILL this worker once at a step, like a lost node.
+        if self.fault.get("kill_at_step") == step:
+            marker = Path(self.fault["marker"])
+            if not marker.exists():
+                marker.write_text(str(step))
+                os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _train(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, tune) -> None:
+    train_data = MovingMNIST(cfg["data"], "train")
+    val_data = MovingMNIST(cfg["data"], "val")
+    trainer, _ = _restore(
+        tune,
+        lambda: Trainer(model_cfg, train_cfg, train_data, val_data),
+        lambda p: Trainer.from_checkpoint(p, train_data, val_data),
+        client,
+        cfg["run_id"],
+    )
+    rep = _Reporter(cfg, trainer, client, buffer, tune)
+    until = train_cfg.steps
+
+    def is_checkpoint(step: int) -> bool:  # the Trainer's own rule for calling on_checkpoint
+        return step == until or bool(train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0)
+
+    def on_log(step: int, metrics: dict[str, float]) -> None:
+        rep.log(step, metrics)
+        if tracking.VAL_KEY in metrics and not is_checkpoint(step):
+            rep.report(step)
+
+    def on_checkpoint(step: int) -> None:
+        rep.checkpoint(step, final=step == until)
+
+    if trainer.step >= until:  # restored from the final checkpoint: nothing left but the bookkeeping
+        rep.checkpoint(trainer.step, final=True)
+        return
+    trainer.fit(until, on_log=on_log, on_checkpoint=on_checkpoint, progress=False)
+
+
+def _overfit(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, tune) -> None:
+    """The blog post's experiment with checkpoints: one sequence, the loss of every step logged,
+    stopping at the first step within tol of the sequence's floor (as vpn.train.overfit)."""
+    settings = cfg["overfit"]
+    data = MovingMNIST(cfg["data"], settings["split"])
+    seq = prepare(data[settings["index"]][None], train_cfg)[0]  # (T, C, H, W) after seq_len/downsample
+    floor = sequence_floor(model_cfg, seq)
+    tol = settings["tol_per_subpixel"] * seq[0].numel()
+    batch = seq[None]  # (1, T, C, H, W): the same batch every step
+    # seq is already cut and pooled: the Trainer must not do it again.
+    inner = train_cfg.replace(batch_size=1, seq_len=None, downsample=1)
+    trainer, meta = _restore(
+        tune,
+        lambda: Trainer(model_cfg, inner, batch),
+        lambda p: Trainer.from_checkpoint(p, batch),
+        client,
+        cfg["run_id"],
+    )
+    tracking.set_tags(client, cfg["run_id"], {"floor_nats_per_frame": f"{floor:.6f}", "tol_nats_per_frame": f"{tol:.6f}"})
+    rep = _Reporter(cfg, trainer, client, buffer, tune)
+    if meta is not None and meta.get("final"):  # restored from its final checkpoint: only bookkeeping left
+        _finish_overfit(rep, client, cfg["run_id"], trainer.step, meta.get("converged_step"))
+        return
+    steps, every, ckpt_every = train_cfg.steps, train_cfg.log_every, train_cfg.ckpt_every
+    tick, tick_step = time.perf_counter(), trainer.step
+    converged: int | None = None
+    while trainer.step < steps:
+        loss = float(trainer.train_step(batch))  # a host sync per step: this is a diagnostic
+        step = trainer.step
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(step, loss)
+        metrics = {tracking.TRAIN_KEY: loss}
+        if loss <= floor + tol:
+            converged = step
+        if step % every == 0 or step == steps or converged:
+            now = time.perf_counter()
+            metrics[tracking.SPEED_KEY] = (step - tick_step) / max(now - tick, 1e-9)
+            tick, tick_step = now, step
+        rep.log(step, metrics)
+        final = converged is not None or step == steps
+        if final:
+            _finish_overfit(rep, client, cfg["run_id"], step, converged)
+            return
+        if ckpt_every and step % ckpt_every == 0:
+            rep.checkpoint(step, final=False)
+        elif step % every == 0:
+            rep.report(step)
+
+
+def _finish_overfit(rep: _Reporter, client, run_id: str, step: int, converged: int | None) -> None:
+    # Tagged before the run is marked FINISHED, so a finished run always says whether it converged.
+    tracking.set_tags(client, run_id, {"converged": str(converged is not None).lower()})
+    rep.checkpoint(step, final=True, extra={"converged_step": converged})

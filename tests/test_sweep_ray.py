@@ -1,0 +1,313 @@
+"""Real sweeps through Ray Tune on CPU (tiny models, tiny data), checked against what MLflow holds.
+
+One local Ray instance and one SQLite MLflow store serve the whole module (each costs seconds to
+start); every test uses its own sweep name, so its own MLflow experiment.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+import yaml
+
+from pipeline import results, tracking
+from pipeline.spec import load_spec
+from pipeline.sweep import QUIET_ENV, run_sweep
+from vpn.config import VPNConfig
+from vpn.data import MovingMNIST
+from vpn.model import VideoPixelNetwork, count_flops_per_frame
+from vpn.train import TrainConfig, Trainer
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),  # inside MLflow's SQL store
+]
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = {"batch_size": 4, "log_every": 5, "val_every": 10, "val_batches": 1, "ckpt_every": 10, "context": 3, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tiny data, one MLflow store and one Ray instance for the module; yields their locations."""
+    root = tmp_path_factory.mktemp("sweep")
+    rng = np.random.default_rng(0)
+    data = root / "data"
+    data.mkdir()
+    for split, n in (("train", 16), ("val", 8), ("test", 4)):
+        frames = (rng.random((n, 6, 1, 8, 8)) < 0.25).astype(np.uint8) * 255  # uint8 (N, T, C, H, W)
+        np.save(data / f"{split}.npy", frames)
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in (*QUIET_ENV, "MLFLOW_TRACKING_URI")}
+    os.environ.update(QUIET_ENV)
+    os.environ["MLFLOW_TRACKING_URI"] = uri
+
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        # One GPU declared (none is there): lets a test see GPU requests scheduled, fractions too.
+        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+    yield {"root": root, "data": data, "uri": uri, "address": ray.get_runtime_context().gcs_address}
+    if started:
+        ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def make_spec(env, name: str, search: dict, train: dict | None = None, run: dict | None = None, **top) -> Path:
+    spec = {
+        "name": name,
+        "data": str(env["data"]),
+        "model": {"output": "bernoulli", "dec_blocks": 1, "filter_fraction": 0.03125},
+        "train": {**TRAIN, **(train or {})},
+        "search": search,
+        "run": {"cpus_per_trial": 1, "max_failures": 1, **(run or {})},
+        "profiles": {"cpu": {}},
+        **top,  # replaces any of the above
+    }
+    path = env["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def history(client, run_id: str, key: str) -> list[tuple[int, float]]:
+    return sorted((m.step, m.value) for m in client.get_metric_history(run_id, key))
+
+
+def steps_of(client, run_id: str, key: str) -> list[int]:
+    return [s for s, _ in history(client, run_id, key)]
+
+
+def all_runs(client, name: str):
+    """Every run of the experiment, deleted ones included: "one run per trial" means no other."""
+    from mlflow.entities import ViewType
+
+    exp = client.get_experiment_by_name(name)
+    return client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+
+
+# -- one full sweep: exactly what MLflow holds -------------------------------------------------------
+def test_sweep_through_ray_records_every_trial_in_mlflow(env):
+    spec_path = make_spec(env, "full_sweep", {"model": {"enc_blocks": [1, 2]}, "train": {"lr": [1e-3, 1e30]}}, {"steps": 20})
+    out = env["root"] / "results_full"
+    outcome = run_sweep(load_spec(spec_path), "cpu", storage=str(env["root"] / "ray"), results_dir=out)
+
+    # lr = 1e30 drives the loss to NaN at the first host sync (step 5): those trials fail, the rest finish.
+    labels = ["e1-lr=0.001", "e1-lr=1e+30", "e2-lr=0.001", "e2-lr=1e+30"]
+    assert outcome.statuses == dict(zip(labels, ["FINISHED", "FAILED", "FINISHED", "FAILED"]))
+    assert not outcome.interrupted
+    client = tracking.client(env["uri"])
+    exp = client.get_experiment_by_name("full_sweep")
+    assert exp.tags[tracking.EXPERIMENT_LATEST.format(profile="cpu")] == outcome.sweep_id
+    runs = {r.info.run_name: r for r in all_runs(client, "full_sweep")}
+    assert sorted(runs) == labels  # one run per trial, no other
+
+    for point, label in enumerate(labels):
+        run = runs[label]
+        enc, lr = (1 if label.startswith("e1") else 2), (1e-3 if "0.001" in label else 1e30)
+        tags = run.data.tags
+        assert {k: tags[k] for k in ("sweep", "profile", "sweep_id", "point", "label", "mode", "spec")} == {
+            "sweep": "full_sweep",
+            "profile": "cpu",
+            "sweep_id": outcome.sweep_id,
+            "point": str(point),
+            "label": label,
+            "mode": "train",
+            "spec": str(spec_path),
+        }
+        model = VPNConfig(enc_blocks=enc, dec_blocks=1, filter_fraction=0.03125, output="bernoulli")
+        train = TrainConfig.from_dict({**TRAIN, "steps": 20, "lr": lr})
+        expected = {k: str(v) for k, v in {**model.to_dict(), **train.to_dict()}.items() if not isinstance(v, float)}
+        expected.update({k: repr(v) for k, v in {**model.to_dict(), **train.to_dict()}.items() if isinstance(v, float)})
+        expected.update(
+            preset="None",
+            preset_width_scale="None",
+            mu_channels="4",
+            lstm_channels="8",
+            parameters=str(VideoPixelNetwork(model).num_parameters()),
+            flops_per_frame=str(count_flops_per_frame(model, 8, 8)),
+            frame_height="8",
+            frame_width="8",
+            mode="train",
+            data=str(env["data"]),
+            sample="0",
+        )
+        assert run.data.params == expected
+
+        if lr == 1e-3:
+            assert run.info.status == "FINISHED"
+            assert steps_of(client, run.info.run_id, tracking.TRAIN_KEY) == [5, 10, 15, 20]
+            assert steps_of(client, run.info.run_id, tracking.SPEED_KEY) == [5, 10, 15, 20]
+            assert steps_of(client, run.info.run_id, tracking.VAL_KEY) == [10, 20]
+            train_curve = [v for _, v in history(client, run.info.run_id, tracking.TRAIN_KEY)]
+            assert all(math.isfinite(v) for v in train_curve) and train_curve[-1] < train_curve[0]
+            assert set(run.data.metrics) == set(tracking.CURVE_KEYS)
+            artifact = client.download_artifacts(run.info.run_id, tracking.CHECKPOINT_ARTIFACT, str(env["root"] / label))
+            state = torch.load(artifact, weights_only=True)
+            assert state["step"] == 20 and state["model_config"] == model.to_dict()
+        else:
+            assert run.info.status == "FAILED"
+            assert tags[tracking.TAG_NON_FINITE_STEP] == "5"
+            assert "non-finite" in tags[tracking.TAG_ERROR] and "step 5" in tags[tracking.TAG_ERROR]
+            assert run.data.metrics == {}  # nothing finite was ever logged
+            assert client.list_artifacts(run.info.run_id) == []
+
+    # The tables, read back from MLflow.
+    trials = pd.read_parquet(out / "trials.parquet")
+    curves = pd.read_parquet(out / "curves.parquet")
+    assert list(trials.columns) == list(results.TRIAL_COLUMNS)
+    assert list(curves.columns) == list(results.CURVE_COLUMNS)
+    assert list(trials["trial"]) == labels
+    assert list(trials["status"]) == ["FINISHED", "FAILED", "FINISHED", "FAILED"]
+    assert list(trials["enc_blocks"]) == [1, 1, 2, 2] and list(trials["steps_completed"]) == [20, 0, 20, 0]
+    assert list(trials["non_finite_step"].astype("float").fillna(-1)) == [-1, 5, -1, 5]
+    assert trials["preset"].isna().all()
+    finished = trials[trials["status"] == "FINISHED"]
+    assert finished["checkpoint_uri"].str.endswith("/checkpoint/checkpoint.pt").all()
+    assert (finished["best_val_nats_per_frame"] <= finished["final_val_nats_per_frame"]).all()
+    assert len(curves) == 8 and set(curves["trial"]) == {"e1-lr=0.001", "e2-lr=0.001"}
+    assert curves.groupby("trial")["step"].apply(list).to_dict() == {l: [5, 10, 15, 20] for l in ("e1-lr=0.001", "e2-lr=0.001")}
+    assert curves["val_nats_per_frame"].isna().tolist() == [True, False, True, False] * 2
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["trials"], metrics["finished"], metrics["failed"]) == (4, 2, 2)
+    assert metrics["best"]["best_val_nats_per_frame"] == pytest.approx(finished["best_val_nats_per_frame"].min())
+
+    # `python -m pipeline.results` rebuilds the same tables from MLflow alone.
+    again = env["root"] / "results_again"
+    assert results.main(["full_sweep", "--out", str(again)]) == 0
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "trials.parquet"), trials)
+    pd.testing.assert_frame_equal(pd.read_parquet(again / "curves.parquet"), curves)
+
+
+# -- a trial killed mid-run resumes from its checkpoint ---------------------------------------------------
+def test_killed_trial_resumes_from_checkpoint_without_gap_or_duplicate(env):
+    # Reports (and MLflow flushes) every 5 steps, checkpoints every 10: the worker is SIGKILLed when
+    # step 20 is logged, so MLflow already holds step 15 while the last checkpoint is at step 10.
+    train = {"steps": 30, "val_every": 5, "ckpt_every": 10}
+    spec_path = make_spec(env, "killed", {"model": {"enc_blocks": [1]}}, train, run={"max_failures": 2})
+    marker = env["root"] / "killed.marker"
+    outcome = run_sweep(
+        load_spec(spec_path), "cpu", storage=str(env["root"] / "ray"), results_dir=env["root"] / "results_killed",
+        fault={"kill_at_step": 20, "marker": str(marker)},
+    )  # fmt: skip
+    assert marker.read_text() == "20"  # it was killed
+    assert outcome.statuses == {"e1": "FINISHED"}
+    client = tracking.client(env["uri"])
+    runs = all_runs(client, "killed")
+    assert len(runs) == 1  # the retry reattached to its run
+    run = runs[0]
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.TAG_RESUMED_FROM] == "10"
+    for key in (tracking.TRAIN_KEY, tracking.VAL_KEY, tracking.SPEED_KEY):
+        assert steps_of(client, run.info.run_id, key) == [5, 10, 15, 20, 25, 30], key  # no gap, no duplicate
+
+    # The curve is the uninterrupted run's: the same batches after the restore (exact resume).
+    model = VPNConfig(enc_blocks=1, dec_blocks=1, filter_fraction=0.03125, output="bernoulli")
+    cfg = TrainConfig.from_dict({**TRAIN, **train})
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        reference: dict[int, dict[str, float]] = {}
+        trainer = Trainer(model, cfg, MovingMNIST(env["data"], "train"), MovingMNIST(env["data"], "val"))
+        trainer.fit(on_log=lambda step, m: reference.__setitem__(step, m), progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    for key in (tracking.TRAIN_KEY, tracking.VAL_KEY):
+        logged = dict(history(client, run.info.run_id, key))
+        assert logged == pytest.approx({s: m[key] for s, m in reference.items()}, rel=1e-5), key
+
+
+# -- an interrupted sweep, restarted, finishes only what was unfinished ----------------------------------
+def test_interrupted_sweep_resumes_only_unfinished_trials(env):
+    spec_path = make_spec(
+        env, "interrupted", {"model": {"enc_blocks": [1, 2, 3]}}, {"steps": 400, "log_every": 10, "val_every": 50, "ckpt_every": 50},
+        run={"max_concurrent": 1},
+    )  # fmt: skip
+    storage = env["root"] / "ray"
+    log_path = env["root"] / "interrupted.log"
+    client = tracking.client(env["uri"])
+    # The first start: a separate driver process joining this module's Ray cluster (RAY_ADDRESS),
+    # interrupted with Ctrl+C (SIGINT) once the first trial finished and the second is under way.
+    with log_path.open("w") as log:
+        driver = subprocess.Popen(
+            [sys.executable, "-m", "pipeline.sweep", str(spec_path), "--profile", "cpu", "--storage", str(storage)],
+            cwd=REPO, env={**os.environ, "RAY_ADDRESS": env["address"]}, stdout=log, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+        try:
+            deadline = time.monotonic() + 240
+            while time.monotonic() < deadline and driver.poll() is None:
+                exp = client.get_experiment_by_name("interrupted")
+                runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])} if exp else {}
+                second = runs.get("e2")
+                if (
+                    runs.get("e1") is not None and runs["e1"].info.status == "FINISHED"
+                    and second is not None and second.info.status == "RUNNING"
+                    and steps_of(client, second.info.run_id, tracking.TRAIN_KEY)[-1:] >= [100]
+                ):  # fmt: skip
+                    break
+                time.sleep(0.3)
+            else:
+                pytest.fail(f"the first trial did not finish in time:\n{log_path.read_text()[-3000:]}")
+            driver.send_signal(signal.SIGINT)
+            assert driver.wait(timeout=120) == 130, log_path.read_text()[-3000:]
+        finally:
+            if driver.poll() is None:
+                driver.kill()
+    before = {r.info.run_name: r for r in all_runs(client, "interrupted")}
+    assert sorted(before) == ["e1", "e2", "e3"]
+    assert before["e1"].info.status == "FINISHED"
+    assert before["e2"].info.status == "KILLED"  # stopped mid-run, marked so until resumed
+    assert before["e3"].info.status == "SCHEDULED"  # never started
+    e2_logged = steps_of(client, before["e2"].info.run_id, tracking.TRAIN_KEY)
+
+    # The restart: same command, so the same sweep id; it resumes in this process.
+    outcome = run_sweep(load_spec(spec_path), "cpu", storage=str(storage), results_dir=env["root"] / "results_interrupted")
+    assert outcome.statuses == {"e1": "FINISHED", "e2": "FINISHED", "e3": "FINISHED"}
+    after = {r.info.run_name: r for r in all_runs(client, "interrupted")}
+    assert {k: r.info.run_id for k, r in after.items()} == {k: r.info.run_id for k, r in before.items()}
+    # The finished trial was not rerun: not touched at all.
+    assert after["e1"].info.end_time == before["e1"].info.end_time
+    assert after["e1"].data.tags == before["e1"].data.tags
+    # The interrupted one continued from a checkpoint; the unstarted one ran from scratch.
+    assert int(after["e2"].data.tags[tracking.TAG_RESUMED_FROM]) in range(50, 401, 50)
+    assert int(after["e2"].data.tags[tracking.TAG_RESUMED_FROM]) <= e2_logged[-1]
+    assert tracking.TAG_RESUMED_FROM not in after["e3"].data.tags
+    for label in ("e1", "e2", "e3"):
+        assert steps_of(client, after[label].info.run_id, tracking.TRAIN_KEY) == list(range(10, 401, 10)), label
+        assert steps_of(client, after[label].info.run_id, tracking.VAL_KEY) == list(range(50, 401, 50)), label
+
+
+# -- fractional GPUs ----------------------------------------------------------------------------------
+def test_fractional_gpu_trials_share_a_gpu(env):
+    # The module's Ray declares one GPU, so --profile auto picks the gpu profile, and its two trials
+    # of half a GPU each are scheduled. (No CUDA here: device "auto" trains on the CPU; what Ray
+    # granted is what is checked.)
+    import ray
+
+    if not ray.cluster_resources().get("GPU"):
+        pytest.skip("the Ray instance was started elsewhere, without a GPU")
+    spec_path = make_spec(
+        env, "half_gpu", {"model": {"enc_blocks": [1, 2]}}, {"steps": 10, "device": "auto"},
+        run={"gpus_per_trial": 0.5}, profiles={"cpu": {"run": {"gpus_per_trial": 0}}, "gpu": {}},
+    )  # fmt: skip
+    outcome = run_sweep(load_spec(spec_path), "auto", storage=str(env["root"] / "ray"), write_tables=False)
+    assert outcome.sweep.profile == "gpu"
+    assert outcome.statuses == {"e1": "FINISHED", "e2": "FINISHED"}
+    client = tracking.client(env["uri"])
+    for run in all_runs(client, "half_gpu"):
+        assert json.loads(run.data.tags[tracking.TAG_RESOURCES]) == {"CPU": 1.0, "GPU": 0.5}
