@@ -56,7 +56,7 @@ def error_of(tmp_path: Path, spec: dict) -> str:
 # -- the shipped specs -----------------------------------------------------------------------------
 def test_depth_width_spec_resolves_every_profile():
     spec = load_spec(REPO / "sweeps/depth_width.yaml")
-    assert set(spec.profiles) == {"cpu", "gpu"}
+    assert set(spec.profiles) == {"cpu", "gpu", "tiny"}  # tiny: the end-to-end test's profile
     cpu, gpu = spec.resolve("cpu"), spec.resolve("gpu")
     assert cpu.mode == gpu.mode == "train"
     assert cpu.data == gpu.data == (REPO / "data/moving_mnist").resolve()

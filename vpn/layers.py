@@ -69,6 +69,10 @@ class MaskedConv2d(nn.Conv2d):
     and (B: same or, A: strictly) earlier colours of pixel (i, j); so information cannot flow from a
     pixel to itself or backwards in raster order.
 
+    The kernel rows below the centre are masked for every mask type and colour split, so the call
+    runs only the top k//2 + 1 rows (2x3 of a 3x3: a third fewer multiply-adds, in the backward pass
+    too). The weight keeps its full k x k shape, so parameter counts and checkpoints don't change.
+
     Input (N, in_channels, H, W) -> output (N, out_channels, H, W), same dtype.
     """
 
@@ -90,7 +94,15 @@ class MaskedConv2d(nn.Conv2d):
         self.register_buffer("mask", causal_mask(kernel_size, mask_type, in_groups, out_groups))
 
     def forward(self, x: Tensor) -> Tensor:
-        return F.conv2d(x, self.weight * self.mask, self.bias, self.stride, self.padding)
+        c = self.kernel_size[0] // 2
+        if c == 0:
+            return F.conv2d(x, self.weight * self.mask, self.bias)
+        rows = slice(0, c + 1)  # the centre row and the c rows above it; the rest is always masked
+        weight = self.weight[:, :, rows] * self.mask[:, :, rows]  # (out, in, c+1, k)
+        # Zero padding of c rows above only (and c columns each side): output row r reads input
+        # rows r-c..r, exactly what the full kernel's unmasked rows read. (Padding c rows below too
+        # and dropping c output rows computes the same, but measured up to 1.25x slower on CPU.)
+        return F.conv2d(F.pad(x, (c, c, c, 0)), weight, self.bias)  # (N, out, H, W)
 
 
 class MultiplicativeUnit(nn.Module):
@@ -140,7 +152,8 @@ class ConvLSTM(nn.Module):
     c_t = f * c_{t-1} + i * g;  h_t = o * tanh(c_t).
 
     The input half of the gates is computed for all time steps in one batched convolution; only the
-    recurrent half runs step by step.
+    recurrent half runs step by step. The first step starts from h = c = 0, where conv_h(h) = 0 and
+    f * c = 0 exactly, so it skips both (the same numbers, one recurrent convolution fewer).
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int = 3) -> None:
@@ -156,27 +169,34 @@ class ConvLSTM(nn.Module):
         zeros = x.new_zeros(n, self.hidden_channels, h, w)
         return zeros, zeros
 
-    def cell(self, gates_x: Tensor, state: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
-        """One step from precomputed input gates (N, 4*hidden, H, W) -> new (h, c)."""
-        h, c = state
-        i, f, o, g = (gates_x + self.conv_h(h)).chunk(4, dim=1)  # 4 x (N, hidden, H, W)
-        c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+    def cell(self, gates_x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
+        """One step from precomputed input gates (N, 4*hidden, H, W) -> new (h, c).
+
+        state None is the zero state (h, c) = 0.
+        """
+        if state is None:
+            i, _, o, g = gates_x.chunk(4, dim=1)  # 4 x (N, hidden, H, W); f multiplies c = 0
+            c = torch.sigmoid(i) * torch.tanh(g)
+        else:
+            h, c = state
+            i, f, o, g = (gates_x + self.conv_h(h)).chunk(4, dim=1)  # 4 x (N, hidden, H, W)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
         return h, c
 
     def step(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """x: (N, in, H, W) -> new (h, c), each (N, hidden, H, W)."""
-        if state is None:
-            state = self.initial_state(x)
+        """x: (N, in, H, W) -> new (h, c), each (N, hidden, H, W). state None: start from zeros."""
         return self.cell(self.conv_x(x), state)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (B, T, in, H, W) -> hidden states h_0..h_{T-1}: (B, T, hidden, H, W)."""
         b, t = x.shape[:2]
         gates_x = self.conv_x(x.flatten(0, 1)).unflatten(0, (b, t))  # (B, T, 4*hidden, H, W)
-        state = self.initial_state(gates_x[:, 0])
+        state = None
         hs = []
-        for step in range(t):
-            state = self.cell(gates_x[:, step], state)
+        # unbind, not gates_x[:, step]: the backward of T selects writes T zero-filled copies of all
+        # of gates_x (O(T^2) memory traffic, 10% of a micro step at T = 20); unbind's is one stack.
+        for gates_t in gates_x.unbind(dim=1):  # T x (B, 4*hidden, H, W)
+            state = self.cell(gates_t, state)
             hs.append(state[0])
         return torch.stack(hs, dim=1)  # (B, T, hidden, H, W)

@@ -7,6 +7,9 @@
   clipping threshold means the same at every frame size; everything reported is nats per frame.
 - Host syncs happen only every `log_every` steps: losses stay on the device in between. A non-finite
   loss is detected there and raises NonFiniteLossError.
+- Speed (measured in benchmarks/, see benchmarks/RESULTS.md): bf16 autocast and channels_last on
+  CUDA by default; torch.compile of the forward pass and loss on request (`compile`); bf16 autocast
+  on CPU on request (`cpu_amp`). None of them changes the parameters or the checkpoint format.
 - Logging and checkpointing hang off two hooks of `fit`, so the same loop serves the CLI and the
   Ray Tune trainable.
 """
@@ -37,6 +40,7 @@ from vpn.model import VideoPixelNetwork
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "vpn-checkpoint/1"
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
 
 
 @dataclass(frozen=True)
@@ -54,6 +58,12 @@ class TrainConfig:
     seq_len: use the first seq_len frames of each sequence (None: all).
     downsample: average-pool frames by this factor (1: full size), for quick CPU runs.
     device: "auto" (CUDA if present), "cpu" or "cuda[:N]".  amp: bf16 autocast on CUDA.
+    cpu_amp: bf16 autocast on CPU too. Off by default: on a CPU with native bf16 (AVX512-BF16, AMX)
+        it is faster, but it is no longer fp32 training, and the sweeps compare fp32 curves.
+    memory_format: "auto" (channels_last on CUDA, where cuDNN's bf16 convolutions run NHWC;
+        contiguous on CPU, where channels_last measured slower), "channels_last" or "contiguous".
+    compile: torch.compile the forward pass and loss (fuses the gates' elementwise ops). Off by
+        default: compiling costs about a minute on a small CPU, more than short runs gain.
     num_workers: DataLoader worker processes.
     """
 
@@ -73,6 +83,9 @@ class TrainConfig:
     downsample: int = 1
     device: str = "auto"
     amp: bool = True
+    cpu_amp: bool = False
+    memory_format: str = "auto"
+    compile: bool = False
     num_workers: int = 0
 
     def __post_init__(self) -> None:
@@ -99,6 +112,11 @@ class TrainConfig:
             raise ValueError(f"context={self.context} must be < seq_len={self.seq_len}")
         if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
             raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("amp", "cpu_amp", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
@@ -211,7 +229,9 @@ class Trainer:
         if len(self.train_data) == 0:
             raise ValueError("training data is empty")
         torch.manual_seed(train_cfg.seed)  # the model's initial weights
-        self.model = VideoPixelNetwork(model_cfg).to(self.device)
+        self.model = VideoPixelNetwork(model_cfg).to(self.device, memory_format=self._memory_format())
+        # Compile a function, not the module, so that state_dict keys stay those of the model.
+        self._train_nats = torch.compile(self._nats) if train_cfg.compile else self._nats
         self.optimizer = torch.optim.RMSprop(
             self.model.parameters(), lr=train_cfg.lr, alpha=train_cfg.rmsprop_alpha, eps=train_cfg.rmsprop_eps
         )
@@ -219,17 +239,27 @@ class Trainer:
         self.best_val = math.inf
 
     # -- one update -----------------------------------------------------------------------------
+    def _memory_format(self) -> torch.memory_format:
+        fmt = self.cfg.memory_format
+        if fmt == "auto":
+            fmt = "channels_last" if self.device.type == "cuda" else "contiguous"
+        return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
+
     def _autocast(self):
-        enabled = self.cfg.amp and self.device.type == "cuda"
+        enabled = self.cfg.amp if self.device.type == "cuda" else self.cfg.cpu_amp
         return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    def _nats(self, frames: Tensor) -> Tensor:
+        """uint8 (B, T, C, H, W) -> mean nats per frame over the batch and frames 1..T-1 (float32 scalar)."""
+        with self._autocast():
+            logits = self.model(frames)
+        return self.model.frame_nll(logits, frames).mean()
 
     def train_step(self, batch: Tensor) -> Tensor:
         """One RMSProp update on uint8 (B, T, C, H, W); returns the batch's mean nats/frame (device, detached)."""
         frames = prepare(batch.to(self.device, non_blocking=True), self.cfg)
         self.model.train()
-        with self._autocast():
-            logits = self.model(frames)
-        nats = self.model.frame_nll(logits, frames).mean()  # nats per frame, float32
+        nats = self._train_nats(frames)  # nats per frame, float32
         dims = frames.shape[2] * frames.shape[3] * frames.shape[4]
         self.optimizer.zero_grad(set_to_none=True)
         (nats / dims).backward()
