@@ -17,19 +17,18 @@ Definitions (also printed in the report):
 - iterations to converge (train sweeps): first logged step whose train NLL is within
   `converge_fraction` of the run's total drop from its final value: L(s) - L_end <= f (L_0 - L_end).
   For overfit sweeps it is the trial's own converged_step (NLL within tol of the sequence's floor).
-- plateau: a stretch of at least `plateau_min_fraction` of the steps before convergence over which
-  the smoothed loss makes less than `plateau_progress` of its total drop, strictly between the first
-  5% and the last 5% of that drop (so neither the start nor the final approach counts).
+- plateau: a stretch of at least `plateau_min_fraction` of the steps before convergence (and at
+  least four logged points) over which the smoothed train loss falls by less than `plateau_progress`
+  times the drop still to come after it, outside the first and the last 5% of the total drop. The blog
+  post's "stuck in a local optimum before converging": much left to learn, little progress.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import html
 import json
 import logging
 import math
-import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +36,9 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+
+from pipeline import atomic_output
+from vpn.files import write_text
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +68,8 @@ class ReportParams:
     sample_frames: int = 5
     sample_seed: int = 0
     converge_fraction: float = 0.05
-    plateau_min_fraction: float = 0.1
-    plateau_progress: float = 0.02
+    plateau_min_fraction: float = 0.05
+    plateau_progress: float = 0.1
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "sweeps", tuple(self.sweeps))
@@ -100,6 +102,9 @@ def load_results(results_dir: Path, sweep: str) -> tuple[pd.DataFrame, pd.DataFr
             raise ResultsError(f"{path}: not a readable Parquet table: {err}") from err
     trials, curves = tables
     # pipeline.results' names -> the short names used in the figures and the table
+    # (`steps` there is the trial's step budget; the table shows the steps it actually ran.)
+    if "steps_completed" in trials:
+        trials = trials.rename(columns={"steps": "step_budget"})
     renames = {"mean_steps_per_second": "steps_per_second", "steps_completed": "steps", "checkpoint_uri": "checkpoint"}
     trials = trials.rename(columns={k: v for k, v in renames.items() if k in trials and v not in trials})
     for col in ("run_id", "status", "enc_blocks", "dec_blocks", "filter_fraction"):
@@ -133,30 +138,47 @@ def iterations_to_converge(steps: np.ndarray, losses: np.ndarray, fraction: floa
 def find_plateaus(
     steps: np.ndarray, losses: np.ndarray, until: int | None, min_fraction: float, progress: float
 ) -> list[tuple[int, int]]:
-    """Stretches (first step, last step) where the loss stalls on its way down (module docstring)."""
+    """Stretches (first step, last step) where the loss is stuck on its way down (module docstring).
+
+    steps, losses: (N,) a train curve. On the curve up to `until` (the convergence step), smoothed by
+    a running median, a stretch [a, b] is a plateau when the loss falls by less than `progress` times
+    the drop still to come after it, L(a) - L(b) < progress (L(b) - L_end), for at least
+    `min_fraction` of the steps and at least four logged points, and it lies outside the first and the
+    last 5% of the total drop. Measuring against the drop still to come is what separates being stuck
+    (much left to learn, little progress) from the slow final approach (little left to learn).
+    """
     if until is not None:
         keep = steps <= until
         steps, losses = steps[keep], losses[keep]
-    if len(losses) < 8:
+    n = len(losses)
+    if n < 8:
         return []
-    window = max(3, len(losses) // 50)
+    window = max(3, n // 50)
     smooth = pd.Series(losses).rolling(window, center=True, min_periods=1).median().to_numpy()
-    start, end = smooth[0], smooth[-1]
-    if not start - end > 0:
+    end = smooth[-1]
+    total = smooth[0] - end
+    if not total > 0:
         return []
-    done = (start - smooth) / (start - end)  # progress in [0, 1]
+    margin = 0.05 * total
     span = steps[-1] - steps[0]
+
+    def inside(k: int) -> bool:  # past the first 5% of the drop and before the last 5%
+        return smooth[0] - smooth[k] >= margin and smooth[k] - end >= margin
+
     found: list[tuple[int, int]] = []
     i = 0
-    while i < len(done):
-        if not 0.05 < done[i] < 0.95:
+    while i < n:
+        if not inside(i):
             i += 1
             continue
         j = i
-        while j + 1 < len(done) and 0.05 < done[j + 1] < 0.95 and done[j + 1] - done[i] < progress:
+        while j + 1 < n and inside(j + 1) and smooth[i] - smooth[j + 1] < progress * (smooth[j + 1] - end):
             j += 1
-        if steps[j] - steps[i] >= min_fraction * span:
-            found.append((int(steps[i]), int(steps[j])))
+        if j - i >= 3 and steps[j] - steps[i] >= min_fraction * span:
+            if found and i > 0 and found[-1][1] == int(steps[i - 1]):  # touching: one plateau
+                found[-1] = (found[-1][0], int(steps[j]))
+            else:
+                found.append((int(steps[i]), int(steps[j])))
             i = j + 1
         else:
             i += 1
@@ -211,15 +233,12 @@ def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) 
 
 # -- figures ------------------------------------------------------------------------------------------
 def _save(fig, path: Path) -> Path:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
-        import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt
 
+    try:
+        with atomic_output(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+    finally:
         plt.close(fig)
     return path
 
@@ -245,6 +264,9 @@ def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
         )
         ax.set_yscale("log")
         ax.set_title(f"{split} NLL (nats/frame)")
+    for ax in axes[0][:-1]:
+        ax.get_legend().remove()  # one legend, outside the last panel, hides no curve
+    sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
     return _save(fig, out)
 
 
@@ -318,6 +340,14 @@ def plot_overfit(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path
     bars["iterations"] = pd.to_numeric(bars["iterations"], errors="coerce")
     sns.barplot(data=bars, x="preset", y="iterations", hue="source", ax=bar_ax)
     bar_ax.set_title("iterations to converge on one sequence")
+    ticks = []  # under each preset: did it sit on a plateau, here and in the post
+    for label in bar_ax.get_xticklabels():
+        name = label.get_text()
+        ours = summary[summary.apply(lambda r: (r["preset"] if isinstance(r.get("preset"), str) else r["config"]) == name, axis=1)]
+        here = "yes" if len(ours) and len(ours.iloc[0]["plateaus"]) else "no"
+        post = {True: "yes", False: "no"}.get(BLOG_PLATEAU.get(name), "-")
+        ticks.append(f"{name}\nplateau: {here} (post: {post})")
+    bar_ax.set_xticks(bar_ax.get_xticks(), ticks)
     for _, r in summary.iterrows():
         curve = curves[curves["run_id"] == r["run_id"]].sort_values("step")
         name = r["preset"] if isinstance(r.get("preset"), str) else r["config"]
@@ -333,12 +363,26 @@ def plot_overfit(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path
 
 
 def sample_strip(best: pd.Series, params: ReportParams, repo: Path, out: Path) -> Path | None:
-    """Frames sampled by the best run after a test context, beside the ground truth."""
+    """Frames sampled by the best run after a context, beside the ground truth (None: no checkpoint)."""
+    drawn = sample_frames(best, params, repo)
+    if drawn is None:
+        return None
+    truth, sampled, context, label = drawn
+    if best.get("output") == "bernoulli":  # say why the samples are black and white and the truth grey
+        label += "\nBernoulli output: each drawn pixel is 0 or 255; the grey truth is its target probability"
+    return plot_samples(truth, sampled, context, label, out)
+
+
+def sample_frames(best: pd.Series, params: ReportParams, repo: Path):
+    """(truth uint8 (T, C, H, W), sampled uint8 (T - context, C, H, W), context, label), or None.
+
+    The best run's checkpoint, from MLflow, draws frames after the first `context` frames of a
+    sequence prepared as that run trained (clip length, pooling); None if it logged no checkpoint.
+    """
     import torch
 
     from vpn.data import MovingMNIST
     from vpn.train import TrainConfig, load_checkpoint, load_model, prepare
-    from vpn.viz import save_png, strip
 
     uri = best.get("checkpoint")
     if not isinstance(uri, str) or not uri:
@@ -347,30 +391,63 @@ def sample_strip(best: pd.Series, params: ReportParams, repo: Path, out: Path) -
 
     from pipeline.tracking import tracking_uri
 
-    dest = Path(tempfile.mkdtemp(prefix="vpn-report-"))
-    path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=str(dest), tracking_uri=tracking_uri()))
-    if path.is_dir():
-        found = sorted(path.rglob("*.pt"))
-        if not found:
-            raise ResultsError(f"{uri}: no checkpoint file in the artifact")
-        path = found[0]
-    state = load_checkpoint(path)
-    tcfg = TrainConfig.from_dict(state["train_config"])
-    model = load_model(path)
-    data = MovingMNIST(repo / params.data, params.sample_split)
-    truth = prepare(data[params.sample_index][None], tcfg)  # (1, T, C, H, W)
+    with tempfile.TemporaryDirectory(prefix="vpn-report-") as dest:
+        path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest, tracking_uri=tracking_uri()))
+        if path.is_dir():
+            found = sorted(path.rglob("*.pt"))
+            if not found:
+                raise ResultsError(f"{uri}: no checkpoint file in the artifact")
+            path = found[0]
+        tcfg = TrainConfig.from_dict(load_checkpoint(path)["train_config"])
+        model = load_model(path)
+    # Clip length and pooling as the trial trained (its row; an overfit trial's checkpoint holds the
+    # already-prepared sequence's config). An overfit run is shown on the sequence it memorised.
+    prep = {f: int(best[f]) if f in best and not pd.isna(best[f]) else getattr(tcfg, f) for f in ("seq_len", "downsample")}
+    tcfg = TrainConfig(context=1, **prep)  # prepare() reads only these two fields
+    split, index = params.sample_split, params.sample_index
+    if isinstance(best.get("overfit_split"), str) and not pd.isna(best.get("overfit_index")):
+        split, index = best["overfit_split"], int(best["overfit_index"])
+    data = MovingMNIST(repo / params.data, split)
+    truth = prepare(data[index][None], tcfg)  # (1, T, C, H, W)
     ctx = min(params.sample_context, truth.shape[1] - 1)
     n = min(params.sample_frames, truth.shape[1] - ctx)
     video = model.sample(truth[:, :ctx], n, generator=torch.Generator().manual_seed(params.sample_seed))
-    rows = [truth[0, : ctx + n], torch.cat([truth[0, :ctx], video[0]])]
-    image = strip(rows, separator_at=ctx)
-    scale = max(1, 256 // image.height)
-    return save_png(image.resize((image.width * scale, image.height * scale), 0), out)
+    return truth[0, : ctx + n], video[0], ctx, f"{best['config']}, {split} sequence {index}"
+
+
+def plot_samples(truth, sampled, context: int, label: str, out: Path) -> Path:
+    """Two rows of frames: the ground truth, and the context followed by the model's samples.
+
+    truth: uint8 (T, C, H, W), the first `context` frames given to the model; sampled: uint8
+    (T - context, C, H, W), what the model drew for the rest.
+    """
+    import matplotlib.pyplot as plt
+
+    frames = [np.asarray(truth), np.concatenate([np.asarray(truth[:context]), np.asarray(sampled)])]
+    n_t = len(frames[0])
+    fig, axes = plt.subplots(2, n_t, figsize=(1.6 * n_t + 0.8, 4.2), squeeze=False, layout="constrained")
+    for r, (row, name) in enumerate(zip(frames, ("ground truth", "sampled"))):
+        for t in range(n_t):
+            ax = axes[r, t]
+            image = np.transpose(row[t], (1, 2, 0))
+            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():  # frames the model drew get a red border
+                spine.set_color("tab:red" if (r == 1 and t >= context) else "0.6")
+                spine.set_linewidth(2 if (r == 1 and t >= context) else 1)
+            if r == 0:
+                ax.set_title(f"t={t}" + (" (context)" if t < context else ""), fontsize=8)
+            if t == 0:
+                ax.set_ylabel(name, fontsize=9)
+    title = f"best run: {label}\nred: frames drawn by the model, pixel by pixel"
+    fig.suptitle(title, fontsize=9)  # constrained layout keeps it clear of the column titles
+    return _save(fig, out)
 
 
 # -- the report ---------------------------------------------------------------------------------------
 TABLE_COLUMNS = [
-    "config", "status", "parameters", "flops_per_frame", "steps", "final_nll",
+    "config", "status", "parameters", "flops_per_frame", "steps", "step_budget", "final_nll",
     "iterations_to_converge", "plateaus", "steps_per_second", "error", "run_id",
 ]
 
@@ -397,13 +474,6 @@ def markdown_table(df: pd.DataFrame, columns: list[str]) -> str:
             cells.append(text)
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]:
@@ -450,7 +520,7 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         figures.append(("Convergence curves (colour: depth, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
         best_curve = curves[curves["run_id"] == best["run_id"]].sort_values("step")
         cols = [c for c in ("step", "train_nats_per_frame", "val_nats_per_frame") if c in best_curve]
-        _atomic_write(out / "best_curve.csv", best_curve[cols].to_csv(index=False))
+        write_text(out / "best_curve.csv", best_curve[cols].to_csv(index=False))
         if is_overfit_sweep(trials):
             figures.append(("Overfitting one sequence: the blog post's figure", plot_overfit(summary, curves, out / "overfit.png").name))
         figures.append(("Iterations to converge", plot_converge_heatmaps(summary, out / "converge_heatmaps.png").name))
@@ -465,7 +535,7 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         if strip_path is None and not any("No sample strip" in line for line in lines):
             lines += [f"_No sample strip: the best run ({best['config']}) logged no checkpoint._", ""]
         if strip_path is not None:
-            figures.append((f"Samples of the best run ({best['config']}): top ground truth, bottom context + sampled", strip_path.name))
+            figures.append((f"Samples of the best run ({best['config']}): ground truth above, context + sampled frames below", strip_path.name))
     else:
         metrics["best_nll"] = None
         lines += ["No trial finished, so there are no curves to compare.", ""]
@@ -481,8 +551,9 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         f"- iterations to converge: first step with L(s) - L_end <= {params.converge_fraction} (L_0 - L_end) "
         "on the train curve; for overfit sweeps, the step at which the NLL came within tolerance of the "
         "sequence's floor.",
-        f"- plateau: a stretch of >= {params.plateau_min_fraction:.0%} of the steps before convergence with "
-        f"< {params.plateau_progress:.0%} of the total drop, away from the start and the end of the descent.",
+        f"- plateau: a stretch of >= {params.plateau_min_fraction:.0%} of the steps before convergence in which "
+        f"the smoothed train NLL falls by < {params.plateau_progress:.0%} of the drop still to come after it, "
+        "away from the first and last 5% of the total drop.",
         "",
     ]
     _finish(out, lines, metrics)
@@ -493,12 +564,12 @@ def _finish(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
     import markdown
 
     text = "\n".join(lines)
-    _atomic_write(out / "report.md", text)
+    write_text(out / "report.md", text)
     body = markdown.markdown(text, extensions=["tables"])
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
     title = html.escape(lines[0].lstrip("# "))
-    _atomic_write(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>")
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
+    write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>")
+    write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
 
 
 def main(argv: list[str] | None = None) -> int:

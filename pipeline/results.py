@@ -42,6 +42,7 @@ TRIAL_COLUMNS = (
     "run_id", "trial", "point", "sweep", "sweep_id", "profile", "mode", "status", "error",
     "non_finite_step", "stopped_early", "resumed_from_step", "preset", "preset_width_scale",
     *MODEL_COLUMNS, "mu_channels", "lstm_channels", *TRAIN_COLUMNS, "sample",
+    "data", "overfit_split", "overfit_index", "overfit_tol_per_subpixel",
     "parameters", "flops_per_frame", "frame_height", "frame_width",
     "steps_completed", "final_train_nats_per_frame", "best_train_nats_per_frame",
     "final_val_nats_per_frame", "best_val_nats_per_frame", "mean_steps_per_second",
@@ -60,6 +61,7 @@ _DTYPES: dict[str, str] = {
     "final_val_nats_per_frame": "float64", "best_val_nats_per_frame": "float64",
     "floor_nats_per_frame": "float64", "tol_nats_per_frame": "float64", "duration_s": "float64",
     "start_time": "datetime64[ms, UTC]", "end_time": "datetime64[ms, UTC]",
+    "data": "string", "overfit_split": "string", "overfit_index": "Int64", "overfit_tol_per_subpixel": "float64",
 }  # fmt: skip
 for _cls in (VPNConfig, TrainConfig):
     for _name, _hint in typing.get_type_hints(_cls).items():

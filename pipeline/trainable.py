@@ -48,8 +48,7 @@ TRIAL_FILE = "trial.json"
 
 
 class NonFiniteLoss(RuntimeError):
-    """The trial's loss became NaN or infinite. Raised to Ray in place of vpn's NonFiniteLossError,
-    whose two-argument constructor Ray cannot copy or unpickle when it records the error."""
+    """The trial's loss became NaN or infinite: vpn's NonFiniteLossError, with the MLflow run named."""
 
 
 def trial(config: Mapping[str, Any]) -> None:

@@ -113,10 +113,18 @@ def test_iterations_to_converge():
 def test_plateau_found_only_where_the_loss_stalls():
     steps = np.arange(1, 301)
     stalled = np.concatenate([np.linspace(100, 60, 50), np.full(100, 60.0), np.linspace(60, 10, 150)])
-    smooth = np.linspace(100, 10, 300)
-    found = find_plateaus(steps, stalled, None, min_fraction=0.1, progress=0.02)
-    assert len(found) == 1 and 45 <= found[0][0] <= 60 and 140 <= found[0][1] <= 155
-    assert find_plateaus(steps, smooth, None, min_fraction=0.1, progress=0.02) == []
+    found = find_plateaus(steps, stalled, None, min_fraction=0.1, progress=0.1)
+    # flat from step 51 to 150; it ends once the descent after it has made 10% of what is left
+    assert len(found) == 1 and 45 <= found[0][0] <= 60 and 150 <= found[0][1] <= 170
+    # a steady descent, and an exponential's slow final approach, are not plateaus
+    assert find_plateaus(steps, np.linspace(100, 10, 300), None, min_fraction=0.1, progress=0.1) == []
+    decay = 10 + 90 * np.exp(-steps / 30.0)
+    assert find_plateaus(steps, decay, None, min_fraction=0.05, progress=0.1) == []
+    # a stall inside the first 5% of the drop is the start, not a plateau
+    slow_start = np.concatenate([np.full(60, 100.0), np.linspace(100, 10, 240)])
+    assert find_plateaus(steps, slow_start, None, min_fraction=0.1, progress=0.1) == []
+    # only the curve up to the convergence step counts
+    assert find_plateaus(steps, stalled, 40, min_fraction=0.1, progress=0.1) == []
 
 
 def test_pareto_front():
@@ -130,3 +138,34 @@ def test_params_are_validated():
         ReportParams(converge_fraction=1.5)
     with pytest.raises(ValueError, match="sweeps"):
         ReportParams(sweeps=())
+
+
+def test_samples_use_the_trials_preparation_and_the_overfit_sequence(tmp_path):
+    """An overfit trial's checkpoint holds the already-pooled sequence's config (downsample 1); the
+    report must pool as the trial did (its row) and sample the sequence it memorised."""
+    import torch
+
+    from pipeline.report import sample_frames
+    from vpn import VPNConfig
+    from vpn.train import TrainConfig, Trainer, prepare
+
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    splits = {name: rng.integers(0, 256, (3, 6, 1, 16, 16), dtype=np.uint8) for name in ("train", "test")}
+    for name, array in splits.items():
+        np.save(data / f"{name}.npy", array)
+    model = VPNConfig.preset("micro", filter_fraction=4 / 128, output="bernoulli")
+    ckpt = Trainer(model, TrainConfig(steps=1, batch_size=1, seq_len=None, downsample=1), torch.zeros(1, 4, 1, 4, 4, dtype=torch.uint8)).save(tmp_path / "ckpt.pt")
+    best = pd.Series(dict(
+        checkpoint=ckpt.as_uri(), config="micro", output="bernoulli", seq_len=5, downsample=4,
+        overfit_split="train", overfit_index=2,
+    ))
+    params = ReportParams(data="data", sample_context=2, sample_frames=3)
+    truth, sampled, context, label = sample_frames(best, params, tmp_path)
+    expected = prepare(torch.from_numpy(splits["train"][2:3]), TrainConfig(seq_len=5, downsample=4, context=1))[0]
+    assert torch.equal(truth, expected) and truth.shape == (5, 1, 4, 4)
+    assert sampled.shape == (3, 1, 4, 4) and context == 2 and "train sequence 2" in label
+    # a train sweep's row (no overfit sequence) samples params.sample_split / sample_index
+    truth, *_ = sample_frames(best.drop(["overfit_split", "overfit_index"]), params, tmp_path)
+    assert torch.equal(truth, prepare(torch.from_numpy(splits["test"][0:1]), TrainConfig(seq_len=5, downsample=4, context=1))[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import pickle
 
 import pytest
 import torch
@@ -103,9 +104,12 @@ def test_non_finite_loss_stops_training():
     trainer = Trainer(TINY, TrainConfig(steps=5, batch_size=1, log_every=1, context=2), moving_digits(2))
     with torch.no_grad():
         trainer.model.decoder.head_out.bias.fill_(math.nan)
-    with pytest.raises(NonFiniteLossError, match="non-finite"):
+    with pytest.raises(NonFiniteLossError, match="non-finite") as caught:
         trainer.fit(progress=False)
     assert trainer.step == 1
+    # Ray and process pools copy errors by pickling: the copy keeps the step, value and message
+    copy = pickle.loads(pickle.dumps(caught.value))
+    assert (copy.step, str(copy)) == (caught.value.step, str(caught.value)) and math.isnan(copy.value)
 
 
 def test_validation_is_logged_and_finite():

@@ -19,9 +19,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,9 +29,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
 from vpn.config import VPNConfig
+from vpn.files import atomic_path
 from vpn.metrics import bernoulli_lower_bound
 from vpn.model import VideoPixelNetwork
 
@@ -140,6 +139,11 @@ class NonFiniteLossError(RuntimeError):
         super().__init__(f"training loss is {value} (non-finite) at step {step}; stopping")
         self.step, self.value = step, value
 
+    def __reduce__(self):
+        # Exceptions pickle as cls(*self.args), and args holds only the message; process pools and
+        # Ray copy errors by pickling, so rebuild from (step, value).
+        return type(self), (self.step, self.value)
+
 
 def resolve_device(name: str) -> torch.device:
     if name == "auto":
@@ -201,15 +205,8 @@ def prepare(frames: Tensor, cfg: TrainConfig) -> Tensor:
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         torch.save(obj, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 class Trainer:

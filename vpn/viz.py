@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
 from torch import Tensor
+
+from vpn.files import atomic_path
 
 
 def strip(rows: list[Tensor | np.ndarray], gap: int = 2, separator_at: int | None = None) -> Image.Image:
@@ -33,15 +33,9 @@ def strip(rows: list[Tensor | np.ndarray], gap: int = 2, separator_at: int | Non
 
 
 def _atomic_save(image_save, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
-    os.close(fd)
-    try:
+    # Pillow picks the format from the suffix, so the temporary file's name must end in path's.
+    with atomic_path(path) as tmp:
         image_save(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def save_png(image: Image.Image, path: str | Path) -> Path:
