@@ -5,4 +5,15 @@ The model library `vpn` knows nothing of DVC, Ray or MLflow; everything that doe
 
 from __future__ import annotations
 
-from vpn.files import atomic_path as atomic_output  # noqa: F401  (the stages' name for it)
+import sys
+
+try:
+    import torch  # noqa: F401
+except ModuleNotFoundError as err:  # the usual cause: `dvc repro` run with another `python` on PATH
+    raise ModuleNotFoundError(
+        f"{err.name} is not installed for {sys.executable}. The DVC stages run `python` from PATH: "
+        "activate the project's environment first (`. .venv/bin/activate`, then `dvc repro`).",
+        name=err.name,
+    ) from err
+
+from vpn.files import atomic_path as atomic_output  # noqa: E402, F401  (the stages' name for it)

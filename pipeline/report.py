@@ -232,6 +232,20 @@ def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) 
 
 
 # -- figures ------------------------------------------------------------------------------------------
+def _orders(summary: pd.DataFrame) -> dict[str, Any]:
+    """Hue/style orders and palette shared by every figure, so one depth has one colour throughout.
+
+    Sorted numerically (a string sort would put "enc 12" before "enc 2").
+    """
+    import seaborn as sns
+
+    by_depth = summary.sort_values(["enc_blocks", "dec_blocks"])
+    depths = list(dict.fromkeys(by_depth["depth"]))
+    widths = list(dict.fromkeys(summary.sort_values("filter_fraction")["width"]))
+    palette = dict(zip(depths, sns.color_palette("tab10" if len(depths) <= 10 else "husl", len(depths))))
+    return {"hue_order": depths, "palette": palette, "style_order": widths}
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -247,6 +261,7 @@ def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
+    orders = _orders(summary)
     data = curves.merge(summary[["run_id", "config", "depth", "width"]], on="run_id")
     long = data.melt(
         id_vars=["run_id", "step", "config", "depth", "width"],
@@ -260,7 +275,7 @@ def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
     for ax, split in zip(axes[0], splits):
         sns.lineplot(
             data=long[long["split"] == split], x="step", y="nats_per_frame", hue="depth", style="width",
-            units="run_id", estimator=None, ax=ax,
+            units="run_id", estimator=None, ax=ax, **orders,
         )
         ax.set_yscale("log")
         ax.set_title(f"{split} NLL (nats/frame)")
@@ -294,13 +309,14 @@ def plot_pareto(summary: pd.DataFrame, out: Path) -> Path:
     import seaborn as sns
 
     ok = summary[(summary["status"] == "FINISHED") & summary["final_nll"].notna()]
+    orders = _orders(ok) if len(ok) else {}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
     for ax, cost, label in ((axes[0], "parameters", "parameters"), (axes[1], "flops_per_frame", "FLOPs per frame")):
         if ok.empty or cost not in ok:
             ax.set_axis_off()
             continue
         front = pareto_front(ok[cost].to_numpy(float), ok["final_nll"].to_numpy(float))
-        sns.scatterplot(data=ok, x=cost, y="final_nll", hue="depth", style="width", s=70, ax=ax)
+        sns.scatterplot(data=ok, x=cost, y="final_nll", hue="depth", style="width", s=70, ax=ax, **orders)
         line = ok[front].sort_values(cost)
         ax.plot(line[cost], line["final_nll"], "k--", lw=1, label="Pareto front")
         ax.scatter(line[cost], line["final_nll"], s=160, facecolors="none", edgecolors="k")
@@ -318,10 +334,34 @@ def plot_speed(summary: pd.DataFrame, out: Path) -> Path:
     ok = summary[summary["steps_per_second"].notna()].sort_values("steps_per_second") if "steps_per_second" in summary else summary.iloc[:0]
     fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(ok), 3) + 1))
     if len(ok):
-        sns.barplot(data=ok, y="config", x="steps_per_second", hue="depth", dodge=False, ax=ax)
+        orders = _orders(ok)
+        sns.barplot(
+            data=ok, y="config", x="steps_per_second", hue="depth", dodge=False, ax=ax,
+            hue_order=orders["hue_order"], palette=orders["palette"],
+        )
     ax.set_xlabel("training steps per second")
     ax.set_ylabel("")
     return _save(fig, out)
+
+
+def _preset_name(row: pd.Series) -> str:
+    return row["preset"] if isinstance(row.get("preset"), str) else row["config"]
+
+
+def overfit_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The blog post's result beside this run's: iterations to converge and plateaus, per preset."""
+    rows = []
+    for _, r in summary.iterrows():
+        name = _preset_name(r)
+        post = BLOG_PLATEAU.get(name)
+        rows.append({
+            "preset": name,
+            "iterations": r["iterations_to_converge"],
+            "iterations (post)": BLOG_OVERFIT_ITERATIONS.get(name),
+            "plateau": ", ".join(f"{a}-{b}" for a, b in r["plateaus"]) or "no",
+            "plateau (post)": "-" if post is None else ("yes" if post else "no"),
+        })
+    return pd.DataFrame(rows)
 
 
 def plot_overfit(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
@@ -453,12 +493,18 @@ TABLE_COLUMNS = [
 
 
 def _fmt(value: Any) -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "-"
-    if isinstance(value, float):
-        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
     if isinstance(value, (list, tuple)):
         return ", ".join(f"{a}-{b}" for a, b in value) if value else "none"
+    if value is None or (isinstance(value, (float, np.floating)) and math.isnan(value)):
+        return "-"
+    if isinstance(value, (bool, np.bool_)):
+        return str(bool(value))
+    if isinstance(value, (int, np.integer)):
+        return f"{int(value):,}"  # parameters and FLOPs: thousands separated
+    if isinstance(value, (float, np.floating)) and float(value).is_integer() and abs(value) < 1e15:
+        return f"{int(value):,}"  # integer columns that pandas holds as float because of a NaN
+    if isinstance(value, (float, np.floating)):
+        return f"{value:.4g}" if abs(value) < 1e5 else f"{value:.3e}"
     return str(value)
 
 
@@ -523,6 +569,9 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         write_text(out / "best_curve.csv", best_curve[cols].to_csv(index=False))
         if is_overfit_sweep(trials):
             figures.append(("Overfitting one sequence: the blog post's figure", plot_overfit(summary, curves, out / "overfit.png").name))
+            metrics["plateau"] = {r["config"]: bool(len(r["plateaus"])) for _, r in summary.iterrows()}
+            lines += ["Overfitting one sequence, against the blog post (64x64, the presets' full widths):", ""]
+            lines += [markdown_table(overfit_table(summary), list(overfit_table(summary).columns)), ""]
         figures.append(("Iterations to converge", plot_converge_heatmaps(summary, out / "converge_heatmaps.png").name))
         figures.append(("Final NLL against cost, Pareto front marked", plot_pareto(summary, out / "pareto.png").name))
         figures.append(("Training speed", plot_speed(summary, out / "speed.png").name))

@@ -114,3 +114,21 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     again = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
     assert "Running stage" not in again.stdout, again.stdout
+
+    # an experiment that changes the sweep spec reruns that sweep and the report, nothing else
+    exp = subprocess.run(
+        ["dvc", "exp", "run", "-S", "sweeps/depth_width.yaml:profiles.tiny.train.steps=12", "-S", "report.converge_fraction=0.2"],
+        cwd=work, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
+    for stage in ("sweep", "report"):
+        assert f"Running stage '{stage}'" in exp.stdout, exp.stdout
+    for stage in ("fetch", "generate", "overfit"):
+        assert f"Running stage '{stage}'" not in exp.stdout, exp.stdout
+    spec = yaml.safe_load((work / "sweeps/depth_width.yaml").read_text())
+    assert spec["profiles"]["tiny"]["train"]["steps"] == 12 and spec["name"] == "depth_width"
+    trials = pd.read_parquet(work / "results/depth_width/trials.parquet")
+    assert len(trials) == 2 and set(trials["steps"]) == {12} and set(trials["steps_completed"]) == {12}
+    assert "<= 0.2 (L_0 - L_end)" in (work / "reports/depth_width/report.md").read_text()
+    # the old sweep's runs stay in MLflow beside the new ones
+    assert len(client.search_runs([experiment.experiment_id])) == 4

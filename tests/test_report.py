@@ -169,3 +169,32 @@ def test_samples_use_the_trials_preparation_and_the_overfit_sequence(tmp_path):
     # a train sweep's row (no overfit sequence) samples params.sample_split / sample_index
     truth, *_ = sample_frames(best.drop(["overfit_split", "overfit_index"]), params, tmp_path)
     assert torch.equal(truth, prepare(torch.from_numpy(splits["test"][0:1]), TrainConfig(seq_len=5, downsample=4, context=1))[0])
+
+
+def test_overfit_report_shows_the_blog_posts_figure(tmp_path):
+    """An overfit sweep: iterations per preset from converged_step, plateaus found in the curves."""
+    trials, curves = [], []
+    shapes = {  # preset: (converged step, curve)
+        "full": (120, lambda s: 10 + 90 * np.exp(-s / 20.0)),
+        "mini": (300, lambda s: np.where(s < 60, 100 - 0.6 * s, np.where(s < 180, 64.0, np.maximum(64 - 0.45 * (s - 180), 10)))),
+    }
+    for k, (preset, (converged, curve)) in enumerate(shapes.items()):
+        trials.append(dict(
+            run_id=f"o{k}", trial=f"t{k}", sweep="ovf", profile="cpu", status="FINISHED", error=None, mode="overfit",
+            preset=preset, enc_blocks=2 + k, dec_blocks=3 + k, filter_fraction=0.125, parameters=100 * (k + 1),
+            flops_per_frame=10**5 * (k + 1), steps=converged, steps_per_second=20.0, converged_step=converged,
+            checkpoint=None,
+        ))
+        for step in range(1, converged + 1):
+            curves.append((f"o{k}", step, float(curve(np.float64(step))), np.nan, 20.0))
+    write_tables(tmp_path, "ovf", trials, curves)
+    metrics = build_report("ovf", ReportParams(sweeps=("ovf",)), tmp_path)
+    out = tmp_path / "reports" / "ovf"
+    with Image.open(out / "overfit.png") as image:
+        image.verify()
+    assert metrics["iterations_to_converge"] == {"full (enc 2 / dec 3 / f 0.125)": 120, "mini (enc 3 / dec 4 / f 0.125)": 300}
+    assert metrics["plateau"] == {"full (enc 2 / dec 3 / f 0.125)": False, "mini (enc 3 / dec 4 / f 0.125)": True}
+    text = (out / "report.md").read_text()
+    cells = {line.split(" | ")[0]: [c.strip(" |") for c in line.split(" | ")[1:]] for line in text.splitlines() if line.startswith(("| full |", "| mini |"))}
+    assert cells["| full"] == ["120", "600", "no", "no"]
+    assert cells["| mini"][:2] == ["300", "5,000"] and re.fullmatch(r"\d+-\d+", cells["| mini"][2]) and cells["| mini"][3] == "yes"
