@@ -143,3 +143,42 @@ def test_downsample_and_seq_len():
     out = prepare(frames, TrainConfig(seq_len=4, downsample=2, context=2))
     assert out.shape == (2, 4, 1, 4, 4) and out.dtype == torch.uint8
     assert int(out[0, 0].float().mean().round()) == int(frames[0, 0].float().mean().round())
+
+
+class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
+    """Counts the ops that copy a tensor's value to the host: `.item()`, `float(t)`, `bool(t)`,
+    `torch.equal`. On a GPU each one waits for the queued work, so a step must make none."""
+
+    SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default)
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += func in self.SYNCS
+        return func(*args, **(kwargs or {}))
+
+
+def test_training_makes_host_syncs_only_when_it_logs():
+    cfg = VPNConfig.preset("micro", filter_fraction=8 / 128, enc_blocks=1, dec_blocks=1)
+    data = torch.randint(0, 256, (8, 3, 1, 8, 8), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    trainer = Trainer(cfg, TrainConfig(batch_size=2, context=1, device="cpu", log_every=5, steps=10), data)
+    trainer.train_step(data[:2])  # first call: lazy optimizer state, outside the count
+    with _HostSyncs() as syncs:
+        for k in range(3):
+            trainer.train_step(data[2 * k:2 * k + 2])
+    assert syncs.count == 0
+    # the loop: one sync per log (steps 5 and 10), none per step. The DataLoader itself draws its
+    # base seed with .item() on a CPU generator, once per loader: a host op that never waits on a GPU.
+    trainer = Trainer(cfg, TrainConfig(batch_size=2, context=1, device="cpu", log_every=5, steps=10), data)
+    with _HostSyncs() as loader_only:
+        for _ in trainer.loader(10):
+            pass
+    with _HostSyncs() as syncs:
+        trainer.fit(progress=False)
+    assert trainer.step == 10 and syncs.count == loader_only.count + 2
+    # and the probe does see a sync where there is one
+    with _HostSyncs() as syncs:
+        float(trainer.train_step(data[:2]))
+    assert syncs.count == 1
