@@ -311,7 +311,7 @@ def plot_pareto(summary: pd.DataFrame, out: Path) -> Path:
     ok = summary[(summary["status"] == "FINISHED") & summary["final_nll"].notna()]
     orders = _orders(ok) if len(ok) else {}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, cost, label in ((axes[0], "parameters", "parameters"), (axes[1], "flops_per_frame", "FLOPs per frame")):
+    for ax, cost, label in ((axes[0], "parameters", "parameters"), (axes[1], "flops_per_frame", "FLOPs per frame (forward, at the trained size)")):
         if ok.empty or cost not in ok:
             ax.set_axis_off()
             continue
@@ -547,6 +547,12 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
     ]
     if "profile" in summary and summary["profile"].notna().any():
         lines += [f"Profile: {', '.join(sorted(summary['profile'].dropna().astype(str).unique()))}.", ""]
+    if "sweep_id" in summary and summary["sweep_id"].notna().any():
+        ids = ", ".join(f"`{i}`" for i in sorted(summary["sweep_id"].dropna().astype(str).unique()))
+        lines += [f"MLflow: experiment `{sweep}`, runs tagged `sweep_id` = {ids} (run ids in the last column below).", ""]
+    if {"frame_height", "frame_width"} <= set(summary) and summary["frame_height"].notna().any():
+        sizes = sorted({f"{int(h)}x{int(w)}" for h, w in zip(summary["frame_height"], summary["frame_width"]) if pd.notna(h) and pd.notna(w)})
+        lines += [f"Frames trained on: {', '.join(sizes)}; NLLs are nats per frame of that size, FLOPs per frame at that size.", ""]
     if len(failed):
         lines += ["## Trials that did not finish", ""]
         for _, r in failed.iterrows():
