@@ -198,3 +198,45 @@ def test_overfit_report_shows_the_blog_posts_figure(tmp_path):
     cells = {line.split(" | ")[0]: [c.strip(" |") for c in line.split(" | ")[1:]] for line in text.splitlines() if line.startswith(("| full |", "| mini |"))}
     assert cells["| full"] == ["120", "600", "no", "no"]
     assert cells["| mini"][:2] == ["300", "5,000"] and re.fullmatch(r"\d+-\d+", cells["| mini"][2]) and cells["| mini"][3] == "yes"
+
+
+def test_report_from_a_real_mlflow_store_with_a_failed_trial_and_an_empty_experiment(tmp_path):
+    """The path the pipeline takes: MLflow runs -> pipeline.results tables -> report. A failed run
+    is marked with its error; an experiment without runs gives a report that says so."""
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    from pipeline import tracking
+    from pipeline.results import write_results
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("real", artifact_location=(tmp_path / "art").as_uri())
+    expected = {}
+    for k, (status, enc) in enumerate([("FINISHED", 1), ("FINISHED", 2), ("FAILED", 3)]):
+        run = client.create_run(exp, run_name=f"e{enc}", tags={
+            tracking.TAG_SWEEP_ID: "real-cpu-0", tracking.TAG_PROFILE: "cpu", tracking.TAG_MODE: "train",
+            tracking.TAG_LABEL: f"e{enc}", **({tracking.TAG_ERROR: "training loss is nan (non-finite) at step 20"} if status == "FAILED" else {}),
+        })
+        rid = run.info.run_id
+        for key, value in dict(enc_blocks=enc, dec_blocks=3, filter_fraction=0.0625, parameters=1000 * enc, flops_per_frame=10**6 * enc, steps=40).items():
+            client.log_param(rid, key, value)
+        steps = range(10, 50, 10) if status == "FINISHED" else range(10, 30, 10)
+        metrics = [Metric("train_nats_per_frame", 100.0 / (s * enc), 0, s) for s in steps]
+        metrics += [Metric("val_nats_per_frame", 110.0 / (s * enc) + k, 0, s) for s in steps if s % 20 == 0]
+        metrics += [Metric("steps_per_second", 5.0 + k, 0, s) for s in steps]
+        client.log_batch(rid, metrics=metrics)
+        client.set_terminated(rid, status)
+        expected[rid] = 110.0 / (40 * enc) + k
+    client.create_experiment("nothing")
+
+    write_results(client, "real", "cpu", "real-cpu-0", "train", tmp_path / "results" / "real")
+    write_results(client, "nothing", "cpu", "nothing-cpu-0", "train", tmp_path / "results" / "nothing")
+    metrics = build_report("real", ReportParams(sweeps=("real",)), tmp_path)
+    text = (tmp_path / "reports" / "real" / "report.md").read_text()
+    finished = {rid: v for rid, v in expected.items() if client.get_run(rid).info.status == "FINISHED"}
+    assert metrics["best_nll"] == pytest.approx(min(finished.values()))
+    assert metrics["finished"] == 2 and metrics["failed"] == 1
+    failed_row = next(line for line in text.splitlines() if "| **FAILED** |" in line)
+    assert "non-finite" in failed_row and "1 did not" in text
+    empty = build_report("nothing", ReportParams(sweeps=("nothing",)), tmp_path)
+    assert empty["trials"] == 0 and "no runs" in (tmp_path / "reports" / "nothing" / "report.md").read_text()
