@@ -292,6 +292,30 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(env):
         assert steps_of(client, after[label].info.run_id, tracking.VAL_KEY) == list(range(50, 401, 50)), label
 
 
+# -- ASHA stops the hopeless trials early -------------------------------------------------------------
+def test_asha_stops_hopeless_trials_and_marks_their_runs(env):
+    # lr 1e-7 barely moves: once a good trial has reported at a rung, a bad one arriving there is
+    # below the cutoff (rungs at steps 10 and 20 for grace 10, reduction factor 2, 40 steps).
+    spec_path = make_spec(
+        env, "asha", {"model": {"enc_blocks": [1, 2, 3]}, "train": {"lr": [3e-3, 1e-7]}}, {"steps": 40},
+        run={"asha": {"enabled": True, "grace_steps": 10, "reduction_factor": 2}},
+    )  # fmt: skip
+    out = env["root"] / "results_asha"
+    outcome = run_sweep(load_spec(spec_path), "cpu", storage=str(env["root"] / "ray"), results_dir=out)
+    assert set(outcome.statuses.values()) == {"FINISHED"}  # stopped early is not a failure
+    trials = pd.read_parquet(out / "trials.parquet").set_index("trial")
+    stopped = trials[trials["stopped_early"]]
+    assert any(label.endswith("lr=1e-07") for label in stopped.index), trials[["steps_completed", "stopped_early"]]
+    assert set(stopped["steps_completed"]) <= {10, 20}
+    assert (trials.loc[~trials["stopped_early"], "steps_completed"] == 40).all()
+    client = tracking.client(env["uri"])
+    for label, row in stopped.iterrows():
+        run = client.get_run(row["run_id"])
+        assert run.info.status == "FINISHED" and run.data.tags[tracking.TAG_STOPPED_EARLY] == "true", label
+        assert steps_of(client, row["run_id"], tracking.TRAIN_KEY)[-1] == row["steps_completed"], label
+    assert len(all_runs(client, "asha")) == 6
+
+
 # -- fractional GPUs ----------------------------------------------------------------------------------
 def test_fractional_gpu_trials_share_a_gpu(env):
     # The module's Ray declares one GPU, so --profile auto picks the gpu profile, and its two trials
