@@ -101,8 +101,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 def write_json(obj: Any, path: str | Path) -> Path:
     """Write obj as indented JSON atomically (temp file in the same folder, then rename)."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
+    with atomic_path(path) as tmp:  # creates the folder too
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
     return path
 

@@ -370,28 +370,18 @@ def plot_overfit(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path
     import seaborn as sns
 
     fig, (bar_ax, curve_ax) = plt.subplots(1, 2, figsize=(14, 4.5))
-    rows = []
-    for _, r in summary.iterrows():
-        name = r["preset"] if isinstance(r.get("preset"), str) else r["config"]
-        rows.append({"preset": name, "source": "this run", "iterations": r["iterations_to_converge"]})
-        if name in BLOG_OVERFIT_ITERATIONS:
-            rows.append({"preset": name, "source": "blog post (TF, 64x64)", "iterations": BLOG_OVERFIT_ITERATIONS[name]})
-    bars = pd.DataFrame(rows)
+    table = overfit_table(summary)
+    sources = {"iterations": "this run", "iterations (post)": "blog post (TF, 64x64)"}
+    bars = table.rename(columns=sources).melt(id_vars="preset", value_vars=list(sources.values()), var_name="source", value_name="iterations")
     bars["iterations"] = pd.to_numeric(bars["iterations"], errors="coerce")
-    sns.barplot(data=bars, x="preset", y="iterations", hue="source", ax=bar_ax)
+    sns.barplot(data=bars, x="preset", y="iterations", hue="source", order=list(table["preset"]), ax=bar_ax)
     bar_ax.set_title("iterations to converge on one sequence")
-    ticks = []  # under each preset: did it sit on a plateau, here and in the post
-    for label in bar_ax.get_xticklabels():
-        name = label.get_text()
-        ours = summary[summary.apply(lambda r: (r["preset"] if isinstance(r.get("preset"), str) else r["config"]) == name, axis=1)]
-        here = "yes" if len(ours) and len(ours.iloc[0]["plateaus"]) else "no"
-        post = {True: "yes", False: "no"}.get(BLOG_PLATEAU.get(name), "-")
-        ticks.append(f"{name}\nplateau: {here} (post: {post})")
-    bar_ax.set_xticks(bar_ax.get_xticks(), ticks)
+    # under each preset: did it sit on a plateau, here and in the post
+    ticks = [f"{r['preset']}\nplateau: {'no' if r['plateau'] == 'no' else 'yes'} (post: {r['plateau (post)']})" for _, r in table.iterrows()]
+    bar_ax.set_xticks(range(len(ticks)), ticks)
     for _, r in summary.iterrows():
         curve = curves[curves["run_id"] == r["run_id"]].sort_values("step")
-        name = r["preset"] if isinstance(r.get("preset"), str) else r["config"]
-        curve_ax.plot(curve["step"], curve["train_nats_per_frame"], label=name)
+        curve_ax.plot(curve["step"], curve["train_nats_per_frame"], label=_preset_name(r))
         for a, b in r["plateaus"]:
             curve_ax.axvspan(a, b, alpha=0.15, color=curve_ax.lines[-1].get_color())
     curve_ax.set_yscale("log")
@@ -577,7 +567,8 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
             figures.append(("Overfitting one sequence: the blog post's figure", plot_overfit(summary, curves, out / "overfit.png").name))
             metrics["plateau"] = {r["config"]: bool(len(r["plateaus"])) for _, r in summary.iterrows()}
             lines += ["Overfitting one sequence, against the blog post (64x64, the presets' full widths):", ""]
-            lines += [markdown_table(overfit_table(summary), list(overfit_table(summary).columns)), ""]
+            table = overfit_table(summary)
+            lines += [markdown_table(table, list(table.columns)), ""]
         figures.append(("Iterations to converge", plot_converge_heatmaps(summary, out / "converge_heatmaps.png").name))
         figures.append(("Final NLL against cost, Pareto front marked", plot_pareto(summary, out / "pareto.png").name))
         figures.append(("Training speed", plot_speed(summary, out / "speed.png").name))

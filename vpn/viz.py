@@ -32,15 +32,10 @@ def strip(rows: list[Tensor | np.ndarray], gap: int = 2, separator_at: int | Non
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
-def _atomic_save(image_save, path: Path) -> None:
-    # Pillow picks the format from the suffix, so the temporary file's name must end in path's.
-    with atomic_path(path) as tmp:
-        image_save(tmp)
-
-
 def save_png(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
-    _atomic_save(lambda p: image.save(p, format="PNG"), path)
+    with atomic_path(path) as tmp:  # the format is named: the temporary name ends in .tmp
+        image.save(tmp, format="PNG")
     return path
 
 
@@ -52,8 +47,6 @@ def save_gif(rows: list[Tensor | np.ndarray], path: str | Path, scale: int = 4, 
         image = strip([a[t : t + 1] for a in arrays])  # one column: the rows stacked vertically
         frames.append(image.resize((image.width * scale, image.height * scale), Image.Resampling.NEAREST))
     path = Path(path)
-    _atomic_save(
-        lambda p: frames[0].save(p, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0),
-        path,
-    )
+    with atomic_path(path) as tmp:
+        frames[0].save(tmp, format="GIF", save_all=True, append_images=frames[1:], duration=ms_per_frame, loop=0)
     return path
