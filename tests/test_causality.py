@@ -54,20 +54,41 @@ def logit_change(model: VideoPixelNetwork, frames: torch.Tensor, b: int, t: int,
 
 
 def build(
-    name: str, overrides: dict, colours: int, output: str, dilation: bool, seed: int, width: int = 4
+    name: str, overrides: dict, colours: int, output: str, dilation: bool, seed: int, width: int = 4, **options
 ) -> VideoPixelNetwork:
     torch.manual_seed(seed)
-    cfg = VPNConfig.preset(name, filter_fraction=width / 128, image_channels=colours, output=output, dilation=dilation, **overrides)
+    cfg = VPNConfig.preset(
+        name, filter_fraction=width / 128, image_channels=colours, output=output, dilation=dilation, **overrides, **options
+    )
     return VideoPixelNetwork(cfg).double().eval()
 
 
-@pytest.mark.parametrize("name,overrides", SHRUNK, ids=[s[0] for s in SHRUNK])
+# Every architecture option beyond the presets' depths: each joins the causality tests.
+OPTIONS = [
+    ("rmb", dict()),
+    ("relu", dict(block="relu")),
+    ("baseline", dict(decoder="baseline")),
+    ("baseline-relu", dict(decoder="baseline", block="relu")),
+]
+
+
+# The RMB at every preset's depth; the other options at mini's and micro's (full's depth adds only time).
+ARCHITECTURES = [
+    pytest.param(name, overrides, options, id=f"{name}-{option}")
+    for option, options in OPTIONS
+    for name, overrides in SHRUNK
+    if option == "rmb" or name != "full"
+]
+
+
+@pytest.mark.parametrize("name,overrides,options", ARCHITECTURES)
 @pytest.mark.parametrize("colours", [1, 3], ids=["grey", "rgb"])
 @pytest.mark.parametrize("dilation", [False, True], ids=["plain", "dilated"])
-def test_one_pixel_changes_only_later_logits(name, overrides, colours, dilation):
+def test_one_pixel_changes_only_later_logits(name, overrides, options, colours, dilation):
+    option = "-".join(f"{k}={v}" for k, v in sorted(options.items()))
     output = "categorical" if colours == 3 else "bernoulli"
-    seed = zlib.crc32(f"{name}-{colours}-{dilation}".encode())  # stable across runs, unlike hash()
-    model = build(name, overrides, colours, output, dilation, seed)
+    seed = zlib.crc32(f"{name}-{colours}-{dilation}-{option}".encode())  # stable across runs, unlike hash()
+    model = build(name, overrides, colours, output, dilation, seed, **options)
     g = torch.Generator().manual_seed(seed)
     frames = torch.randint(0, 256, (2, T, colours, H, W), generator=g, dtype=torch.uint8)
     key = order_key(colours, H, W, T)[1:]  # keys of the predicted frames 1..T-1: (T-1, C, H, W)
@@ -79,19 +100,22 @@ def test_one_pixel_changes_only_later_logits(name, overrides, colours, dilation)
         diff = logit_change(model, frames, b, t, c, i, j)
         k0 = order_key(colours, H, W, T)[t, c, i, j]
         past = key <= k0  # the perturbed pixel itself and everything before it
+        if model.cfg.decoder == "baseline":  # no dependency within a frame: all of frame t is "past"
+            past = past | (torch.arange(1, T)[:, None, None, None] <= t).expand_as(past)
         assert peak(diff[b][past]) < 1e-10, f"pixel (t={t}, c={c}, i={i}, j={j}) leaked into itself or the past"
         assert diff[1 - b].max() < 1e-10, "one sequence of the batch changed another"
         if (~past).any():
             assert diff[b][~past].max() > 1e-6, "a pixel changed no later prediction"
 
 
+@pytest.mark.parametrize("block", ["rmb", "relu"])
 @pytest.mark.parametrize("colours", [1, 3])
-def test_next_pixel_and_next_frame_see_the_change(colours):
+def test_next_pixel_and_next_frame_see_the_change(colours, block):
     """Not just some later logit: the very next sub-pixel in raster order, and the next frame.
 
     Width c = 16: with c = 4 an RGB colour group has 3 channels, and the head's ReLUs can leave a
     group's logits constant at a pixel at initialisation (no path, rather than a blocked one)."""
-    model = build("micro", {}, colours, "categorical", False, 0, width=16)
+    model = build("micro", {}, colours, "categorical", False, 0, width=16, block=block)
     frames = torch.randint(0, 256, (1, T, colours, H, W), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     t, c, i, j = 1, 0, 2, 3
     diff = logit_change(model, frames, 0, t, c, i, j)[0]  # (T-1, C, H, W); index t-1 predicts frame t
@@ -103,10 +127,33 @@ def test_next_pixel_and_next_frame_see_the_change(colours):
     assert diff[t - 1, :, :i].max() < 1e-10  # rows above never
 
 
+@pytest.mark.parametrize("block", ["rmb", "relu"])
+@pytest.mark.parametrize("colours", [1, 3])
+def test_baseline_frame_t_never_reaches_its_own_logits(colours, block):
+    """The paper's baseline: pixels within a frame are independent given the past. Changing any
+    pixel of frame t changes no logit of frame t (nor earlier), and does change frame t+1's."""
+    model = build("micro", {}, colours, "categorical", False, 4, width=16, block=block, decoder="baseline")
+    g = torch.Generator().manual_seed(5)
+    frames = torch.randint(0, 256, (1, T, colours, H, W), generator=g, dtype=torch.uint8)
+    for t, c, i, j in [(1, 0, 0, 0), (1, colours - 1, H - 1, W - 1), (1, 0, 2, 3), (0, 0, 3, 1)]:
+        diff = logit_change(model, frames, 0, t, c, i, j)[0]  # (T-1, C, H, W): index k predicts frame k+1
+        if t >= 1:
+            assert peak(diff[: t]) < 1e-10, f"pixel (t={t}, c={c}, i={i}, j={j}) reached frame {t}'s logits"
+        assert diff[t].max() > 1e-6, "a pixel of frame t did not reach frame t+1"
+
+
 def test_raw_frame_never_reaches_a_gate_unmasked():
     """The public implementations' leak: g2 * h with h the raw frame. Pixel (i, j) of frame t
     must not affect its own logits even at the start of training, for any weight values."""
-    model = build("micro", {}, 1, "bernoulli", False, 3)
+    check_no_self_leak(build("micro", {}, 1, "bernoulli", False, 3))
+
+
+def test_relu_block_never_leaks_a_pixel_into_itself():
+    """The same check with large weights for PixelCNN's ReLU blocks (block="relu")."""
+    check_no_self_leak(build("micro", {}, 1, "bernoulli", False, 3, block="relu"))
+
+
+def check_no_self_leak(model: VideoPixelNetwork) -> None:
     with torch.no_grad():
         for p in model.parameters():
             p.normal_(0, 1.0)  # large random weights: any leak would show

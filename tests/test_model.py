@@ -22,13 +22,19 @@ def hand_count(cfg: VPNConfig) -> tuple[int, int]:
     Encoder: 3x3 stem C->2c then k RMBs. ConvLSTM: 3x3 on [x, h] -> 4L (bias once).
     Decoder: mask-A 3x3 C->2c, 1x1 context L->2c for the input and each of the l blocks, l RMBs,
     head 1x1 2c->2c and 1x1 2c->C*K.
+    ReLU block (block="relu"): 1x1 2c->c, one 3x3 c->c, 1x1 c->2c.
+    Baseline (decoder="baseline"): the same decoder without its mask-A frame input.
     """
     C, c, L = cfg.image_channels, cfg.mu_channels, cfg.lstm_channels
     K = 256 if cfg.output == "categorical" else 1
-    rmb = [conv(2 * c, c, 1), conv(c, 4 * c, 3), conv(c, 4 * c, 3), conv(c, 2 * c, 1)]
-    layers = [conv(C, 2 * c, 3)] + rmb * cfg.enc_blocks
+    if cfg.block == "rmb":
+        block = [conv(2 * c, c, 1), conv(c, 4 * c, 3), conv(c, 4 * c, 3), conv(c, 2 * c, 1)]
+    else:
+        block = [conv(2 * c, c, 1), conv(c, c, 3), conv(c, 2 * c, 1)]
+    layers = [conv(C, 2 * c, 3)] + block * cfg.enc_blocks
     layers += [conv(2 * c, 4 * L, 3), conv(L, 4 * L, 3, bias=False)]
-    layers += [conv(C, 2 * c, 3), conv(L, 2 * c * (cfg.dec_blocks + 1), 1)] + rmb * cfg.dec_blocks
+    layers += [conv(C, 2 * c, 3)] if cfg.decoder == "pixelcnn" else []
+    layers += [conv(L, 2 * c * (cfg.dec_blocks + 1), 1)] + block * cfg.dec_blocks
     layers += [conv(2 * c, 2 * c, 1), conv(2 * c, C * K, 1)]
     return sum(p for p, _ in layers), sum(m for _, m in layers)
 
@@ -39,6 +45,34 @@ def test_parameter_count_matches_hand_count(preset, colours, output):
     cfg = VPNConfig.preset(preset, image_channels=colours, output=output)
     params, _ = hand_count(cfg)
     assert VideoPixelNetwork(cfg).num_parameters() == params
+
+
+@pytest.mark.parametrize("block,decoder", [("relu", "pixelcnn"), ("rmb", "baseline"), ("relu", "baseline")])
+@pytest.mark.parametrize("preset", ["full", "micro"])
+@pytest.mark.parametrize("colours,output", [(1, "bernoulli"), (3, "categorical")])
+def test_ablation_options_count_like_the_hand_count(preset, block, decoder, colours, output):
+    """Parameters and FLOPs of the paper's ablation rows, against the hand count."""
+    cfg = VPNConfig.preset(preset, block=block, decoder=decoder, image_channels=colours, output=output, dilation=True)
+    params, macs = hand_count(cfg)
+    model = VideoPixelNetwork(cfg)
+    assert model.num_parameters() == params
+    assert model.flops_per_frame(64, 64) == 2 * macs * 64 * 64
+
+
+def test_relu_block_is_pixelcnns_residual_block():
+    """x + up(relu(conv3(relu(down(relu(x)))))), computed by hand from the block's own weights."""
+    import torch.nn.functional as F
+
+    from vpn.layers import ResidualReLUBlock
+
+    torch.manual_seed(0)
+    block = ResidualReLUBlock(8, lambda i, o, k: torch.nn.Conv2d(i, o, k, padding=k // 2), lambda i, o, k: torch.nn.Conv2d(i, o, k, padding=k // 2))
+    x = torch.randn(2, 8, 5, 5)
+    h = F.conv2d(F.relu(x), block.down.weight, block.down.bias)
+    h = F.conv2d(F.relu(h), block.spatial.weight, block.spatial.bias, padding=1)
+    h = F.conv2d(F.relu(h), block.up.weight, block.up.bias)
+    torch.testing.assert_close(block(x), x + h)
+    assert block.spatial.weight.shape == (4, 4, 3, 3)  # c -> c at c = half of the 2c stream
 
 
 def test_preset_widths_follow_the_blog_post():
@@ -75,6 +109,8 @@ def test_full_model_costs_about_200_gflop_per_frame():
         (dict(filter_fraction=float("nan")), "filter_fraction"),
         (dict(image_channels=2), "image_channels"),
         (dict(output="gaussian"), "output"),
+        (dict(block="gated"), "block"),
+        (dict(decoder="transformer"), "decoder"),
         (dict(filter_fraction=0.001), "filter_fraction"),  # c = 0
         (dict(filter_fraction=2 / 128, image_channels=3), "filter_fraction"),  # c = 2 < 3 colours
     ],

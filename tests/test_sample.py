@@ -37,10 +37,14 @@ def test_sample_shape_dtype_and_seed(colours, output):
     assert model.training is False
 
 
-@pytest.mark.parametrize("colours,output,dilation", [(1, "categorical", False), (3, "categorical", True), (1, "bernoulli", False)])
-def test_cached_sampler_equals_naive_reference(colours, output, dilation):
+@pytest.mark.parametrize(
+    "colours,output,dilation,block",
+    [(1, "categorical", False, "rmb"), (3, "categorical", True, "rmb"), (1, "bernoulli", False, "rmb"),
+     (1, "categorical", False, "relu"), (3, "categorical", True, "relu"), (3, "bernoulli", False, "relu")],
+)  # fmt: skip
+def test_cached_sampler_equals_naive_reference(colours, output, dilation, block):
     """Same context and seed: the same logits at every drawn position, so the same video."""
-    model = tiny(colours, output, seed=3, dilation=dilation)
+    model = tiny(colours, output, seed=3, dilation=dilation, block=block)
     context = torch.randint(0, 256, (2, 2, colours, 5, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     fast_logits, slow_logits = [], []
     fast = sample_video(model, context, 2, torch.Generator().manual_seed(1), method="cached", record_logits=fast_logits)
@@ -61,6 +65,26 @@ def test_sampled_frame_is_scored_consistently():
         logits = model(torch.cat([context, video], dim=1))[0, -1, 0]  # (256, H, W) for the new frame
     expected = logits.permute(1, 2, 0).reshape(-1, 256)  # raster order
     torch.testing.assert_close(torch.cat(recorded), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("colours,output", [(1, "bernoulli"), (3, "categorical")])
+def test_baseline_draws_a_frame_from_one_pass(colours, output):
+    """decoder="baseline": the sampler's logits are the forward pass's on any frame (the frame does
+    not enter), the same for both methods, and the seed fixes the video."""
+    model = tiny(colours, output, seed=6, decoder="baseline", block="relu")
+    context = known_sequence(colours)[:, :2].repeat(2, 1, 1, 1, 1)
+    recorded: list[torch.Tensor] = []
+    video = sample_video(model, context, 2, torch.Generator().manual_seed(3), record_logits=recorded)
+    naive = sample_video(model, context, 2, torch.Generator().manual_seed(3), method="naive")
+    assert torch.equal(video, naive) and video.shape == (2, 2, colours, 6, 6)
+    with torch.no_grad():
+        logits = model(torch.cat([context, video], dim=1))  # (B, 3, C, K, H, W) or (B, 3, C, H, W)
+    k = 256 if output == "categorical" else 1
+    logits = logits.reshape(2, 3, colours, k, 6, 6)
+    for f in range(2):  # frame f of the video is predicted by column 1 + f
+        expected = logits[:, 1 + f].permute(3, 4, 1, 0, 2).reshape(-1, 2, k)  # (H*W*C, B, K) raster, colour
+        got = torch.stack(recorded[f * 36 * colours : (f + 1) * 36 * colours])
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4)
 
 
 def test_draws_follow_the_distribution_not_argmax():

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 import yaml
 
-from vpn.config import PRESETS, VPNConfig
+from vpn.config import BLOCKS, DECODERS, PRESETS, VPNConfig
 from vpn.train import (
     TrainConfig,
     Trainer,
@@ -43,12 +43,14 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--image-channels", type=int, choices=(1, 3))
     g.add_argument("--output", choices=("categorical", "bernoulli"))
     g.add_argument("--dilation", action=argparse.BooleanOptionalAction, default=None)
+    g.add_argument("--block", choices=BLOCKS, help="residual block: rmb (the VPN's) or relu (PixelCNN's)")
+    g.add_argument("--decoder", choices=DECODERS, help="pixelcnn (the VPN's) or baseline (no dependency within a frame)")
 
 
 def _model_config(args: argparse.Namespace, image_channels: int | None = None) -> VPNConfig:
     overrides = {
         k: getattr(args, k)
-        for k in ("enc_blocks", "dec_blocks", "filter_fraction", "image_channels", "output", "dilation")
+        for k in ("enc_blocks", "dec_blocks", "filter_fraction", "image_channels", "output", "dilation", "block", "decoder")
         if getattr(args, k) is not None
     }
     if image_channels is not None:
@@ -78,7 +80,10 @@ def cmd_info(args: argparse.Namespace) -> int:
     names = list(PRESETS) if args.all else [args.preset]
     rows = []
     for name in names:
-        cfg = _model_config(args) if not args.all else VPNConfig.preset(name)
+        if args.all:  # every preset's depth and width, with the other options as given
+            args.preset = name
+            args.enc_blocks = args.dec_blocks = args.filter_fraction = None
+        cfg = _model_config(args)
         from vpn.model import VideoPixelNetwork
 
         model = VideoPixelNetwork(cfg)
@@ -93,6 +98,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "lstm_channels": cfg.lstm_channels,
                 "image_channels": cfg.image_channels,
                 "output": cfg.output,
+                "block": cfg.block,
+                "decoder": cfg.decoder,
+                "dilation": cfg.dilation,
                 "parameters": model.num_parameters(),
                 f"gflops_per_frame_{args.height}x{args.width}": round(model.flops_per_frame(args.height, args.width) / 1e9, 3),
             }

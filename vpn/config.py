@@ -30,6 +30,12 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 OUTPUTS = ("categorical", "bernoulli")
+# Residual blocks (the paper's ablation, Table 2): "rmb", the residual multiplicative block, or "relu",
+# PixelCNN's residual block at the same widths (vpn.layers.ResidualReLUBlock).
+BLOCKS = ("rmb", "relu")
+# Decoders: "pixelcnn", the paper's masked decoder over the current frame; "baseline", the paper's
+# baseline, in which pixels of a frame depend only on earlier frames (vpn.model.BaselineDecoder).
+DECODERS = ("pixelcnn", "baseline")
 
 # Dilation rates of the paper's dilated encoder, repeated over the blocks (block i gets RATES[i % 4]).
 DILATION_RATES = (1, 2, 4, 8)
@@ -49,7 +55,12 @@ class VPNConfig:
     image_channels: 1 (greyscale) or 3 (RGB; R before G before B within a pixel).
     output: "categorical" (256-way softmax, the general model) or "bernoulli" (sigmoid
         cross-entropy against x/255, the paper's Moving MNIST metric).
-    dilation: encoder MUs use dilation rates 1, 2, 4, 8 repeated over the blocks.
+    dilation: encoder blocks use dilation rates 1, 2, 4, 8 repeated over the blocks (the paper:
+        constant inside a block, doubling from one block to the next).
+    block: "rmb" (residual multiplicative blocks, the paper's VPN) or "relu" (PixelCNN's residual
+        block, the paper's "ReLU" rows), in the encoder and the decoder alike.
+    decoder: "pixelcnn" (masked convolutions over the current frame, the VPN) or "baseline" (the
+        paper's baseline: no dependency within a frame; the current frame never enters).
     """
 
     enc_blocks: int = 8
@@ -58,6 +69,8 @@ class VPNConfig:
     image_channels: int = 1
     output: str = "categorical"
     dilation: bool = False
+    block: str = "rmb"
+    decoder: str = "pixelcnn"
 
     def __post_init__(self) -> None:
         for name in ("enc_blocks", "dec_blocks"):
@@ -76,6 +89,10 @@ class VPNConfig:
             raise ValueError(f"output must be one of {OUTPUTS}, got {self.output!r}")
         if not isinstance(self.dilation, bool):
             raise ValueError(f"dilation must be true or false, got {self.dilation!r}")
+        if self.block not in BLOCKS:
+            raise ValueError(f"block must be one of {BLOCKS}, got {self.block!r}")
+        if self.decoder not in DECODERS:
+            raise ValueError(f"decoder must be one of {DECODERS}, got {self.decoder!r}")
         # Masked convolutions split every decoder layer's channels into one group per colour
         # (R, G, B); a group with no channel would cut the path from earlier colours to later ones.
         if self.mu_channels < self.image_channels:

@@ -3,6 +3,7 @@
 - MaskedConv2d: a convolution that sees only earlier pixels and earlier colours (van den Oord et al. 2016).
 - MultiplicativeUnit (MU): LSTM-like gates around a convolution.
 - ResidualMultiplicativeBlock (RMB): 1x1 down to c, MU, MU, 1x1 back up to 2c, plus an additive skip.
+- ResidualReLUBlock: PixelCNN's residual block at the RMB's widths, the paper's "ReLU" ablation.
 - ConvLSTM: a resolution-preserving convolutional LSTM (Shi et al. 2015).
 
 Colour ordering. For RGB frames every decoder layer's channels are split into three contiguous groups
@@ -143,6 +144,47 @@ class ResidualMultiplicativeBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.up(self.mu2(self.mu1(self.down(x))))
+
+
+class ResidualReLUBlock(nn.Module):
+    """x + W_up(relu(W_3x3(relu(W_down(relu(x)))))): the paper's "ReLU" variant of the RMB.
+
+    The paper (Table 2) says no more than "ReLU" for this ablation. This is the residual block of
+    PixelCNN (van den Oord et al. 2016, fig. 5) at the RMB's widths: ReLU, 1x1 conv 2c -> c, ReLU,
+    3x3 conv c -> c (masked in the decoder, dilated in a dilated encoder), ReLU, 1x1 conv c -> 2c,
+    plus the skip. It has one 3x3 conv c -> c where the RMB has two MUs of one 3x3 conv c -> 4c each,
+    so at the same widths it has about an eighth of the RMB's 3x3 weights. ReLU is elementwise, so a
+    channel's colour group (vpn.layers.colour_groups) carries through it as through an MU's gates.
+
+    x: (N, 2c, H, W) -> (N, 2c, H, W).
+    """
+
+    def __init__(self, channels: int, make_conv: ConvFactory, make_spatial_conv: ConvFactory) -> None:
+        super().__init__()
+        if channels % 2:
+            raise ValueError(f"a residual block needs an even residual width, got {channels}")
+        half = channels // 2
+        self.down = make_conv(channels, half, 1)
+        self.spatial = make_spatial_conv(half, half, 3)
+        self.up = make_conv(half, channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x + self.up(F.relu(self.spatial(F.relu(self.down(F.relu(x))))))
+
+
+def residual_block(
+    kind: str, channels: int, make_conv: ConvFactory, make_spatial_conv: ConvFactory, make_gate_conv: ConvFactory
+) -> nn.Module:
+    """A residual block of `kind` ("rmb" or "relu") on `channels` (= 2c) channels.
+
+    make_conv builds the 1x1 convs; the RMB's MUs take their fused 3x3 c -> 4c gate conv from
+    make_gate_conv, the ReLU block its 3x3 c -> c conv from make_spatial_conv.
+    """
+    if kind == "rmb":
+        return ResidualMultiplicativeBlock(channels, make_conv, make_gate_conv)
+    if kind == "relu":
+        return ResidualReLUBlock(channels, make_conv, make_spatial_conv)
+    raise ValueError(f"block must be 'rmb' or 'relu', got {kind!r}")
 
 
 class ConvLSTM(nn.Module):

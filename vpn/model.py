@@ -3,13 +3,16 @@
 p(video) = prod_t prod_i prod_j prod_colour p(x[t, colour, i, j] | frames < t, pixels above and left
 in frame t, earlier colours of pixel (i, j)).
 
-- Every frame F_0..F_{T-2} goes through the same resolution-preserving encoder of `enc_blocks` RMBs.
+- Every frame F_0..F_{T-2} goes through the same resolution-preserving encoder of `enc_blocks`
+  residual blocks (RMBs, or PixelCNN's ReLU blocks with `block="relu"`).
 - A ConvLSTM runs over the encoded frames; its state after frame t-1 is the context of frame t.
 - The decoder for frame t is a PixelCNN of `dec_blocks` masked RMBs. The current frame enters only
   through a mask-A convolution, and every later layer is mask-B, so no pixel sees its own value. The
   context (which depends only on earlier frames) is added through unmasked 1x1 convolutions before
   the first block and before every block, so it reaches every position at every depth.
   (How the paper injects the context is not stated; the TF code concatenates it once at the input.)
+- `decoder="baseline"` is the paper's baseline: the same encoder and ConvLSTM, and a decoder of the
+  same depth that reads only the context, so the pixels of a frame are independent given the past.
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from vpn.config import VPNConfig
-from vpn.layers import ConvLSTM, MaskedConv2d, ResidualMultiplicativeBlock, colour_groups
+from vpn.layers import ConvLSTM, MaskedConv2d, colour_groups, residual_block
 from vpn.metrics import bernoulli_cross_entropy, categorical_cross_entropy, grey_targets, per_frame
 
 
@@ -38,10 +41,11 @@ class Encoder(nn.Module):
         self.stem = nn.Conv2d(cfg.image_channels, width, 3, padding=1)
         blocks = []
         for rate in cfg.encoder_dilations():
-            def mu_conv(cin: int, cout: int, k: int, rate: int = rate) -> nn.Module:
+            # The block's 3x3 convs (an RMB's MU gates, a ReLU block's middle conv) share its rate.
+            def spatial_conv(cin: int, cout: int, k: int, rate: int = rate) -> nn.Module:
                 return nn.Conv2d(cin, cout, k, padding=rate * (k // 2), dilation=rate)
 
-            blocks.append(ResidualMultiplicativeBlock(width, _plain_conv, mu_conv))
+            blocks.append(residual_block(cfg.block, width, _plain_conv, spatial_conv, spatial_conv))
         self.blocks = nn.Sequential(*blocks)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -79,7 +83,7 @@ class Decoder(nn.Module):
         # conv producing the bias of the input layer and of each block.
         self.context_in = nn.Conv2d(cfg.lstm_channels, width * (cfg.dec_blocks + 1), 1)
         self.blocks = nn.ModuleList(
-            ResidualMultiplicativeBlock(width, masked_b, mu_gates) for _ in range(cfg.dec_blocks)
+            residual_block(cfg.block, width, masked_b, masked_b, mu_gates) for _ in range(cfg.dec_blocks)
         )
         k = cfg.out_channels_per_colour
         self.head_hidden = MaskedConv2d(width, width, 1, "B", colours)
@@ -87,12 +91,50 @@ class Decoder(nn.Module):
             width, colours * k, 1, "B", colours, out_groups=torch.arange(colours).repeat_interleave(k)
         )
 
+    uses_frame = True
+
     def forward(self, frame: Tensor, context: Tensor) -> Tensor:
         cond = self.context_in(context).chunk(self.n_blocks + 1, dim=1)  # (n_blocks+1) x (N, 2c, H, W)
         h = self.frame_in(frame) + cond[0]
         for block, bias in zip(self.blocks, cond[1:]):
             h = block(h + bias)
         return self.head_out(F.relu(self.head_hidden(F.relu(h))))
+
+
+class BaselineDecoder(nn.Module):
+    """The paper's baseline decoder: the PixelCNN decoder's depth and widths, without the frame.
+
+    Kalchbrenner et al. 2016, sec. 5: the baseline has the VPN's encoders and ConvLSTM, but pixels
+    within a frame (and colours within a pixel) are independent given the earlier frames. Here: the
+    context enters as in Decoder (one 1x1 conv giving the input and each block's bias), then
+    `dec_blocks` unmasked residual blocks and the same 1x1 head, unmasked. The current frame has no
+    way in at all, so a whole frame is sampled in one pass.
+
+    frame: ignored (None is fine); context: (N, L, H, W) -> logits (N, C * K, H, W).
+    """
+
+    uses_frame = False
+
+    def __init__(self, cfg: VPNConfig) -> None:
+        super().__init__()
+        colours, width = cfg.image_channels, cfg.residual_channels
+        self.colours, self.width, self.n_blocks = colours, width, cfg.dec_blocks
+        self.context_in = nn.Conv2d(cfg.lstm_channels, width * (cfg.dec_blocks + 1), 1)
+        self.blocks = nn.ModuleList(
+            residual_block(cfg.block, width, _plain_conv, _plain_conv, _plain_conv) for _ in range(cfg.dec_blocks)
+        )
+        self.head_hidden = nn.Conv2d(width, width, 1)
+        self.head_out = nn.Conv2d(width, colours * cfg.out_channels_per_colour, 1)
+
+    def forward(self, frame: Tensor | None, context: Tensor) -> Tensor:
+        cond = self.context_in(context).chunk(self.n_blocks + 1, dim=1)  # (n_blocks+1) x (N, 2c, H, W)
+        h = cond[0]
+        for block, bias in zip(self.blocks, cond[1:]):
+            h = block(h + bias)
+        return self.head_out(F.relu(self.head_hidden(F.relu(h))))
+
+
+DECODER_CLASSES: dict[str, type[nn.Module]] = {"pixelcnn": Decoder, "baseline": BaselineDecoder}
 
 
 class VideoPixelNetwork(nn.Module):
@@ -107,7 +149,7 @@ class VideoPixelNetwork(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.lstm = ConvLSTM(cfg.residual_channels, cfg.lstm_channels)
-        self.decoder = Decoder(cfg)
+        self.decoder = DECODER_CLASSES[cfg.decoder](cfg)
 
     # -- the three stages, reused by the sampler ------------------------------------------------
     def encode(self, frames: Tensor) -> Tensor:
@@ -116,9 +158,13 @@ class VideoPixelNetwork(nn.Module):
         x = to_input(frames.flatten(0, 1), self._dtype)  # (B*T, C, H, W)
         return self.encoder(x).unflatten(0, (b, t))
 
-    def decode(self, frame: Tensor, context: Tensor) -> Tensor:
-        """frame uint8 (N, C, H, W), context (N, L, H, W) -> logits (N, C, K, H, W) (K = 256 or 1)."""
-        logits = self.decoder(to_input(frame, self._dtype), context)  # (N, C*K, H, W)
+    def decode(self, frame: Tensor | None, context: Tensor) -> Tensor:
+        """frame uint8 (N, C, H, W), context (N, L, H, W) -> logits (N, C, K, H, W) (K = 256 or 1).
+
+        A decoder that does not read the current frame (the baseline) takes frame None too.
+        """
+        x = to_input(frame, self._dtype) if self.decoder.uses_frame else None
+        logits = self.decoder(x, context)  # (N, C*K, H, W)
         return logits.unflatten(1, (self.cfg.image_channels, self.cfg.out_channels_per_colour))
 
     def forward(self, frames: Tensor) -> Tensor:

@@ -12,6 +12,10 @@ Two decoders of one frame, with the same draws in the same order so that a seed 
   the previous image row is done, so its contribution is computed for a whole row in one matmul
   per layer, and a pixel pays for its two centre-row taps only.
 
+Blocks: an RMB's two MUs each keep a cache of their input; a ReLU block (block="relu") keeps one, the
+input of its 3x3 conv. The baseline decoder (decoder="baseline") reads no pixel of the frame it draws,
+so both methods draw its whole frame from one decoder pass.
+
 Colours: at pixel p colour g the decoder's outputs of group g depend on colours < g of p only, so
 recomputing p once per colour gives exact logits; after the last colour the caches at p are final,
 because no output at p ever reads p's last colour (mask A excludes it, and B's only see groups <=).
@@ -23,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from vpn.layers import MaskedConv2d, MultiplicativeUnit, ResidualMultiplicativeBlock
+from vpn.layers import MaskedConv2d, MultiplicativeUnit, ResidualMultiplicativeBlock, ResidualReLUBlock
 from vpn.model import VideoPixelNetwork, to_input
 
 METHODS = ("cached", "naive")
@@ -110,8 +114,29 @@ def decode_frame(
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
     h, w = context.shape[-2:]
     n_pixels = h * w if n_pixels is None else min(n_pixels, h * w)
+    if not model.decoder.uses_frame:
+        return _decode_independent(model, context, generator, temperature, record_logits, n_pixels)
     decode = _decode_cached if method == "cached" else _decode_naive
     return decode(model, context, generator, temperature, record_logits, n_pixels)
+
+
+def _decode_independent(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
+    """A decoder that does not read the frame (the baseline): one pass, every sub-pixel drawn at once.
+
+    Draws are made in the sequential samplers' order (raster position, then colour) so that
+    record_logits lines up with theirs; one uniform per sub-pixel, as there.
+    """
+    b, _, h, w = context.shape
+    c = model.cfg.image_channels
+    logits = model.decode(None, context)  # (B, C, K, H, W)
+    k = logits.shape[2]
+    per_position = logits.permute(3, 4, 1, 0, 2).reshape(h * w * c, b, k)[: n_pixels * c]  # (P*C, B, K)
+    if record_logits is not None:
+        record_logits.extend(x.float().cpu() for x in per_position)
+    values = draw(per_position.reshape(-1, k), model.cfg.output, temperature, generator)  # (P*C*B,)
+    canvas = torch.zeros(h * w * c, b, dtype=torch.uint8, device=context.device)
+    canvas[: n_pixels * c] = values.view(-1, b)
+    return canvas.view(h, w, c, b).permute(3, 2, 0, 1).contiguous()  # (B, C, H, W)
 
 
 def _decode_naive(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
@@ -164,18 +189,25 @@ def _point_weight(conv: MaskedConv2d) -> tuple[Tensor, Tensor]:
 
 
 class _Linearised:
-    """The decoder's weights rearranged for one-position evaluation."""
+    """The decoder's weights rearranged for one-position evaluation.
+
+    blocks: one (is_rmb, down, causal convs, up) per block; an RMB has two causal convs (its MUs'
+    fused gates), a ReLU block one (its 3x3 conv).
+    """
 
     def __init__(self, model: VideoPixelNetwork) -> None:
         dec = model.decoder
         self.frame_in = _CausalConv(dec.frame_in)
         self.blocks = []
         for block in dec.blocks:
-            assert isinstance(block, ResidualMultiplicativeBlock)
-            assert isinstance(block.mu1, MultiplicativeUnit) and isinstance(block.mu2, MultiplicativeUnit)
-            self.blocks.append(
-                (_point_weight(block.down), _CausalConv(block.mu1.gates), _CausalConv(block.mu2.gates), _point_weight(block.up))
-            )
+            if isinstance(block, ResidualMultiplicativeBlock):
+                assert isinstance(block.mu1, MultiplicativeUnit) and isinstance(block.mu2, MultiplicativeUnit)
+                convs = (_CausalConv(block.mu1.gates), _CausalConv(block.mu2.gates))
+            elif isinstance(block, ResidualReLUBlock):
+                convs = (_CausalConv(block.spatial),)
+            else:
+                raise TypeError(f"the cached sampler has no rule for {type(block).__name__}")
+            self.blocks.append((len(convs) == 2, _point_weight(block.down), convs, _point_weight(block.up)))
         self.head_hidden = _point_weight(dec.head_hidden)
         # head_out's columns split by colour: pass g needs only colour g's K logits.
         w, bias = _point_weight(dec.head_out)
@@ -211,22 +243,27 @@ def _decode_cached(model, context, generator, temperature, record_logits, n_pixe
     # matters: it is masked). A pixel's 2 readable centre-row taps (left, centre) are then 2*Cin
     # contiguous numbers, and a finished row feeds the next row's top taps in one matmul.
     pixels = context.new_zeros(b, h + 1, w + 2, colours)
-    caches = [(context.new_zeros(b, h + 1, w + 2, mu), context.new_zeros(b, h + 1, w + 2, mu)) for _ in lin.blocks]
+    # Every block's 3x3 convs read c channels (an RMB's two MUs, a ReLU block's middle conv).
+    caches = [tuple(context.new_zeros(b, h + 1, w + 2, mu) for _ in convs) for _, _, convs, _ in lin.blocks]
     for p in range(n_pixels):
         i, j = divmod(p, w)
         if j == 0:  # row i-1 is final: the top taps of all of row i at once
             top_in = lin.frame_in.row(pixels, i) + cond[0][:, i]  # (B, W, 2c)
-            tops = [(mu1.row(c1, i), mu2.row(c2, i)) for (_, mu1, mu2, _), (c1, c2) in zip(lin.blocks, caches)]
+            tops = [tuple(conv.row(c, i) for conv, c in zip(convs, cs)) for (_, _, convs, _), cs in zip(lin.blocks, caches)]
             row_shifts = [cond[n + 1][:, i] + up_biases[n] for n in range(cfg.dec_blocks)]  # (B, W, 2c) each
         for colour in range(colours):
             x = torch.addmm(top_in[:, j], pixels[:, i + 1, j : j + 2].reshape(b, -1), lin.frame_in.left_centre)  # (B, 2c)
-            for (down, mu1, mu2, up), (c1, c2), (top1, top2), shift in zip(lin.blocks, caches, tops, row_shifts):
+            for (is_rmb, down, convs, up), cs, top, shift in zip(lin.blocks, caches, tops, row_shifts):
                 x = x + shift[:, j]
-                d = torch.addmm(down[1], x, down[0])  # (B, c)
-                c1[:, i + 1, j + 1] = d
-                m = _mu_gate(torch.addmm(top1[:, j], c1[:, i + 1, j : j + 2].reshape(b, -1), mu1.left_centre), d)
-                c2[:, i + 1, j + 1] = m
-                m = _mu_gate(torch.addmm(top2[:, j], c2[:, i + 1, j : j + 2].reshape(b, -1), mu2.left_centre), m)
+                if is_rmb:
+                    d = torch.addmm(down[1], x, down[0])  # (B, c)
+                    cs[0][:, i + 1, j + 1] = d
+                    m = _mu_gate(torch.addmm(top[0][:, j], cs[0][:, i + 1, j : j + 2].reshape(b, -1), convs[0].left_centre), d)
+                    cs[1][:, i + 1, j + 1] = m
+                    m = _mu_gate(torch.addmm(top[1][:, j], cs[1][:, i + 1, j : j + 2].reshape(b, -1), convs[1].left_centre), m)
+                else:  # ReLU block: relu, 1x1 down, relu (cached: the 3x3's input), 3x3, relu
+                    cs[0][:, i + 1, j + 1] = F.relu(torch.addmm(down[1], F.relu(x), down[0]))
+                    m = F.relu(torch.addmm(top[0][:, j], cs[0][:, i + 1, j : j + 2].reshape(b, -1), convs[0].left_centre))
                 x = torch.addmm(x, m, up[0])  # up's bias is in the next shift (the last one: below)
             x = F.relu(x + up_biases[-1])
             logits = torch.addmm(lin.head_out[colour][1], F.relu(torch.addmm(lin.head_hidden[1], x, lin.head_hidden[0])), lin.head_out[colour][0])  # (B, K)
