@@ -1,15 +1,7 @@
 """Stage `generate`: Moving MNIST train/val/test from data/mnist/mnist.npz, as Srivastava et al. make it.
 
-The procedure follows the generator code of Srivastava et al. 2015 (Unsupervised Learning of Video
-Representations using LSTMs), vectorised over sequences:
-
-- each of `digits` MNIST digits gets a trajectory in unit coordinates of the free range
-  [0, frame_size - digit_size]: start uniform in [0, 1)^2, direction theta uniform in [0, 2 pi),
-  velocity (sin theta, cos theta) for (y, x);
-- every frame first moves by `step` * velocity, then bounces: a coordinate that reached <= 0 or >= 1
-  is clamped to the edge and that velocity component alone is negated; then it is drawn;
-- the top-left offset of the digit is int(free * position) (truncation, as their astype(int32));
-- digits are combined by pixel-wise max (per channel in the coloured variant).
+The procedure (Srivastava et al. 2015, Unsupervised Learning of Video Representations using LSTMs) is
+vpn.moving_mnist's, the same code that streams fresh training sequences (`train.data: stream`).
 
 Training sequences draw from MNIST's training images except the last `val_digits`, validation from
 those last `val_digits` (held out: train never sees them), test from MNIST's test set. Each split has
@@ -17,16 +9,23 @@ its own random stream (SeedSequence(seed).spawn), so e.g. changing n_train leave
 they were, and colour=true draws the same digits and trajectories as colour=false.
 
 Outputs in data/moving_mnist/: <split>.npy uint8 (N, T, C, H, W); <split>_meta.parquet, one row per
-(sequence, digit slot); stats.json with shapes, pixel statistics and the entropy lower bound of the
+(sequence, digit slot); train_digits.npy, the training digit pool uint8 (P, 28, 28) that the stream
+draws from (never a val or test digit); stats.json with shapes, pixel statistics and the entropy lower bound of the
 val and test splits in nats/frame (frames context..T-1 given the first `context`, computed by
 vpn.metrics.bernoulli_lower_bound, the function the models' NLL uses). All arrays are
 byte-for-byte reproducible from the params on any machine (see `directions` for the one place where
 floating-point libraries could otherwise differ).
+
+The standard test file. With `test_file` set to Srivastava et al.'s mnist_test_seq.npy (uint8, frames
+first: (20, 10000, 64, 64)), the test split is that file, transposed to (10000, 20, 1, 64, 64), so test
+NLLs compare exactly with published ones; its sha256 goes into stats.json, and its lower bound should
+come out at the paper's 86.3 nats/frame.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import math
@@ -35,7 +34,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -47,6 +46,17 @@ from pipeline import atomic_output
 from pipeline.params import ParamsError, load_section, stage_argparser
 from vpn.data import SPLITS, STATS_FILE, meta_path, split_path
 from vpn.metrics import bernoulli_lower_bound
+from vpn.moving_mnist import (  # noqa: F401  (the protocol; re-exported: the stage's tests use these names)
+    TRAIN_DIGITS_FILE,
+    SequenceSpec,
+    SplitPlan,
+    bounce,
+    digit_images,
+    directions,
+    plan_split,
+    render,
+    resize_digits,
+)
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +89,9 @@ class GenerateConfig:
     digits: digits per sequence; step: distance per frame as a fraction of the free range.
     colour: RGB variant, each digit tinted with a random colour (C = 3); else grey (C = 1).
     context: frames given before the ones the lower bound scores (10 of 20 in the paper).
+    test_file: Srivastava et al.'s mnist_test_seq.npy (uint8 (seq_len, n_test, frame_size,
+        frame_size), frames first), relative to the params file; it then is the test split. null:
+        the test split is generated from MNIST's test digits.
     """
 
     seed: int = 0
@@ -93,6 +106,7 @@ class GenerateConfig:
     step: float = 0.1
     colour: bool = False
     context: int = 10
+    test_file: str | None = None
 
     def __post_init__(self) -> None:
         if self.seed < 0:
@@ -108,6 +122,13 @@ class GenerateConfig:
             raise ValueError(f"step must be in (0, 1] (fraction of the free range per frame), got {self.step}")
         if not 0 <= self.context < self.seq_len:
             raise ValueError(f"context must be in [0, seq_len={self.seq_len}), got {self.context}")
+        if self.test_file is not None and self.colour:
+            raise ValueError("test_file is the grey standard test set; it cannot be used with colour: true")
+
+    @property
+    def sequence(self) -> SequenceSpec:
+        """The protocol's parameters (vpn.moving_mnist), shared with the training stream."""
+        return SequenceSpec(self.frame_size, self.digit_size, self.digits, self.seq_len, self.step, self.colour)
 
     @property
     def channels(self) -> int:
@@ -120,27 +141,6 @@ class GenerateConfig:
 
     def split_size(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
-
-
-@dataclass(frozen=True)
-class SplitPlan:
-    """Every random choice of one split, drawn before any pixel is drawn.
-
-    digit_index: (N, D) int64 index into the split's digit pool (see `pools`); label: (N, D) uint8.
-    start: (N, D, 2) float64 unit position (y, x) before the first step; theta: (N, D) radians.
-    position: (N, D, T, 2) float64 unit position of each drawn frame; velocity: (N, D, T, 2) float64
-        unit velocity after that frame's bounce; offset: (N, D, T, 2) int64 top-left pixel (y, x).
-    colour: (N, D, 3) uint8 tint, or None for grey.
-    """
-
-    digit_index: np.ndarray
-    label: np.ndarray
-    start: np.ndarray
-    theta: np.ndarray
-    position: np.ndarray
-    velocity: np.ndarray
-    offset: np.ndarray
-    colour: np.ndarray | None
 
 
 def load_mnist(path: Path) -> dict[str, np.ndarray]:
@@ -173,104 +173,6 @@ def pools(mnist: dict[str, np.ndarray], cfg: GenerateConfig) -> dict[str, tuple[
         "val": ("x_train", n - cfg.val_digits, n),
         "test": ("x_test", 0, len(mnist["x_test"])),
     }
-
-
-def directions(theta: np.ndarray) -> np.ndarray:
-    """Unit velocities (sin theta, cos theta) as (y, x): theta (...) -> (..., 2) float64.
-
-    sin and cos are the one step whose last bit may differ between maths libraries (numpy may use
-    SIMD versions on some CPUs). Python's math module (the platform's libm) is used, and the result
-    is rounded to a multiple of 2^-30, so a last-bit difference could change the data only if a value
-    fell within 1e-16 of a rounding midpoint (about 1e-7 per value), keeping the bytes machine-independent.
-    """
-    flat = theta.ravel().tolist()
-    v = np.array([[math.sin(a), math.cos(a)] for a in flat], dtype=np.float64).reshape(*theta.shape, 2)
-    return np.round(v * 2.0**30) / 2.0**30
-
-
-def bounce(start: np.ndarray, velocity: np.ndarray, seq_len: int, step: float) -> tuple[np.ndarray, np.ndarray]:
-    """Trajectories in the unit square, as Srivastava et al.'s GetRandomTrajectory.
-
-    start, velocity: (M, 2) float64 (y, x). Each frame: position += step * velocity; a component
-    at <= 0 is clamped to 0 and its velocity negated, likewise at >= 1; then the frame is recorded.
-    Returns position (M, T, 2) and velocity after each frame's bounce (M, T, 2), float64.
-    """
-    pos = start.astype(np.float64, copy=True)
-    vel = velocity.astype(np.float64, copy=True)
-    positions = np.empty((len(pos), seq_len, 2))
-    velocities = np.empty((len(pos), seq_len, 2))
-    for t in range(seq_len):
-        pos += step * vel
-        for hit, edge in ((pos <= 0.0, 0.0), (pos >= 1.0, 1.0)):
-            pos[hit] = edge
-            vel[hit] = -vel[hit]  # only the component that hit: the other keeps its sign
-        positions[:, t] = pos
-        velocities[:, t] = vel
-    return positions, velocities
-
-
-def plan_split(rng: np.random.Generator, n: int, pool_size: int, labels: np.ndarray, cfg: GenerateConfig) -> SplitPlan:
-    """Draw every random choice of a split of `n` sequences from `rng` (see SplitPlan).
-
-    labels: uint8 (pool_size,) labels of the pool. The draw order is fixed (digits, starts,
-    directions, then colours), so colour=true reuses the grey variant's digits and trajectories.
-    """
-    d = cfg.digits
-    digit_index = rng.integers(0, pool_size, size=(n, d))
-    start = rng.random((n, d, 2))
-    theta = rng.random((n, d)) * (2.0 * np.pi)
-    position, velocity = bounce(start.reshape(-1, 2), directions(theta).reshape(-1, 2), cfg.seq_len, cfg.step)
-    position = position.reshape(n, d, cfg.seq_len, 2)
-    velocity = velocity.reshape(n, d, cfg.seq_len, 2)
-    offset = (cfg.free * position).astype(np.int64)  # truncation, as their astype(np.int32)
-    colour = None
-    if cfg.colour:
-        colour = rng.integers(0, 256, size=(n, d, 3), dtype=np.int64)
-        # One channel at full intensity so that no digit comes out (nearly) black and invisible.
-        full = rng.integers(0, 3, size=(n, d))
-        np.put_along_axis(colour, full[..., None], 255, axis=-1)
-        colour = colour.astype(np.uint8)
-    return SplitPlan(digit_index, labels[digit_index], start, theta, position, velocity, offset, colour)
-
-
-def resize_digits(images: np.ndarray, size: int) -> np.ndarray:
-    """Nearest-neighbour resampling (..., 28, 28) -> (..., size, size) uint8 (identity at 28)."""
-    src = images.shape[-1]
-    if size == src:
-        return images
-    idx = ((2 * np.arange(size) + 1) * src) // (2 * size)  # centre of each target pixel
-    return images[..., idx[:, None], idx[None, :]]
-
-
-def digit_images(pool: np.ndarray, plan: SplitPlan, rows: slice, cfg: GenerateConfig) -> np.ndarray:
-    """The (tinted) digits of sequences `rows`: uint8 (B, D, C, s, s)."""
-    images = resize_digits(pool[plan.digit_index[rows]], cfg.digit_size)  # (B, D, s, s)
-    if plan.colour is None:
-        return images[:, :, None]
-    tint = plan.colour[rows].astype(np.uint16)[..., None, None]  # (B, D, 3, 1, 1)
-    return ((images[:, :, None].astype(np.uint16) * tint + 127) // 255).astype(np.uint8)  # rounded x*c/255
-
-
-def render(images: np.ndarray, offset: np.ndarray, frame_size: int) -> np.ndarray:
-    """Draw digits at their offsets and combine them by max.
-
-    images: uint8 (B, D, C, s, s); offset: int (B, D, T, 2) top-left (y, x), each in [0, frame_size - s].
-    Returns uint8 (B, T, C, H, W) with H = W = frame_size.
-    """
-    b, d, c, s, _ = images.shape
-    t = offset.shape[2]
-    frames = np.zeros((b, t, c, frame_size, frame_size), dtype=np.uint8)
-    # (B, T, C, F, F, s, s) with F = frame_size - s + 1: window [.., y, x] is the s x s block at (y, x).
-    # Writing through it writes into `frames`; one (sequence, frame) gets one window per digit, so no
-    # two elements of one assignment alias.
-    windows = np.lib.stride_tricks.sliding_window_view(frames, (s, s), axis=(3, 4), writeable=True)
-    seq = np.arange(b)[:, None]  # (B, 1)
-    time_ = np.arange(t)[None, :]  # (1, T)
-    for k in range(d):
-        # Advanced indices (B, T) around the channel slice: the selection is (B, T, C, s, s).
-        sel = (seq, time_, slice(None), offset[:, k, :, 0], offset[:, k, :, 1])
-        windows[sel] = np.maximum(windows[sel], images[:, k, None])  # (B, 1, C, s, s) over T
-    return frames
 
 
 def meta_table(plan: SplitPlan, pool_name: str, pool_start: int, cfg: GenerateConfig) -> pa.Table:
@@ -334,29 +236,46 @@ def generate_split(
 ) -> dict[str, Any]:
     """Render every sequence of `plan` into the .npy file `path` (uint8 (N, T, C, H, W)), in chunks.
 
+    Returns the split's statistics (see write_split).
+    """
+    n = len(plan.digit_index)
+    shape = (n, cfg.seq_len, cfg.channels, cfg.frame_size, cfg.frame_size)
+    chunks = (
+        render(digit_images(pool, plan, slice(lo, min(lo + CHUNK, n)), cfg.sequence), plan.offset[lo : lo + CHUNK], cfg.frame_size)
+        for lo in range(0, n, CHUNK)
+    )
+    return write_split(path, shape, chunks, cfg.context, lower_bound, desc)
+
+
+def write_split(
+    path: Path, shape: tuple[int, ...], chunks: Iterable[np.ndarray], context: int, lower_bound: bool, desc: str = ""
+) -> dict[str, Any]:
+    """Write the chunks (uint8 (B, T, C, H, W), in order, adding up to `shape`) as the .npy `path`.
+
     The file is np.save's format, byte for byte, written sequentially (a memmap's page faults on a
     fresh file made writing as slow as rendering). Returns the split's statistics (pixel mean,
     fraction of non-zero pixels and, if `lower_bound`, the lower bound's mean and std over
     sequences), accumulated chunk by chunk so that memory stays at one chunk.
     """
-    n = len(plan.digit_index)
-    shape = (n, cfg.seq_len, cfg.channels, cfg.frame_size, cfg.frame_size)
+    n = shape[0]
     size = math.prod(shape)
-    pixel_sum = nonzero = 0
+    pixel_sum = nonzero = written = 0
     lb_sum = lb_sq = 0.0
     with open(path, "wb") as f:
         header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.uint8)), "fortran_order": False, "shape": shape}
         np.lib.format.write_array_header_1_0(f, header)
-        for lo in tqdm(range(0, n, CHUNK), desc=desc, unit="chunk", disable=None):
-            rows = slice(lo, min(lo + CHUNK, n))
-            frames = render(digit_images(pool, plan, rows, cfg), plan.offset[rows], cfg.frame_size)
+        for frames in tqdm(chunks, total=math.ceil(n / CHUNK), desc=desc, unit="chunk", disable=None):
+            frames = np.ascontiguousarray(frames)
             f.write(frames.data)  # C-contiguous (B, T, C, H, W): the next rows of the array
+            written += len(frames)
             pixel_sum += int(frames.sum(dtype=np.int64))
             nonzero += int(np.count_nonzero(frames))
             if lower_bound:
-                s, sq = lower_bound_sum(frames, cfg.context)
+                s, sq = lower_bound_sum(frames, context)
                 lb_sum += s
                 lb_sq += sq
+    if written != n:
+        raise AssertionError(f"{path}: wrote {written} of {n} sequences")
     stats: dict[str, Any] = {
         "shape": list(shape),
         "dtype": "uint8",
@@ -368,6 +287,43 @@ def generate_split(
         stats["lower_bound_nats_per_frame"] = mean
         stats["lower_bound_std"] = math.sqrt(max(lb_sq / n - mean * mean, 0.0))
     return stats
+
+
+def open_test_file(path: Path, cfg: GenerateConfig) -> np.ndarray:
+    """Srivastava et al.'s mnist_test_seq.npy, memory-mapped and checked: uint8 (T, N, H, W), frames
+    first, with T = seq_len, N = n_test and H = W = frame_size. Errors name the file and the field."""
+    where = f"generate.test_file: {path}"
+    if not path.is_file():
+        raise DataError(f"{where}: no such file")
+    try:
+        array = np.load(path, mmap_mode="r", allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise DataError(f"{where}: not a readable .npy array: {e}") from e
+    if array.dtype != np.uint8 or array.ndim != 4:
+        raise DataError(
+            f"{where}: expected uint8 (frames, sequences, height, width) like mnist_test_seq.npy's "
+            f"(20, 10000, 64, 64), got {array.dtype} with shape {array.shape}"
+        )
+    t, n, h, w = array.shape
+    for field, want, got in (("seq_len", cfg.seq_len, t), ("n_test", cfg.n_test, n), ("frame_size", cfg.frame_size, h)):
+        if want != got:
+            raise DataError(f"{where}: the file has shape {array.shape} (frames first), but generate.{field}={want}")
+    if h != w:
+        raise DataError(f"{where}: frames must be square, got {h}x{w}")
+    return array
+
+
+def sha256_of(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def test_file_table(n: int, path: Path) -> pa.Table:
+    """test_meta.parquet for a test split read from a file: sequence i is the file's sequence i."""
+    return pa.table({"sequence": np.arange(n, dtype=np.int32), "source": pa.array([path.name] * n, type=pa.dictionary(pa.int8(), pa.string()))})
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:
@@ -386,14 +342,21 @@ def stats_json(stats: dict[str, Any]) -> str:
     return re.sub(r"\[\s+([-\d.,\s]*?)\s+\]", lambda m: "[" + re.sub(r"\s+", " ", m.group(1)) + "]", text) + "\n"
 
 
-def generate(cfg: GenerateConfig, mnist_path: Path, out_dir: Path) -> dict[str, Any]:
-    """Make every split's .npy and _meta.parquet and stats.json under `out_dir`; return the stats.
+def generate(cfg: GenerateConfig, mnist_path: Path, out_dir: Path, base_dir: Path | None = None) -> dict[str, Any]:
+    """Make every split's .npy and _meta.parquet, train_digits.npy and stats.json under `out_dir`.
 
-    Everything is validated before the first byte is written; all files are written to temporary
-    names and moved into place only once every split is done, so a failure leaves `out_dir` as it was.
+    Returns the stats. base_dir: where a relative test_file starts (the params file's folder;
+    default the current one). Everything is validated before the first byte is written; all files
+    are written to temporary names and moved into place only once every split is done, so a
+    failure leaves `out_dir` as it was.
     """
     mnist = load_mnist(mnist_path)
     split_pools = pools(mnist, cfg)
+    test_path = test_array = None
+    if cfg.test_file is not None:
+        test_path = Path(cfg.test_file).expanduser()
+        test_path = test_path if test_path.is_absolute() else (base_dir or Path.cwd()) / test_path
+        test_array = open_test_file(test_path, cfg)
     streams = np.random.SeedSequence(cfg.seed).spawn(len(SPLITS))
     stats: dict[str, Any] = {"params": asdict(cfg), "splits": {}}
     started = time.perf_counter()
@@ -401,18 +364,30 @@ def generate(cfg: GenerateConfig, mnist_path: Path, out_dir: Path) -> dict[str, 
         for split, stream in zip(SPLITS, streams, strict=True):
             pool_name, first, stop = split_pools[split]
             pool = mnist[pool_name][first:stop]
-            labels = mnist[f"y{pool_name[1:]}"][first:stop]
-            n = cfg.split_size(split)
-            plan = plan_split(np.random.default_rng(stream), n, len(pool), labels, cfg)
             tmp = pending.enter_context(atomic_output(split_path(out_dir, split)))
-            split_stats = generate_split(tmp, pool, plan, cfg, split in LOWER_BOUND_SPLITS, desc=split)
-            pq.write_table(
-                meta_table(plan, pool_name, first, cfg),
-                pending.enter_context(atomic_output(meta_path(out_dir, split))),
-            )
-            split_stats["digit_pool"] = f"{pool_name}[{first}:{stop}]"
+            meta = pending.enter_context(atomic_output(meta_path(out_dir, split)))
+            if split == "test" and test_array is not None:
+                n = test_array.shape[1]
+                shape = (n, cfg.seq_len, 1, cfg.frame_size, cfg.frame_size)
+                # (T, N, H, W) frames first -> (N, T, 1, H, W), CHUNK sequences at a time.
+                chunks = (test_array[:, lo : lo + CHUNK].transpose(1, 0, 2, 3)[:, :, None] for lo in range(0, n, CHUNK))
+                split_stats = write_split(tmp, shape, chunks, cfg.context, True, desc=split)
+                pq.write_table(test_file_table(n, test_path), meta)
+                split_stats["source_file"] = str(test_path)
+                split_stats["source_sha256"] = sha256_of(test_path)
+            else:
+                labels = mnist[f"y{pool_name[1:]}"][first:stop]
+                plan = plan_split(np.random.default_rng(stream), cfg.split_size(split), len(pool), labels, cfg.sequence)
+                split_stats = generate_split(tmp, pool, plan, cfg, split in LOWER_BOUND_SPLITS, desc=split)
+                pq.write_table(meta_table(plan, pool_name, first, cfg), meta)
+                split_stats["digit_pool"] = f"{pool_name}[{first}:{stop}]"
             stats["splits"][split] = split_stats
             log.info("%s: %s done at %.1f s", split, tuple(split_stats["shape"]), time.perf_counter() - started)
+        # The streamed training source's digits: the train split's pool, and only it.
+        pool_name, first, stop = split_pools["train"]
+        with open(pending.enter_context(atomic_output(out_dir / TRAIN_DIGITS_FILE)), "wb") as f:
+            np.save(f, np.ascontiguousarray(mnist[pool_name][first:stop]), allow_pickle=False)
+        stats["stream_digit_pool"] = f"{pool_name}[{first}:{stop}]"
         test = stats["splits"]["test"]
         stats["lower_bound_nats_per_frame"] = test["lower_bound_nats_per_frame"]
         stats["lower_bound_frames"] = f"{cfg.context}..{cfg.seq_len - 1} given 0..{cfg.context - 1}, test split"
@@ -434,7 +409,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     try:
         cfg = load_section(GenerateConfig, SECTION, args.params)
-        stats = generate(cfg, args.mnist, args.out)
+        stats = generate(cfg, args.mnist, args.out, base_dir=Path(args.params).resolve().parent)
     except (ParamsError, DataError) as e:
         log.error("%s", e)
         return 1

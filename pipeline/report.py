@@ -12,8 +12,14 @@ Figures (seaborn):
 For an overfit sweep (the blog post's experiment) also overfit.png: iterations each preset needed,
 against the post's numbers, and each curve with its plateaus shaded.
 
+For a sweep of the paper's rows (sweeps/paper_ablation.yaml) also ablation.png and a table of each
+row's test NLL, floor and excess beside the paper's Table 2 numbers.
+
 Definitions (also printed in the report):
 - final NLL: the last logged validation nats/frame (train nats/frame where no validation ran).
+- test NLL, floor, excess: the test split scored at the end of each trial, the entropy of the same
+  frames (the least any model can score), and test minus floor. Trials are ranked by the excess: it
+  compares across frame sizes, and with the paper's 87.6 - 86.3 = 1.3 nats/frame.
 - iterations to converge (train sweeps): first logged step whose train NLL is within
   `converge_fraction` of the run's total drop from its final value: L(s) - L_end <= f (L_0 - L_end).
   For overfit sweeps it is the trial's own converged_step (NLL within tol of the sequence's floor).
@@ -41,6 +47,19 @@ from pipeline import atomic_output
 from vpn.files import write_text
 
 log = logging.getLogger(__name__)
+
+# The paper's Moving MNIST results (Kalchbrenner et al. 2016, Tables 1-2; test nats/frame, 64x64,
+# frames 10..19 given 0..9), keyed by (decoder, block, dilation); the baseline's block is not stated.
+PAPER_LOWER_BOUND = 86.3
+PAPER_ROWS = {
+    ("baseline", None, None): ("Baseline", 110.1),
+    ("pixelcnn", "rmb", False): ("VPN, RMB, no dilation", 89.2),
+    ("pixelcnn", "relu", False): ("VPN, ReLU, no dilation", 89.1),
+    ("pixelcnn", "relu", True): ("VPN, ReLU, dilation", 87.7),
+    ("pixelcnn", "rmb", True): ("VPN, RMB, dilation", 87.6),
+}
+# The scale the paper's numbers come from, stated beside ours.
+PAPER_SCALE = "64x64 frames, 20-frame sequences scored on frames 10..19, c = 128, 19.2M training sequences, all 10,000 test sequences"
 
 # The blog post's overfitting result (iterations to converge), shown next to ours.
 BLOG_OVERFIT_ITERATIONS = {"full": 600, "mini": 5000, "micro": 3000}
@@ -216,11 +235,17 @@ def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) 
         else:
             converge = iterations_to_converge(steps, train, params.converge_fraction)
         plateaus = find_plateaus(steps, train, converge, params.plateau_min_fraction, params.plateau_progress)
+        depth = f"enc {int(trial['enc_blocks'])} / dec {int(trial['dec_blocks'])}"
+        row_name = trial.get("row")
+        has_row = isinstance(row_name, str) and bool(row_name)
         rows.append(
             {
                 **trial.to_dict(),
-                "config": config_label(trial),
-                "depth": f"enc {int(trial['enc_blocks'])} / dec {int(trial['dec_blocks'])}",
+                "config": f"{row_name} ({config_label(trial)})" if has_row else config_label(trial),
+                "depth": depth,
+                # The figures' colour: the paper's row where the sweep has rows (they share a depth).
+                "series": row_name if has_row else depth,
+                "excess": trial.get("test_excess_nats_per_frame", math.nan),
                 "width": f"{trial['filter_fraction']:g}",
                 "final_nll": final,
                 "iterations_to_converge": converge,
@@ -239,8 +264,10 @@ def _orders(summary: pd.DataFrame) -> dict[str, Any]:
     """
     import seaborn as sns
 
-    by_depth = summary.sort_values(["enc_blocks", "dec_blocks"])
-    depths = list(dict.fromkeys(by_depth["depth"]))
+    # Rows keep the spec's order (the trials come in grid order); depths sort by depth.
+    has_rows = summary["series"].ne(summary["depth"]).any()
+    by_depth = summary if has_rows else summary.sort_values(["enc_blocks", "dec_blocks"])
+    depths = list(dict.fromkeys(by_depth["series"]))
     widths = list(dict.fromkeys(summary.sort_values("filter_fraction")["width"]))
     palette = dict(zip(depths, sns.color_palette("tab10" if len(depths) <= 10 else "husl", len(depths))))
     return {"hue_order": depths, "palette": palette, "style_order": widths}
@@ -262,9 +289,9 @@ def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
     import seaborn as sns
 
     orders = _orders(summary)
-    data = curves.merge(summary[["run_id", "config", "depth", "width"]], on="run_id")
+    data = curves.merge(summary[["run_id", "config", "series", "width"]], on="run_id")
     long = data.melt(
-        id_vars=["run_id", "step", "config", "depth", "width"],
+        id_vars=["run_id", "step", "config", "series", "width"],
         value_vars=[c for c in ("train_nats_per_frame", "val_nats_per_frame") if c in data],
         var_name="split",
         value_name="nats_per_frame",
@@ -274,7 +301,7 @@ def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 4.5), squeeze=False)
     for ax, split in zip(axes[0], splits):
         sns.lineplot(
-            data=long[long["split"] == split], x="step", y="nats_per_frame", hue="depth", style="width",
+            data=long[long["split"] == split], x="step", y="nats_per_frame", hue="series", style="width",
             units="run_id", estimator=None, ax=ax, **orders,
         )
         ax.set_yscale("log")
@@ -316,7 +343,7 @@ def plot_pareto(summary: pd.DataFrame, out: Path) -> Path:
             ax.set_axis_off()
             continue
         front = pareto_front(ok[cost].to_numpy(float), ok["final_nll"].to_numpy(float))
-        sns.scatterplot(data=ok, x=cost, y="final_nll", hue="depth", style="width", s=70, ax=ax, **orders)
+        sns.scatterplot(data=ok, x=cost, y="final_nll", hue="series", style="width", s=70, ax=ax, **orders)
         line = ok[front].sort_values(cost)
         ax.plot(line[cost], line["final_nll"], "k--", lw=1, label="Pareto front")
         ax.scatter(line[cost], line["final_nll"], s=160, facecolors="none", edgecolors="k")
@@ -336,11 +363,88 @@ def plot_speed(summary: pd.DataFrame, out: Path) -> Path:
     if len(ok):
         orders = _orders(ok)
         sns.barplot(
-            data=ok, y="config", x="steps_per_second", hue="depth", dodge=False, ax=ax,
+            data=ok, y="config", x="steps_per_second", hue="series", dodge=False, ax=ax,
             hue_order=orders["hue_order"], palette=orders["palette"],
         )
     ax.set_xlabel("training steps per second")
     ax.set_ylabel("")
+    return _save(fig, out)
+
+
+def paper_row(trial: pd.Series) -> tuple[str, float] | None:
+    """The paper's row (its name, its test nats/frame) that a trial's architecture reproduces, or None."""
+    decoder = trial.get("decoder", "pixelcnn")
+    if decoder == "baseline":
+        return PAPER_ROWS[("baseline", None, None)]
+    block, dilation = trial.get("block", "rmb"), trial.get("dilation")
+    if pd.isna(dilation) or decoder != "pixelcnn":
+        return None
+    return PAPER_ROWS.get((decoder, block, bool(dilation)))
+
+
+def is_ablation_sweep(summary: pd.DataFrame) -> bool:
+    """A sweep over the paper's rows: named rows, or more than one architecture of the paper's table."""
+    if "row" in summary and summary["row"].notna().any():
+        return True
+    names = {p[0] for p in (paper_row(r) for _, r in summary.iterrows()) if p is not None}
+    return len(names) > 1
+
+
+def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each trial beside the paper's row it reproduces: our test NLL, floor and excess; the paper's
+    NLL and its excess over the paper's lower bound of 86.3 (nats/frame)."""
+    rows = []
+    for _, r in summary.iterrows():
+        paper = paper_row(r)
+        rows.append({
+            "row": r["row"] if isinstance(r.get("row"), str) else r["config"],
+            "paper's row": paper[0] if paper else "-",
+            "status": r["status"],
+            "test NLL": r.get("test_nats_per_frame", math.nan),
+            "floor": r.get("test_floor_nats_per_frame", math.nan),
+            "excess": r.get("excess", math.nan),
+            "paper NLL": paper[1] if paper else math.nan,
+            "paper excess": paper[1] - PAPER_LOWER_BOUND if paper else math.nan,
+        })
+    return pd.DataFrame(rows)
+
+
+def scale_statement(summary: pd.DataFrame) -> str:
+    """The scale the trials ran at, in the paper's terms, from the trials' own configs."""
+    parts = []
+    for _, r in summary.drop_duplicates(["frame_height", "seq_len", "context", "steps", "batch_size", "filter_fraction"]).iterrows():
+        frames = f"{int(r['frame_height'])}x{int(r['frame_width'])}" if pd.notna(r.get("frame_height")) else "?"
+        clip = int(r["seq_len"]) if pd.notna(r.get("seq_len")) else None
+        seen = int(r["step_budget"]) * int(r["batch_size"]) if pd.notna(r.get("step_budget")) else None
+        tested = r.get("test_sequences_scored")
+        parts.append(
+            f"{frames} frames, {clip or 'all'}-frame clips scored on the frames after {int(r['context'])}, "
+            f"c = {round(128 * float(r['filter_fraction']))}, {int(r['enc_blocks'])} encoder and {int(r['dec_blocks'])} decoder blocks, "
+            f"{seen:,} training sequences ({'streamed' if r.get('data') == 'stream' else 'drawn from the fixed set'})"
+            + (f", {int(tested):,} test sequences" if pd.notna(tested) else "")
+        )
+    return "; ".join(parts)
+
+
+def plot_ablation(table: pd.DataFrame, out: Path) -> Path:
+    """Excess over the floor per row: this sweep's beside the paper's (nats/frame, log scale)."""
+    import matplotlib
+    import matplotlib.pyplot as plt
+    import seaborn as sns
+
+    long = table.melt(id_vars="row", value_vars=["excess", "paper excess"], var_name="source", value_name="nats")
+    long["source"] = long["source"].map({"excess": "this sweep", "paper excess": "paper (64x64, full scale)"})
+    long = long.dropna(subset=["nats"])
+    fig, ax = plt.subplots(figsize=(8, 0.6 * len(table) + 1.5))
+    if len(long):
+        sns.barplot(data=long, y="row", x="nats", hue="source", order=list(table["row"]), ax=ax)
+        for container in ax.containers:
+            ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
+        ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a log axis
+    ax.set_xlabel("test NLL minus its floor (nats/frame; lower is better)")
+    ax.set_ylabel("")
+    ax.set_title("the paper's rows: excess over the data's floor")
     return _save(fig, out)
 
 
@@ -478,6 +582,7 @@ def plot_samples(truth, sampled, context: int, label: str, out: Path) -> Path:
 # -- the report ---------------------------------------------------------------------------------------
 TABLE_COLUMNS = [
     "config", "status", "parameters", "flops_per_frame", "steps", "step_budget", "final_nll",
+    "test_nats_per_frame", "test_floor_nats_per_frame", "excess",
     "iterations_to_converge", "plateaus", "steps_per_second", "error", "run_id",
 ]
 
@@ -550,15 +655,50 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         lines.append("")
 
     figures: list[tuple[str, str]] = []
+    # Ranked by the excess of the test NLL over its floor where the trials were scored on the test
+    # split (train sweeps), else by the final NLL (overfit sweeps).
+    ranked = finished["excess"].notna().any()
+    rank = "excess" if ranked else "final_nll"
     if len(finished) and len(curves):
-        best = finished.loc[finished["final_nll"].idxmin()]
+        best = finished.loc[finished[rank].idxmin()]
         metrics["best_nll"] = float(best["final_nll"])
         metrics["best_config"] = best["config"]
+        if ranked:
+            metrics.update(
+                best_test_nats_per_frame=float(best["test_nats_per_frame"]),
+                best_test_floor_nats_per_frame=float(best["test_floor_nats_per_frame"]),
+                best_excess_nats_per_frame=float(best["excess"]),
+            )
+            lines += [
+                f"Best: **{best['config']}**, test NLL **{best['test_nats_per_frame']:.2f} nats/frame** against a "
+                f"floor of {best['test_floor_nats_per_frame']:.2f}: **{best['excess']:.2f} nats/frame above the floor** "
+                f"(the paper's best VPN: {87.6 - PAPER_LOWER_BOUND:.1f}, at {PAPER_SCALE.split(',')[0]}). Final validation NLL "
+                f"{best['final_nll']:.2f}.",
+                "",
+            ]
+        else:
+            lines += [f"Best final NLL: **{best['final_nll']:.2f} nats/frame**, by {best['config']}.", ""]
         metrics["iterations_to_converge"] = {
             r["config"]: (None if pd.isna(r["iterations_to_converge"]) else int(r["iterations_to_converge"]))
             for _, r in summary.iterrows()
         }
-        lines += [f"Best final NLL: **{best['final_nll']:.2f} nats/frame**, by {best['config']}.", ""]
+        if is_ablation_sweep(summary):
+            table = ablation_table(summary)
+            lines += [
+                "## The paper's rows",
+                "",
+                f"This sweep ran at: {scale_statement(summary)}. The paper's numbers are at: {PAPER_SCALE}. "
+                "Test NLLs at different frame sizes do not compare; the excess over each one's own floor is "
+                f"the closest comparison (the paper's lower bound is {PAPER_LOWER_BOUND}).",
+                "",
+                markdown_table(table, list(table.columns)),
+                "",
+            ]
+            figures.append(("The paper's rows: excess over the floor, ours beside the paper's", plot_ablation(table, out / "ablation.png").name))
+            metrics["rows"] = {
+                r["row"]: {"test_nats_per_frame": _json_number(r["test NLL"]), "floor": _json_number(r["floor"]), "excess": _json_number(r["excess"]), "paper_nats_per_frame": _json_number(r["paper NLL"])}
+                for _, r in table.iterrows()
+            }
         figures.append(("Convergence curves (colour: depth, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
         best_curve = curves[curves["run_id"] == best["run_id"]].sort_values("step")
         cols = [c for c in ("step", "train_nats_per_frame", "val_nats_per_frame") if c in best_curve]
@@ -588,12 +728,17 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
 
     for title, name in figures:
         lines += [f"## {title}", "", f"![{title}]({name})", ""]
-    lines += ["## Every trial", "", markdown_table(summary.sort_values("final_nll"), TABLE_COLUMNS), ""]
+    order = ["excess", "final_nll"] if summary["excess"].notna().any() else ["final_nll"]
+    lines += ["## Every trial", "", markdown_table(summary.sort_values(order), TABLE_COLUMNS), ""]
     lines += [
         "## Definitions",
         "",
         "- NLL: nats per frame (sum over pixels), as in Kalchbrenner et al. 2016; final NLL is the last "
         "validation value (train where no validation ran).",
+        "- test NLL (test_nats_per_frame): the test split scored at the end of the trial with the trial's own frame "
+        "preparation, frames context..T-1 given the ones before; floor (test_floor_nats_per_frame): the entropy of "
+        "exactly those frames' grey levels, the least any model can score; excess: test NLL minus floor. Trials "
+        "are ranked by the excess.",
         f"- iterations to converge: first step with L(s) - L_end <= {params.converge_fraction} (L_0 - L_end) "
         "on the train curve; for overfit sweeps, the step at which the NLL came within tolerance of the "
         "sequence's floor.",
@@ -604,6 +749,10 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
     ]
     _finish(out, lines, metrics)
     return metrics
+
+
+def _json_number(value: Any) -> float | None:
+    return None if value is None or pd.isna(value) else float(value)
 
 
 def _finish(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:

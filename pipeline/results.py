@@ -5,11 +5,13 @@
 
 writes, atomically, results/<sweep name>/:
 - trials.parquet: one row per trial (TRIAL_COLUMNS): identity and status, the configs, the size
-  (parameters, FLOPs per frame at the frame size used), how far it got, final and best NLLs, mean
-  speed, the overfit convergence step, and the URI of its final checkpoint artifact;
+  (parameters, FLOPs per frame at the frame size used), how far it got, final and best NLLs, the
+  test NLL with its floor and the excess over it (train mode), mean speed, the overfit convergence
+  step, and the URI of its final checkpoint artifact;
 - curves.parquet: one row per trial per logged step (CURVE_COLUMNS);
-- metrics.json: for `dvc metrics`: counts, the best trial, and per preset its best validation NLL
-  (train mode) or the step at which it converged (overfit mode).
+- metrics.json: for `dvc metrics`: counts, the best trial (train mode: the least excess of test NLL
+  over its floor, else the least validation NLL), and per preset its best validation NLL and test
+  excess (train mode) or the step at which it converged (overfit mode).
 
 Which sweep: --sweep-id, else the latest one run for the profile (the experiment's tag
 latest_sweep_id.<profile>, set by pipeline.sweep). Without --profile, the only profile that was run.
@@ -40,12 +42,14 @@ MODEL_COLUMNS = tuple(f.name for f in dataclasses.fields(VPNConfig))
 TRAIN_COLUMNS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 TRIAL_COLUMNS = (
     "run_id", "trial", "point", "sweep", "sweep_id", "profile", "mode", "status", "error",
-    "non_finite_step", "stopped_early", "resumed_from_step", "preset", "preset_width_scale",
+    "non_finite_step", "stopped_early", "resumed_from_step", "preset", "row", "preset_width_scale",
     *MODEL_COLUMNS, "mu_channels", "lstm_channels", *TRAIN_COLUMNS, "sample",
-    "data", "overfit_split", "overfit_index", "overfit_tol_per_subpixel",
+    "data_path", "overfit_split", "overfit_index", "overfit_tol_per_subpixel",
     "parameters", "flops_per_frame", "frame_height", "frame_width",
     "steps_completed", "final_train_nats_per_frame", "best_train_nats_per_frame",
-    "final_val_nats_per_frame", "best_val_nats_per_frame", "mean_steps_per_second",
+    "final_val_nats_per_frame", "best_val_nats_per_frame",
+    "test_nats_per_frame", "test_floor_nats_per_frame", "test_excess_nats_per_frame", "test_sequences_scored",
+    "mean_steps_per_second",
     "converged_step", "floor_nats_per_frame", "tol_nats_per_frame",
     "checkpoint_uri", "artifact_uri", "start_time", "end_time", "duration_s",
 )  # fmt: skip
@@ -59,9 +63,11 @@ _DTYPES: dict[str, str] = {
     "steps_completed": "Int64", "converged_step": "Int64", "mean_steps_per_second": "float64",
     "final_train_nats_per_frame": "float64", "best_train_nats_per_frame": "float64",
     "final_val_nats_per_frame": "float64", "best_val_nats_per_frame": "float64",
+    "test_nats_per_frame": "float64", "test_floor_nats_per_frame": "float64",
+    "test_excess_nats_per_frame": "float64", "test_sequences_scored": "Int64",
     "floor_nats_per_frame": "float64", "tol_nats_per_frame": "float64", "duration_s": "float64",
     "start_time": "datetime64[ms, UTC]", "end_time": "datetime64[ms, UTC]",
-    "data": "string", "overfit_split": "string", "overfit_index": "Int64", "overfit_tol_per_subpixel": "float64",
+    "data_path": "string", "row": "string", "overfit_split": "string", "overfit_index": "Int64", "overfit_tol_per_subpixel": "float64",
 }  # fmt: skip
 for _cls in (VPNConfig, TrainConfig):
     for _name, _hint in typing.get_type_hints(_cls).items():
@@ -111,6 +117,9 @@ def tables(client, runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
             values = {k: curves[k].get(step, math.nan) for k in tracking.CURVE_KEYS}
             curve_rows.append({"run_id": run_id, "trial": label, "step": step, **values})
         converged = run.data.metrics.get("converged_step")
+        test = run.data.metrics.get(tracking.TEST_KEY, math.nan)
+        floor = run.data.metrics.get(tracking.TEST_FLOOR_KEY, math.nan)
+        scored = run.data.metrics.get(tracking.TEST_SEQUENCES_KEY)
         started = _parse(tags.get(tracking.TAG_STARTED))  # the trial's first start, epoch ms
         row: dict[str, Any] = {
             "run_id": run_id,
@@ -131,6 +140,10 @@ def tables(client, runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
             "best_train_nats_per_frame": min(train.values(), default=math.nan),
             "final_val_nats_per_frame": val[max(val)] if val else math.nan,
             "best_val_nats_per_frame": min(val.values(), default=math.nan),
+            "test_nats_per_frame": test,
+            "test_floor_nats_per_frame": floor,
+            "test_excess_nats_per_frame": test - floor,
+            "test_sequences_scored": int(scored) if scored is not None else None,
             "mean_steps_per_second": sum(speed.values()) / len(speed) if speed else math.nan,
             "converged_step": int(converged) if converged is not None else None,
             "floor_nats_per_frame": _parse(tags.get("floor_nats_per_frame")),
@@ -163,14 +176,24 @@ def summary(trials: pd.DataFrame, name: str, profile: str, sweep_id: str, mode: 
         "failed": int((trials["status"] == "FAILED").sum()),
     }
     key = "best_val_nats_per_frame" if mode == "train" else "best_train_nats_per_frame"
-    scored = trials.dropna(subset=[key])
+    excess = "test_excess_nats_per_frame"
+    # Ranked by the excess over the floor where the trials were scored on the test split (it compares
+    # across resolutions and with the paper's 1.3), else by the best validation (or train) NLL.
+    rank = excess if mode == "train" and trials[excess].notna().any() else key
+    scored = trials.dropna(subset=[rank])
     if len(scored):
-        best = scored.loc[scored[key].idxmin()]
+        best = scored.loc[scored[rank].idxmin()]
         out["best"] = {"trial": str(best["trial"]), "run_id": str(best["run_id"]), key: float(best[key])}
+        if mode == "train":
+            out["best"].update(
+                {k: _number(best[k]) for k in ("test_nats_per_frame", "test_floor_nats_per_frame", excess)}
+            )
     presets: dict[str, Any] = {}
     for preset, group in trials.dropna(subset=["preset"]).groupby("preset"):
         low = group[key].min()
         entry: dict[str, Any] = {key: None if pd.isna(low) else float(low)}
+        if mode == "train":
+            entry[excess] = _number(group[excess].min())
         if mode == "overfit":
             steps = group["converged_step"].dropna()
             entry["converged_step"] = int(steps.min()) if len(steps) else None
@@ -178,6 +201,10 @@ def summary(trials: pd.DataFrame, name: str, profile: str, sweep_id: str, mode: 
     if presets:
         out["presets"] = presets
     return out
+
+
+def _number(value: Any) -> float | None:
+    return None if pd.isna(value) else float(value)
 
 
 def write_results(

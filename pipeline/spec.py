@@ -20,6 +20,9 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
     search:                        # a grid: every combination of the lists is one trial
       preset: [full, mini, micro]  # optional: whole presets (depths and widths) as one axis
       preset_width_scale: 1.0      # presets' filter_fraction times this (CPU profiles shrink widths)
+      rows:                        # optional: named points, each a set of model/train values
+        - {name: baseline, model: {decoder: baseline}}
+        - {name: rmb, model: {block: rmb}}
       model: {enc_blocks: [2, 4]}  # lists of VPNConfig values
       train: {lr: [3.0e-4]}        # lists of TrainConfig values
     run:                           # how the trials run, not what they compute
@@ -36,7 +39,13 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
       gpu: {}
 
 A profile merges key by key into model, train, run, run.asha and overfit; in search it replaces
-whole axes (an axis set to null is removed), and it may replace data, mode and description.
+whole axes (an axis set to null is removed, and `rows` is replaced as a whole), and it may replace
+data, mode and description.
+
+Rows (the paper's ablation table is a list of rows, not a grid): `search.rows` is one more axis whose
+values are named bundles of model and train values, crossed with the other axes like any axis. A
+row may not set a field that another axis searches, and rows need distinct names: a row's name is
+its trial's label (with the other axes' labels after it).
 """
 
 from __future__ import annotations
@@ -61,7 +70,8 @@ from vpn.train import TrainConfig
 MODES = ("train", "overfit")
 TOP_KEYS = ("name", "description", "mode", "data", "model", "train", "search", "run", "overfit", "profiles")
 PROFILE_KEYS = ("description", "mode", "data", "model", "train", "search", "run", "overfit")
-SEARCH_KEYS = ("preset", "preset_width_scale", "model", "train")
+SEARCH_KEYS = ("preset", "preset_width_scale", "rows", "model", "train")
+ROW_KEYS = ("name", "model", "train")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(VPNConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
 # Axes that a preset fixes; a grid over them next to `preset` would be ambiguous.
@@ -163,6 +173,15 @@ class Point:
 
 
 @dataclass(frozen=True)
+class Row:
+    """A named point of `search.rows`: model and train values set together."""
+
+    name: str
+    model: Mapping[str, Any] = field(default_factory=dict)
+    train: Mapping[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
 class Search:
     """The grid. Each axis is a non-empty tuple of values."""
 
@@ -170,9 +189,12 @@ class Search:
     preset_width_scale: float = 1.0
     model: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     train: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    rows: tuple[Row, ...] = ()
 
     def axes(self) -> list[tuple[str, tuple[Any, ...]]]:
         out: list[tuple[str, tuple[Any, ...]]] = []
+        if self.rows:
+            out.append(("row", tuple(r.name for r in self.rows)))
         if self.preset:
             out.append(("preset", self.preset))
         out += [(f"model.{k}", v) for k, v in self.model.items()]
@@ -388,9 +410,19 @@ def _build(
     del base_model
 
     # Each axis value on its own on top of the base: an impossible value is named by its axis.
+    for row in search.rows:  # each row on its own on top of the base: a bad value is named by its row
+        k = search.rows.index(row)
+        for section, values in (("model", row.model), ("train", row.train)):
+            for key in values:
+                if key in (search.model if section == "model" else search.train):
+                    raise fail(f"search.rows[{k}].{section}.{key}", f"row {row.name!r} sets a field that search.{section}.{key} also searches")
+        if search.preset and any(f in row.model for f in PRESET_FIELDS):
+            raise fail(f"search.rows[{k}].model", "a row may not set enc_blocks, dec_blocks or filter_fraction next to search.preset")
+        _model_config({**model, **row.model}, fail, f"search.rows[{k}].model")
+        _train_config({**train, **row.train}, fail, f"search.rows[{k}].train")
     for path, values in search.axes():
         for v in values:
-            if path == "preset":
+            if path in ("preset", "row"):
                 continue
             section, key = path.split(".", 1)
             if section == "model":
@@ -409,6 +441,10 @@ def _build(
             spec_p = PRESETS[preset]
             m.update(spec_p)
             m["filter_fraction"] = spec_p["filter_fraction"] * search.preset_width_scale
+        if "row" in chosen:
+            row = next(r for r in search.rows if r.name == chosen["row"])
+            m.update(row.model)
+            t.update(row.train)
         for path, v in chosen.items():
             if path.startswith("model."):
                 m[path[6:]] = v
@@ -522,7 +558,37 @@ def _search(value: Any, fail) -> Search:
                 f"search.model.{clash[0]}",
                 "conflicts with search.preset (a preset fixes enc_blocks, dec_blocks and filter_fraction)",
             )
-    return Search(tuple(presets or ()), float(scale), grids["model"], grids["train"])
+    return Search(tuple(presets or ()), float(scale), grids["model"], grids["train"], _rows(raw.get("rows"), fail))
+
+
+def _rows(value: Any, fail) -> tuple[Row, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise fail("search.rows", f"must be a non-empty list of rows ({{name, model, train}}), got {value!r}")
+    rows: list[Row] = []
+    for k, raw in enumerate(value):
+        path = f"search.rows[{k}]"
+        if not isinstance(raw, dict):
+            raise fail(path, f"a row must be a mapping with name, model and train, got {raw!r}")
+        for key in raw:
+            if key not in ROW_KEYS:
+                raise fail(f"{path}.{key}", f"unknown key; known keys: {', '.join(ROW_KEYS)}")
+        name = raw.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise fail(f"{path}.name", f"must be a name of letters, digits, '_', '.', '-', got {name!r}")
+        if any(r.name == name for r in rows):
+            raise fail(f"{path}.name", f"two rows are named {name!r}")
+        sections = {}
+        for section, fields in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
+            values = _mapping(raw.get(section), f"{path}.{section}", fail)
+            for key in values:
+                if key not in fields:
+                    kind = "VPNConfig" if section == "model" else "TrainConfig"
+                    raise fail(f"{path}.{section}.{key}", f"unknown {kind} key; known keys: {', '.join(fields)}")
+            sections[section] = values
+        rows.append(Row(name, sections["model"], sections["train"]))
+    return tuple(rows)
 
 
 def _axis(values: Any, path: str, fail) -> tuple[Any, ...]:
@@ -562,7 +628,7 @@ def _field_path(path: str, msg: str) -> str:
 def _label(chosen: Mapping[str, Any], sample: int | None) -> str:
     parts = []
     for path, v in chosen.items():
-        if path == "preset":
+        if path in ("preset", "row"):
             parts.append(str(v))
         elif path in AXIS_LABELS:
             parts.append(f"{AXIS_LABELS[path]}{v:g}" if isinstance(v, float) else f"{AXIS_LABELS[path]}{v}")

@@ -60,7 +60,7 @@ LEGACY_OUTPUT_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_
 # The same files the DVC stage lists as deps (vpn's CLI, sampler and plots do not count).
 CODE_FILES = (
     "vpn/config.py", "vpn/layers.py", "vpn/model.py", "vpn/metrics.py", "vpn/train.py", "vpn/data.py",
-    "pipeline/trainable.py", "pipeline/tracking.py",
+    "vpn/moving_mnist.py", "pipeline/trainable.py", "pipeline/tracking.py",
 )  # fmt: skip
 EXIT_BAD_SPEC, EXIT_INTERRUPTED = 2, 130
 
@@ -91,13 +91,35 @@ def check_data(sweep: Sweep) -> dict[str, Any]:
     """
     from vpn.data import load_split, read_stats
 
-    splits = ("train", "val") if sweep.mode == "train" else (sweep.overfit.split,)
+    # train mode reads val while training and scores test at the end; train.npy only if a point trains
+    # on the fixed set (a stream draws from train_digits.npy instead).
+    streamed = sweep.mode == "train" and any(p.train.data == "stream" for p in sweep.points)
+    if sweep.mode == "train":
+        fixed = any(p.train.data == "fixed" for p in sweep.points)
+        splits = (("train",) if fixed else ()) + ("val", "test")
+    else:
+        splits = (sweep.overfit.split,)
     shapes = {}
     for split in splits:
         try:
             shapes[split] = tuple(load_split(sweep.data, split).shape)
         except (FileNotFoundError, ValueError) as e:
             raise DataError(f"{sweep.source}: data: {e}") from e
+    if streamed:
+        from vpn.moving_mnist import MovingMNISTStream
+
+        try:
+            stream = MovingMNISTStream.from_folder(sweep.data)
+        except (FileNotFoundError, ValueError, TypeError) as e:
+            raise DataError(f"{sweep.source}: train.data=stream: {e}") from e
+        spec = stream.spec
+        shapes["stream"] = (0, spec.seq_len, spec.channels, spec.frame_size, spec.frame_size)
+    for split, shape in shapes.items():  # every source the trials read must have the same frames
+        if shape[1:] != shapes[splits[0]][1:]:
+            raise DataError(
+                f"{sweep.source}: data: {split} has sequences of shape {shape[1:]} but {splits[0]} has "
+                f"{shapes[splits[0]][1:]} (T, C, H, W)"
+            )
     n, t, c, h, w = shapes[splits[0]]
     for p in sweep.points:
         where = f"{sweep.source}: point {p.label}"
@@ -154,6 +176,7 @@ def point_params(sweep: Sweep, point: Point, frame_hw: tuple[int, int]) -> dict[
     params: dict[str, Any] = {**point.model.to_dict(), **point.train.to_dict()}
     params.update(
         preset=point.preset,
+        row=point.axes.get("row"),
         preset_width_scale=sweep.search.preset_width_scale if sweep.search.preset else None,
         mu_channels=point.model.mu_channels,
         lstm_channels=point.model.lstm_channels,
@@ -162,7 +185,7 @@ def point_params(sweep: Sweep, point: Point, frame_hw: tuple[int, int]) -> dict[
         frame_height=h,
         frame_width=w,
         mode=sweep.mode,
-        data=str(sweep.data),
+        data_path=str(sweep.data),  # not `data`: that is TrainConfig's source, fixed or stream
         sample=point.sample,
     )
     if sweep.mode == "overfit":

@@ -33,6 +33,10 @@ log = logging.getLogger(__name__)
 TRAIN_KEY = "train_nats_per_frame"
 VAL_KEY = "val_nats_per_frame"
 SPEED_KEY = "steps_per_second"
+# Logged once, at the end of a train-mode trial (pipeline.trainable.test_metrics).
+TEST_KEY = "test_nats_per_frame"
+TEST_FLOOR_KEY = "test_floor_nats_per_frame"
+TEST_SEQUENCES_KEY = "test_sequences_scored"
 CURVE_KEYS = (TRAIN_KEY, VAL_KEY, SPEED_KEY)
 # MLflow's limits per log_batch request.
 MAX_METRICS_PER_BATCH = 1000

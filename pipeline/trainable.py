@@ -11,6 +11,10 @@ Reporting, checkpointing and logging hang off the Trainer's hooks:
 - every ckpt_every steps and at the end the Trainer's checkpoint (plus trial.json with the run id)
   is reported to Tune as a Checkpoint; the last one is also logged as the run's artifact
   checkpoint/checkpoint.pt, for sampling.
+- at the end of a train-mode trial the test split is scored with the trial's own frame preparation
+  (vpn.train.Trainer.score: model.nll over frames context..T-1, on train.test_sequences sequences or
+  all): test_nats_per_frame, and the floor of exactly those frames, test_floor_nats_per_frame.
+  A trial that ASHA stops early never reaches its end and has no test score.
 
 Restarts. A trial retried after a crash, or resumed after the sweep was interrupted, restores the
 Trainer from its last Tune checkpoint and reattaches to the same MLflow run. Steps the run already
@@ -38,7 +42,7 @@ import torch
 
 from pipeline import tracking
 from vpn.config import VPNConfig
-from vpn.data import MovingMNIST
+from vpn.data import MovingMNIST, training_source
 from vpn.train import NonFiniteLossError, TrainConfig, Trainer, prepare, sequence_floor
 
 log = logging.getLogger(__name__)
@@ -159,8 +163,18 @@ class _Reporter:
                 os.kill(os.getpid(), signal.SIGKILL)
 
 
+def test_metrics(trainer: Trainer, data_root: str) -> dict[str, float]:
+    """The test split scored as the paper scores it, with its floor (see the module docstring)."""
+    result = trainer.score(MovingMNIST(data_root, "test"), trainer.cfg.test_sequences)
+    metrics = {tracking.TEST_KEY: result.nats_per_frame, tracking.TEST_SEQUENCES_KEY: float(result.sequences)}
+    if result.floor_nats_per_frame is not None:
+        metrics[tracking.TEST_FLOOR_KEY] = result.floor_nats_per_frame
+    return metrics
+
+
 def _train(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, tune) -> None:
-    train_data = MovingMNIST(cfg["data"], "train")
+    # fixed: the data stage's train.npy; stream: fresh sequences from its training digits.
+    train_data = training_source(cfg["data"], train_cfg.data, train_cfg.seed)
     val_data = MovingMNIST(cfg["data"], "val")
     trainer, _ = _restore(
         tune,
@@ -181,10 +195,11 @@ def _train(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, tu
             rep.report(step)
 
     def on_checkpoint(step: int) -> None:
-        rep.checkpoint(step, final=step == until)
+        final = step == until
+        rep.checkpoint(step, final=final, extra=test_metrics(trainer, cfg["data"]) if final else None)
 
     if trainer.step >= until:  # restored from the final checkpoint: nothing left but the bookkeeping
-        rep.checkpoint(trainer.step, final=True)
+        rep.checkpoint(trainer.step, final=True, extra=test_metrics(trainer, cfg["data"]))
         return
     trainer.fit(until, on_log=on_log, on_checkpoint=on_checkpoint, progress=False)
 
@@ -199,7 +214,7 @@ def _overfit(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, 
     tol = settings["tol_per_subpixel"] * seq[0].numel()
     batch = seq[None]  # (1, T, C, H, W): the same batch every step
     # seq is already cut and pooled: the Trainer must not do it again.
-    inner = train_cfg.replace(batch_size=1, seq_len=None, downsample=1)
+    inner = train_cfg.replace(batch_size=1, seq_len=None, downsample=1, data="fixed")
     trainer, meta = _restore(
         tune,
         lambda: Trainer(model_cfg, inner, batch),

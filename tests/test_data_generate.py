@@ -17,6 +17,7 @@ import torch
 
 from pipeline import generate as gen
 from pipeline.generate import GenerateConfig, bounce, generate, plan_split, render
+from vpn.moving_mnist import TRAIN_DIGITS_FILE
 from pipeline.params import ParamsError, section_from_mapping
 from vpn.data import SPLITS, load_split, meta_path, read_stats
 from vpn.metrics import bernoulli_lower_bound
@@ -207,7 +208,8 @@ def test_same_params_give_the_same_bytes_whatever_the_chunking(tmp_path, fake_mn
     monkeypatch.setattr(gen, "CHUNK", 2)  # rendering in other chunks must not change a byte
     generate(TINY, fake_mnist, second)
     a, b = file_bytes(first), file_bytes(second)
-    assert sorted(a) == sorted(["stats.json"] + [f"{s}.npy" for s in SPLITS] + [f"{s}_meta.parquet" for s in SPLITS])
+    outputs = ["stats.json", TRAIN_DIGITS_FILE] + [f"{s}.npy" for s in SPLITS] + [f"{s}_meta.parquet" for s in SPLITS]
+    assert sorted(a) == sorted(outputs)
     assert a == b
     third = tmp_path / "c"
     generate(replace(TINY, seed=TINY.seed + 1), fake_mnist, third)

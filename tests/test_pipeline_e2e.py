@@ -110,6 +110,24 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     overfit = json.loads((work / "reports/presets_overfit/metrics.json").read_text())
     assert overfit["trials"] == 3
 
+    # the paper's rows: five trials on streamed sequences, each scored on the test split with its floor
+    ablation = client.get_experiment_by_name("paper_ablation")
+    rows = {r.info.run_name: r for r in client.search_runs([ablation.experiment_id])}
+    assert sorted(rows) == ["baseline", "relu", "relu_dilated", "rmb", "rmb_dilated"]
+    for r in rows.values():
+        assert r.info.status == "FINISHED" and r.data.params["data"] == "stream"
+        assert r.data.metrics["test_nats_per_frame"] > r.data.metrics["test_floor_nats_per_frame"] > 0
+        assert r.data.metrics["test_sequences_scored"] == 4
+    table = pd.read_parquet(work / "results/paper_ablation/trials.parquet").set_index("trial")
+    for name, r in rows.items():
+        assert table.loc[name, "test_excess_nats_per_frame"] == pytest.approx(
+            r.data.metrics["test_nats_per_frame"] - r.data.metrics["test_floor_nats_per_frame"]
+        )
+    ablation_metrics = json.loads((work / "reports/paper_ablation/metrics.json").read_text())
+    assert ablation_metrics["best_excess_nats_per_frame"] == pytest.approx(table["test_excess_nats_per_frame"].min())
+    assert ablation_metrics["rows"]["baseline"]["paper_nats_per_frame"] == 110.1
+    assert "## The paper's rows" in (work / "reports/paper_ablation/report.md").read_text()
+
     # nothing changed: nothing reruns
     again = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr[-2000:]
@@ -123,7 +141,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     for stage in ("sweep", "report"):
         assert f"Running stage '{stage}'" in exp.stdout, exp.stdout
-    for stage in ("fetch", "generate", "overfit"):
+    for stage in ("fetch", "generate", "overfit", "ablation"):
         assert f"Running stage '{stage}'" not in exp.stdout, exp.stdout
     spec = yaml.safe_load((work / "sweeps/depth_width.yaml").read_text())
     assert spec["profiles"]["tiny"]["train"]["steps"] == 12 and spec["name"] == "depth_width"

@@ -240,3 +240,46 @@ def test_report_from_a_real_mlflow_store_with_a_failed_trial_and_an_empty_experi
     assert "non-finite" in failed_row and "1 did not" in text
     empty = build_report("nothing", ReportParams(sweeps=("nothing",)), tmp_path)
     assert empty["trials"] == 0 and "no runs" in (tmp_path / "reports" / "nothing" / "report.md").read_text()
+
+
+def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_path):
+    """Rows of the paper's table: each trial's test NLL, floor and excess next to the paper's row,
+    and the best trial is the one with the least excess over its floor (not the least val NLL)."""
+    rows = [
+        ("baseline", "baseline", "rmb", True, 60.0, 20.0),
+        ("rmb", "pixelcnn", "rmb", False, 30.0, 20.0),
+        ("rmb_dilated", "pixelcnn", "rmb", True, 26.0, 20.0),
+        ("relu", "pixelcnn", "relu", False, 29.0, 20.0),
+        ("relu_dilated", "pixelcnn", "relu", True, 27.5, 18.0),  # lowest test NLL but not least excess
+    ]
+    trials, curves = [], []
+    for k, (name, decoder, block, dilation, test, floor) in enumerate(rows):
+        trials.append(dict(
+            run_id=f"r{k}", trial=name, row=name, point=k, sweep="abl", profile="cpu", status="FINISHED", error=None,
+            preset=None, enc_blocks=4, dec_blocks=3, filter_fraction=0.0625, decoder=decoder, block=block,
+            dilation=dilation, parameters=1000, flops_per_frame=10**6, steps=500, step_budget=500, batch_size=8,
+            seq_len=6, context=3, frame_height=16, frame_width=16, data="stream", steps_per_second=5.0,
+            test_nats_per_frame=test, test_floor_nats_per_frame=floor, test_excess_nats_per_frame=test - floor,
+            test_sequences_scored=1000, converged_step=None, checkpoint=None,
+        ))
+        for step in range(10, 110, 10):
+            curves.append((f"r{k}", step, test + 100 / step, test + 1 + 100 / step if step % 50 == 0 else np.nan, 5.0))
+    write_tables(tmp_path, "abl", trials, curves)
+    metrics = build_report("abl", ReportParams(sweeps=("abl",)), tmp_path)
+    out = tmp_path / "reports" / "abl"
+    with Image.open(out / "ablation.png") as image:
+        image.verify()
+    assert metrics["best_config"].startswith("rmb_dilated")  # excess 6.0, the least
+    assert metrics["best_excess_nats_per_frame"] == pytest.approx(6.0)
+    assert metrics["rows"]["baseline"] == {"test_nats_per_frame": 60.0, "floor": 20.0, "excess": 40.0, "paper_nats_per_frame": 110.1}
+    assert metrics["rows"]["relu_dilated"]["paper_nats_per_frame"] == 87.7
+    text = (out / "report.md").read_text()
+    table = text.split("## The paper's rows")[1]
+    assert "16x16 frames" in table and "4,000 training sequences (streamed)" in table and "1,000 test sequences" in table
+    line = next(x for x in table.splitlines() if x.startswith("| rmb_dilated |"))
+    assert "VPN, RMB, dilation" in line and "| 26 | 20 | 6 | 87.6 | 1.3 |" in line
+    # the table of every trial is sorted by excess
+    every = text.split("## Every trial")[1]
+    order = [name for name, *_ in rows if f"| {name} (" in every]
+    positions = sorted(order, key=lambda n: every.index(f"| {n} ("))
+    assert positions == ["rmb_dilated", "relu", "relu_dilated", "rmb", "baseline"]

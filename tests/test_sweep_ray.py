@@ -27,7 +27,8 @@ from pipeline.sweep import QUIET_ENV, run_sweep
 from vpn.config import VPNConfig
 from vpn.data import MovingMNIST
 from vpn.model import VideoPixelNetwork, count_flops_per_frame
-from vpn.train import TrainConfig, Trainer
+from vpn.metrics import bernoulli_lower_bound
+from vpn.train import TrainConfig, Trainer, load_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -136,6 +137,7 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
         expected.update({k: repr(v) for k, v in {**model.to_dict(), **train.to_dict()}.items() if isinstance(v, float)})
         expected.update(
             preset="None",
+            row="None",
             preset_width_scale="None",
             mu_channels="4",
             lstm_channels="8",
@@ -144,7 +146,7 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
             frame_height="8",
             frame_width="8",
             mode="train",
-            data=str(env["data"]),
+            data_path=str(env["data"]),
             sample="0",
         )
         assert run.data.params == expected
@@ -156,10 +158,22 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
             assert steps_of(client, run.info.run_id, tracking.VAL_KEY) == [10, 20]
             train_curve = [v for _, v in history(client, run.info.run_id, tracking.TRAIN_KEY)]
             assert all(math.isfinite(v) for v in train_curve) and train_curve[-1] < train_curve[0]
-            assert set(run.data.metrics) == set(tracking.CURVE_KEYS)
+            test_keys = (tracking.TEST_KEY, tracking.TEST_FLOOR_KEY, tracking.TEST_SEQUENCES_KEY)
+            assert set(run.data.metrics) == {*tracking.CURVE_KEYS, *test_keys}
+            assert steps_of(client, run.info.run_id, tracking.TEST_KEY) == [20]  # once, at the end
             artifact = client.download_artifacts(run.info.run_id, tracking.CHECKPOINT_ARTIFACT, str(env["root"] / label))
             state = torch.load(artifact, weights_only=True)
             assert state["step"] == 20 and state["model_config"] == model.to_dict()
+            # the test score, recomputed independently: model.nll of the final weights on the whole
+            # test split (4 sequences), frames 3..5 given 0..2; the floor, the lower bound of those frames
+            test = MovingMNIST(env["data"], "test")
+            frames = torch.stack([test[k] for k in range(len(test))])
+            with torch.no_grad():
+                nll = load_model(artifact).nll(frames, context=3).double().mean()
+            assert run.data.metrics[tracking.TEST_KEY] == pytest.approx(float(nll), rel=1e-5)
+            floor = bernoulli_lower_bound(frames, context=3).double().mean()
+            assert run.data.metrics[tracking.TEST_FLOOR_KEY] == pytest.approx(float(floor), rel=1e-6)
+            assert run.data.metrics[tracking.TEST_SEQUENCES_KEY] == 4
         else:
             assert run.info.status == "FAILED"
             assert tags[tracking.TAG_NON_FINITE_STEP] == "5"
@@ -180,12 +194,19 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     finished = trials[trials["status"] == "FINISHED"]
     assert finished["checkpoint_uri"].str.endswith("/checkpoint/checkpoint.pt").all()
     assert (finished["best_val_nats_per_frame"] <= finished["final_val_nats_per_frame"]).all()
+    for _, row in finished.iterrows():  # the test score and its excess, as MLflow holds them
+        metrics_of = runs[row["trial"]].data.metrics
+        assert row["test_nats_per_frame"] == metrics_of[tracking.TEST_KEY]
+        assert row["test_excess_nats_per_frame"] == pytest.approx(metrics_of[tracking.TEST_KEY] - metrics_of[tracking.TEST_FLOOR_KEY])
+    assert trials.loc[trials["status"] == "FAILED", "test_nats_per_frame"].isna().all()
     assert len(curves) == 8 and set(curves["trial"]) == {"e1-lr=0.001", "e2-lr=0.001"}
     assert curves.groupby("trial")["step"].apply(list).to_dict() == {l: [5, 10, 15, 20] for l in ("e1-lr=0.001", "e2-lr=0.001")}
     assert curves["val_nats_per_frame"].isna().tolist() == [True, False, True, False] * 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["trials"], metrics["finished"], metrics["failed"]) == (4, 2, 2)
-    assert metrics["best"]["best_val_nats_per_frame"] == pytest.approx(finished["best_val_nats_per_frame"].min())
+    best = finished.loc[finished["test_excess_nats_per_frame"].idxmin()]  # ranked by the excess over the floor
+    assert metrics["best"]["trial"] == best["trial"]
+    assert metrics["best"]["test_excess_nats_per_frame"] == pytest.approx(best["test_excess_nats_per_frame"])
 
     # `python -m pipeline.results` rebuilds the same tables from MLflow alone.
     again = env["root"] / "results_again"

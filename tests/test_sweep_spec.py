@@ -233,6 +233,13 @@ def test_data_checks(tmp_path):
         check_data(spec.resolve("cpu"))
     for split in ("train", "val"):
         np.save(data / f"{split}.npy", np.zeros((3, 4, 1, 8, 8), np.uint8))
+    # train mode scores the test split at the end of every trial: it must be there, with the same frames
+    with pytest.raises(DataError, match=r"data: .*test\.npy.*not found"):
+        check_data(spec.resolve("cpu"))
+    np.save(data / "test.npy", np.zeros((2, 4, 1, 8, 6), np.uint8))
+    with pytest.raises(DataError, match=r"test has sequences of shape \(4, 1, 8, 6\)"):
+        check_data(spec.resolve("cpu"))
+    np.save(data / "test.npy", np.zeros((2, 4, 1, 8, 8), np.uint8))
     with pytest.raises(DataError, match="seq_len=5 but the data has 4 frames"):
         check_data(spec.resolve("cpu"))
     ok = load_spec(write_spec(tmp_path, BASE, "ok.yaml"), root=tmp_path).resolve("cpu")

@@ -28,6 +28,7 @@ from vpn.train import (
     overfit,
     prepare,
     resolve_device,
+    score,
 )
 
 log = logging.getLogger("vpn")
@@ -67,6 +68,12 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
             raise ValueError(f"--set expects key=value, got {pair!r}")
         out[key.strip()] = yaml.safe_load(value)
     return out
+
+
+def training_source(root: str, data: str, seed: int):
+    from vpn.data import training_source
+
+    return training_source(root, data, seed)
 
 
 def _dataset(root: str, split: str):
@@ -120,7 +127,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag in ("steps", "batch_size", "lr", "seed", "device"):
         if getattr(args, flag) is not None:
             sets[flag] = getattr(args, flag)
-    train_data = _dataset(args.data, "train")
+    resumed = TrainConfig.from_dict(load_checkpoint(args.resume)["train_config"]) if args.resume and not args.overfit else None
+    source = {k: sets.get(k, getattr(resumed or TrainConfig(), k)) for k in ("data", "seed")}
+    train_data = training_source(args.data, "fixed" if args.overfit else source["data"], source["seed"])
     image_channels = train_data[0].shape[1]
     ckpt = out / "checkpoint.pt"
 
@@ -165,26 +174,17 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
-    from vpn.metrics import bernoulli_lower_bound
-
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     tcfg = TrainConfig.from_dict(state["train_config"])
     model = load_model(args.checkpoint, device)
     data = _dataset(args.data, args.split)
-    n = len(data) if args.limit is None else min(args.limit, len(data))
-    total, bound = 0.0, 0.0
-    with torch.no_grad():
-        for start in range(0, n, args.batch_size):
-            batch = torch.stack([data[k] for k in range(start, min(n, start + args.batch_size))])
-            frames = prepare(batch, tcfg).to(device)
-            total += float(model.nll(frames, context=args.context).sum())
-            if model.cfg.output == "bernoulli":
-                bound += float(bernoulli_lower_bound(frames.cpu(), context=args.context).sum())
-    result = {"split": args.split, "sequences": n, "context": args.context, "nats_per_frame": total / n}
-    if model.cfg.output == "bernoulli":
-        result["lower_bound_nats_per_frame"] = bound / n
-    print(json.dumps(result))
+    result = score(model, data, tcfg, args.limit, context=args.context, batch_size=args.batch_size)
+    out = {"split": args.split, "sequences": result.sequences, "context": args.context, "nats_per_frame": result.nats_per_frame}
+    if result.floor_nats_per_frame is not None:
+        out["lower_bound_nats_per_frame"] = result.floor_nats_per_frame
+        out["excess_nats_per_frame"] = result.excess_nats_per_frame
+    print(json.dumps(out))
     return 0
 
 

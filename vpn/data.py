@@ -115,6 +115,18 @@ class MovingMNIST(Dataset):
         return f"MovingMNIST(root={str(self.root)!r}, split={self.split!r}, shape={self.shape})"
 
 
+def training_source(root: str | Path, data: str = "fixed", seed: int = 0) -> Dataset:
+    """The training sequences of a data folder, as TrainConfig.data asks: "fixed" is train.npy,
+    "stream" draws fresh sequences from its train_digits.npy without end (MovingMNISTStream)."""
+    if data == "stream":
+        from vpn.moving_mnist import MovingMNISTStream
+
+        return MovingMNISTStream.from_folder(root, seed)
+    if data != "fixed":
+        raise ValueError(f"data must be 'fixed' or 'stream', got {data!r}")
+    return MovingMNIST(root, "train")
+
+
 def make_loader(
     dataset: Dataset,
     batch_size: int,

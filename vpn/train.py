@@ -1,8 +1,14 @@
 """A plain training loop for any VPNConfig: RMSProp, teacher forcing, validation, exact resume.
 
-- The batch of step s is a pure function of (seed, s): sequences drawn with replacement by a generator
-  seeded from both. A resumed run therefore sees the same batches as an uninterrupted one without
-  any sampler state to save, and a sweep trial restarted from a checkpoint continues its own curve.
+- The batch of step s is a pure function of (seed, s). From a fixed set (`data: fixed`): sequences
+  drawn with replacement by a generator seeded from both. From a stream (`data: stream`,
+  vpn.moving_mnist.MovingMNISTStream): sequences (s-1)*B .. s*B-1 of the stream, each a function of
+  (seed, its index), so no two steps share a sequence. A resumed run therefore sees the same batches
+  as an uninterrupted one without any sampler state to save, and a sweep trial restarted from a
+  checkpoint continues its own curve.
+- Scoring (`Trainer.score`, and validation through it) is `model.nll`, the paper's metric, beside
+  the floor of exactly the frames scored: the entropy of their grey levels by
+  vpn.metrics.bernoulli_lower_bound, the function the data stage's lower bound uses.
 - The loss that is optimised is nats per sub-pixel (nats/frame divided by C*H*W), so the gradient
   clipping threshold means the same at every frame size; everything reported is nats per frame.
 - Host syncs happen only every `log_every` steps: losses stay on the device in between. A non-finite
@@ -16,6 +22,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -40,6 +47,7 @@ log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "vpn-checkpoint/1"
 MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+DATA_SOURCES = ("fixed", "stream")
 
 
 @dataclass(frozen=True)
@@ -64,6 +72,10 @@ class TrainConfig:
     compile: torch.compile the forward pass and loss (fuses the gates' elementwise ops). Off by
         default: compiling costs about a minute on a small CPU, more than short runs gain.
     num_workers: DataLoader worker processes.
+    data: "fixed" (the data stage's train.npy, sampled with replacement) or "stream" (fresh sequences
+        from the training digits at every step, as the paper trains: vpn.moving_mnist).
+    test_sequences: how many sequences of the test split `Trainer.score` uses at the end of a sweep
+        trial (the first ones; None: the whole split, the paper's 10,000).
     """
 
     steps: int = 2000
@@ -86,6 +98,8 @@ class TrainConfig:
     memory_format: str = "auto"
     compile: bool = False
     num_workers: int = 0
+    data: str = "fixed"
+    test_sequences: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "log_every", "val_every", "val_batches", "context", "downsample")
@@ -116,6 +130,11 @@ class TrainConfig:
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         if self.memory_format not in MEMORY_FORMATS:
             raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"data must be one of {DATA_SOURCES}, got {self.data!r}")
+        t = self.test_sequences
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"test_sequences must be an integer >= 1 or null (the whole split), got {t!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
@@ -177,10 +196,22 @@ def batch_indices(n: int, batch_size: int, seed: int, step: int) -> list[int]:
     return torch.randint(n, (batch_size,), generator=g).tolist()
 
 
-class _StepBatches(torch.utils.data.Sampler):
-    """Yields batch_indices for steps start+1 .. end, for a DataLoader's batch_sampler."""
+def stream_indices(batch_size: int, step: int) -> list[int]:
+    """Stream sequences of the batch for update `step` (1-based): (step-1)*B .. step*B-1, each drawn
+    once in a run (the stream's own seed makes them differ between runs)."""
+    return list(range((step - 1) * batch_size, step * batch_size))
 
-    def __init__(self, n: int, batch_size: int, seed: int, start: int, end: int) -> None:
+
+def is_stream(data: Dataset) -> bool:
+    """True for a source without end (vpn.moving_mnist.MovingMNISTStream), indexed by stream_indices."""
+    return bool(getattr(data, "streamed", False))
+
+
+class _StepBatches(torch.utils.data.Sampler):
+    """Yields the batches of steps start+1 .. end (batch_indices or stream_indices), for a
+    DataLoader's batch_sampler."""
+
+    def __init__(self, n: int | None, batch_size: int, seed: int, start: int, end: int) -> None:
         self.n, self.batch_size, self.seed, self.start, self.end = n, batch_size, seed, start, end
 
     def __len__(self) -> int:
@@ -188,7 +219,31 @@ class _StepBatches(torch.utils.data.Sampler):
 
     def __iter__(self):
         for step in range(self.start + 1, self.end + 1):
-            yield batch_indices(self.n, self.batch_size, self.seed, step)
+            if self.n is None:
+                yield stream_indices(self.batch_size, step)
+            else:
+                yield batch_indices(self.n, self.batch_size, self.seed, step)
+
+
+@dataclass(frozen=True)
+class Score:
+    """A split scored as the paper scores it (Trainer.score).
+
+    nats_per_frame: mean over sequences of model.nll (frames context..T-1, teacher forcing).
+    floor_nats_per_frame: the entropy of exactly those targets (vpn.metrics.bernoulli_lower_bound),
+        the least any model can score; None for the categorical head (its floor is the data's unknown
+        discrete entropy, not this one).
+    sequences: how many sequences were scored.
+    """
+
+    nats_per_frame: float
+    floor_nats_per_frame: float | None
+    sequences: int
+
+    @property
+    def excess_nats_per_frame(self) -> float | None:
+        """nats_per_frame - floor: how far from the best possible (the paper's 87.6 - 86.3 = 1.3)."""
+        return None if self.floor_nats_per_frame is None else self.nats_per_frame - self.floor_nats_per_frame
 
 
 def prepare(frames: Tensor, cfg: TrainConfig) -> Tensor:
@@ -202,6 +257,50 @@ def prepare(frames: Tensor, cfg: TrainConfig) -> Tensor:
         pooled = F.avg_pool2d(frames.flatten(0, 1).float(), cfg.downsample)  # (B*T, C, H/d, W/d)
         frames = pooled.round().to(torch.uint8).unflatten(0, (b, t))
     return frames
+
+
+@torch.no_grad()
+def score(
+    model: VideoPixelNetwork,
+    data: Dataset | Tensor,
+    cfg: TrainConfig,
+    sequences: int | None = None,
+    *,
+    context: int | None = None,
+    batch_size: int | None = None,
+    autocast: Callable[[], Any] | None = None,
+) -> Score:
+    """Score the first `sequences` sequences of `data` (None: all of them) as the paper does.
+
+    Each sequence is prepared as in training (cfg's seq_len and downsample), scored by model.nll over
+    frames context..T-1 given the frames before (context: cfg.context unless given), and its floor is
+    computed on the same prepared targets by bernoulli_lower_bound. Batches of batch_size (default
+    cfg.batch_size) on the model's device; the sums stay there until the end. autocast: a context
+    manager factory for the forward pass (the Trainer's bf16 autocast), or None for full precision.
+    """
+    data = as_dataset(data)
+    n = len(data) if sequences is None else min(len(data), sequences)
+    if n < 1:
+        raise ValueError("nothing to score: the data holds no sequence")
+    context = cfg.context if context is None else context
+    batch_size = batch_size or cfg.batch_size
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    bernoulli = model.cfg.output == "bernoulli"
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    floor = torch.zeros((), dtype=torch.float64, device=device)
+    try:
+        for start in range(0, n, batch_size):
+            batch = torch.stack([data[k] for k in range(start, min(n, start + batch_size))])
+            frames = prepare(batch.to(device), cfg)
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                total += model.nll(frames, context).sum()
+            if bernoulli:
+                floor += bernoulli_lower_bound(frames, context).sum()
+    finally:
+        model.train(was_training)
+    return Score(float(total) / n, float(floor) / n if bernoulli else None, n)
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -223,6 +322,9 @@ class Trainer:
         self.device = resolve_device(train_cfg.device)
         self.train_data = as_dataset(train_data)
         self.val_data = as_dataset(val_data) if val_data is not None else None
+        if is_stream(self.train_data) != (train_cfg.data == "stream"):
+            given = "a stream" if is_stream(self.train_data) else "a fixed set of sequences"
+            raise ValueError(f"train.data is {train_cfg.data!r} but the training data given is {given}")
         if len(self.train_data) == 0:
             raise ValueError("training data is empty")
         torch.manual_seed(train_cfg.seed)  # the model's initial weights
@@ -273,22 +375,17 @@ class Trainer:
         if data is None:
             raise ValueError("no validation data")
         batches = self.cfg.val_batches if batches is None else batches
-        n = min(len(data), batches * self.cfg.batch_size)
-        self.model.eval()
-        total, count = torch.zeros((), device=self.device), 0
-        for start in range(0, n, self.cfg.batch_size):
-            batch = torch.stack([data[k] for k in range(start, min(n, start + self.cfg.batch_size))])
-            frames = prepare(batch.to(self.device), self.cfg)
-            with self._autocast():
-                logits = self.model(frames)
-            per = self.model.frame_nll(logits, frames)[:, self.cfg.context - 1 :]  # (B, T-context)
-            total += per.mean(dim=1).sum()
-            count += len(frames)
-        return float(total) / count
+        return self.score(data, batches * self.cfg.batch_size).nats_per_frame
+
+    @torch.no_grad()
+    def score(self, data: Dataset | Tensor, sequences: int | None = None) -> Score:
+        """The paper's score of the first `sequences` sequences of `data` (None: all): see `score`."""
+        return score(self.model, data, self.cfg, sequences, autocast=self._autocast)
 
     # -- the loop -------------------------------------------------------------------------------
     def loader(self, until: int) -> DataLoader:
-        sampler = _StepBatches(len(self.train_data), self.cfg.batch_size, self.cfg.seed, self.step, until)
+        n = None if is_stream(self.train_data) else len(self.train_data)
+        sampler = _StepBatches(n, self.cfg.batch_size, self.cfg.seed, self.step, until)
         return DataLoader(
             self.train_data,
             batch_sampler=sampler,
@@ -467,7 +564,7 @@ def overfit(
     seq = prepare(sequence[None], train_cfg)[0]  # (T, C, H, W) after seq_len / downsample
     floor = sequence_floor(model_cfg, seq)
     tol = 0.01 * seq[0].numel() if tol is None else float(tol)
-    trainer = Trainer(model_cfg, train_cfg.replace(seq_len=None, downsample=1), seq[None])
+    trainer = Trainer(model_cfg, train_cfg.replace(seq_len=None, downsample=1, data="fixed"), seq[None])
     batch = seq[None]
     losses: list[float] = []
     converged = None
