@@ -699,7 +699,8 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
                 r["row"]: {"test_nats_per_frame": _json_number(r["test NLL"]), "floor": _json_number(r["floor"]), "excess": _json_number(r["excess"]), "paper_nats_per_frame": _json_number(r["paper NLL"])}
                 for _, r in table.iterrows()
             }
-        figures.append(("Convergence curves (colour: depth, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
+        colour = "row" if summary["series"].ne(summary["depth"]).any() else "depth"
+        figures.append((f"Convergence curves (colour: {colour}, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
         best_curve = curves[curves["run_id"] == best["run_id"]].sort_values("step")
         cols = [c for c in ("step", "train_nats_per_frame", "val_nats_per_frame") if c in best_curve]
         write_text(out / "best_curve.csv", best_curve[cols].to_csv(index=False))
