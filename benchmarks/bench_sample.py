@@ -8,9 +8,14 @@ Both decode one new frame of a batch given its LSTM context (vpn.sample.decode_f
 - naive: for every pixel (and colour) the whole decoder runs on the whole partly drawn frame, as the
   public implementations sample. Every pixel costs the same full pass, so it is timed on the first
   --naive-pixels pixels of the frame: a whole 64x64 frame would take hours on a CPU.
-- cached: one position of every layer per pixel, the row above's taps once per row. Timed on the
-  first --pixels pixels (one image row at 64x64, so one per-row step is included), including its
-  per-frame setup; with --full-frame-batches also on a whole frame, the figure a user sees.
+- cached: one position of every layer per pixel, the row above's taps (the stacks: the vertical
+  stack's row) once per row. Timed on the first --pixels pixels (one image row at 64x64, so one
+  per-row step is included), including its per-frame setup; with --full-frame-batches also on a
+  whole frame, the figure a user sees. The stacks' vertical stack first runs at row 1 (row 0 has
+  no row above), so their first-row figure leaves it out: compare the decoders on whole frames.
+
+Each of --decoders is timed the same way, one after the other (default: the masked decoder,
+"pixelcnn", and Gated PixelCNN's vertical and horizontal stacks, "stacks", at the same preset).
 
 Throughput is pixels per second: batch x pixels drawn / seconds (greyscale, so one value a pixel).
 Before timing, both samplers draw the first pixels from the same context and seed, and their logits
@@ -64,9 +69,42 @@ def check_same_logits(model: VideoPixelNetwork, context: torch.Tensor, pixels: i
     return max(float((a - b).abs().max()) for a, b in zip(logs["cached"], logs["naive"]))
 
 
+def time_batch(model: VideoPixelNetwork, decoder: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """One row of the table: naive and cached pixels/s at one batch size, interleaved."""
+    context = lstm_context(model, batch, args.size, device)
+    gen = torch.Generator(device).manual_seed(0)
+    fns = {
+        "naive": lambda: decode_frame(model, context, gen, method="naive", n_pixels=args.naive_pixels),
+        "cached": lambda: decode_frame(model, context, gen, method="cached", n_pixels=args.pixels),
+    }
+    log.info("%s, batch %d: timing naive (%d px) and cached (%d px), %d repeats",
+             decoder, batch, args.naive_pixels, args.pixels, args.repeats)
+    times = interleaved(fns, device, args.repeats, warmup=1)
+    per_pixel = {
+        "naive": [t / args.naive_pixels for t in times["naive"]],
+        "cached": [t / args.pixels for t in times["cached"]],
+    }
+    row = {
+        "decoder": decoder,
+        "batch": batch,
+        "naive_pixels_per_s": batch / median(per_pixel["naive"]),
+        "cached_pixels_per_s": batch / median(per_pixel["cached"]),
+        "speedup": median([n / c for n, c in zip(per_pixel["naive"], per_pixel["cached"])]),
+        "naive_times_s": times["naive"],
+        "cached_times_s": times["cached"],
+    }
+    if batch in args.full_frame_batches:
+        t = time_once(lambda: decode_frame(model, context, gen, method="cached"), device)
+        row["cached_full_frame_s"] = t
+        row["cached_full_frame_pixels_per_s"] = batch * args.size * args.size / t
+    return row
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="micro")
+    p.add_argument("--decoders", nargs="+", choices=("pixelcnn", "stacks"), default=["pixelcnn", "stacks"],
+                   help="decoders to time, each at the preset's depth and widths")
     p.add_argument("--size", type=int, default=64, help="frame height and width")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--pixels", type=int, default=64, help="pixels the cached sampler is timed on")
@@ -84,49 +122,28 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     out = Path(args.out or f"benchmarks/results/sample_{device.type}.json")
 
-    torch.manual_seed(0)
-    model = VideoPixelNetwork(VPNConfig.preset(args.preset)).to(device).eval()
     results: dict[str, Any] = {"benchmark": "sample", "environment": environment(device), "args": vars(args), "rows": []}
-    diff = check_same_logits(model, lstm_context(model, 2, args.size, device), pixels=min(args.pixels, 2 * args.size))
-    results["cached_vs_naive_max_abs_logit_diff"] = diff
-    log.info("cached logits equal naive logits on the first pixels (max |diff| %.2e)", diff)
-
-    for batch in args.batches:
-        context = lstm_context(model, batch, args.size, device)
-        gen = torch.Generator(device).manual_seed(0)
-        fns = {
-            "naive": lambda: decode_frame(model, context, gen, method="naive", n_pixels=args.naive_pixels),
-            "cached": lambda: decode_frame(model, context, gen, method="cached", n_pixels=args.pixels),
-        }
-        log.info("batch %d: timing naive (%d px) and cached (%d px), %d repeats", batch, args.naive_pixels, args.pixels, args.repeats)
-        times = interleaved(fns, device, args.repeats, warmup=1)
-        per_pixel = {
-            "naive": [t / args.naive_pixels for t in times["naive"]],
-            "cached": [t / args.pixels for t in times["cached"]],
-        }
-        row = {
-            "batch": batch,
-            "naive_pixels_per_s": batch / median(per_pixel["naive"]),
-            "cached_pixels_per_s": batch / median(per_pixel["cached"]),
-            "speedup": median([n / c for n, c in zip(per_pixel["naive"], per_pixel["cached"])]),
-            "naive_times_s": times["naive"],
-            "cached_times_s": times["cached"],
-        }
-        if batch in args.full_frame_batches:
-            t = time_once(lambda: decode_frame(model, context, gen, method="cached"), device)
-            row["cached_full_frame_s"] = t
-            row["cached_full_frame_pixels_per_s"] = batch * args.size * args.size / t
-        results["rows"].append(row)
-        write_json(results, out)  # after every batch size, so a long run leaves what it has measured
+    results["cached_vs_naive_max_abs_logit_diff"] = {}
+    for decoder in args.decoders:
+        torch.manual_seed(0)
+        model = VideoPixelNetwork(VPNConfig.preset(args.preset, decoder=decoder)).to(device).eval()
+        # Two rows and two pixels: the cached samplers' per-row steps (the row above's taps, the
+        # stacks' vertical row and links) run at least once before a compared pixel.
+        diff = check_same_logits(model, lstm_context(model, 2, args.size, device), pixels=2 * args.size + 2)
+        results["cached_vs_naive_max_abs_logit_diff"][decoder] = diff
+        log.info("%s: cached logits equal naive logits on the first pixels (max |diff| %.2e)", decoder, diff)
+        for batch in args.batches:
+            results["rows"].append(time_batch(model, decoder, batch, args, device))
+            write_json(results, out)  # after every batch size, so a long run leaves what it has measured
 
     target = TARGET_AT_64.get(device.type)
     print(f"\n{results['environment']['device']}: {args.preset} at {args.size}x{args.size}, greyscale; naive timed on "
           f"{args.naive_pixels} px, cached on {args.pixels} px (setup included); medians of {args.repeats} interleaved repeats")
-    columns = ["batch", "naive_pixels_per_s", "cached_pixels_per_s", "speedup", "cached_full_frame_pixels_per_s"]
+    columns = ["decoder", "batch", "naive_pixels_per_s", "cached_pixels_per_s", "speedup", "cached_full_frame_pixels_per_s"]
     print(markdown_table(results["rows"], columns))
-    at64 = [r for r in results["rows"] if r["batch"] == 64]
-    if at64 and target is not None:
-        print(f"\ntarget at batch 64 on {device.type}: >= {target:g}x; measured {at64[0]['speedup']:.0f}x")
+    for row in results["rows"]:
+        if row["batch"] == 64 and target is not None:
+            print(f"\n{row['decoder']}: target at batch 64 on {device.type}: >= {target:g}x; measured {row['speedup']:.0f}x")
     print(f"\nwrote {out}")
     return 0
 

@@ -53,8 +53,10 @@ def _split(conv: nn.Module, rows: slice) -> nn.Module:
     """Output channels `rows` of a (masked or plain) conv, as a conv of its own with those weights."""
     if isinstance(conv, MaskedConv2d):
         return PlainMaskedConv2d(conv, rows)
-    if not isinstance(conv, nn.Conv2d):
-        raise TypeError(f"expected a Conv2d, got {type(conv).__name__}")
+    # Exactly Conv2d: a subclass (the stacks' VerticalConv2d, HorizontalConv2d) pads or masks in its
+    # forward, which a plain copy of its weights would drop.
+    if type(conv) is not nn.Conv2d:
+        raise TypeError(f"expected a MaskedConv2d or a plain Conv2d, got {type(conv).__name__}")
     weight = conv.weight[rows]
     part = nn.Conv2d(
         weight.shape[1], weight.shape[0], conv.kernel_size, padding=conv.padding,

@@ -712,6 +712,11 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
             lines += [markdown_table(table, list(table.columns)), ""]
         figures.append(("Iterations to converge", plot_converge_heatmaps(summary, out / "converge_heatmaps.png").name))
         figures.append(("Final NLL against cost, Pareto front marked", plot_pareto(summary, out / "pareto.png").name))
+        if "decoder" in summary and summary["decoder"].nunique() > 1:  # e.g. sweeps/decoders.yaml
+            from pipeline.decoder_report import decoder_comparison
+
+            decoder_lines, decoder_figures = decoder_comparison(summary, out)
+            lines, figures = lines + decoder_lines, figures + decoder_figures
         figures.append(("Training speed", plot_speed(summary, out / "speed.png").name))
         try:
             strip_path = sample_strip(best, params, repo, out / "samples.png")

@@ -69,6 +69,8 @@ OPTIONS = [
     ("relu", dict(block="relu")),
     ("baseline", dict(decoder="baseline")),
     ("baseline-relu", dict(decoder="baseline", block="relu")),
+    ("stacks", dict(decoder="stacks")),
+    ("stacks-relu", dict(decoder="stacks", block="relu")),
 ]
 
 
@@ -108,14 +110,15 @@ def test_one_pixel_changes_only_later_logits(name, overrides, options, colours, 
             assert diff[b][~past].max() > 1e-6, "a pixel changed no later prediction"
 
 
+@pytest.mark.parametrize("decoder", ["pixelcnn", "stacks"])
 @pytest.mark.parametrize("block", ["rmb", "relu"])
 @pytest.mark.parametrize("colours", [1, 3])
-def test_next_pixel_and_next_frame_see_the_change(colours, block):
+def test_next_pixel_and_next_frame_see_the_change(colours, block, decoder):
     """Not just some later logit: the very next sub-pixel in raster order, and the next frame.
 
     Width c = 16: with c = 4 an RGB colour group has 3 channels, and the head's ReLUs can leave a
     group's logits constant at a pixel at initialisation (no path, rather than a blocked one)."""
-    model = build("micro", {}, colours, "categorical", False, 0, width=16, block=block)
+    model = build("micro", {}, colours, "categorical", False, 0, width=16, block=block, decoder=decoder)
     frames = torch.randint(0, 256, (1, T, colours, H, W), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
     t, c, i, j = 1, 0, 2, 3
     diff = logit_change(model, frames, 0, t, c, i, j)[0]  # (T-1, C, H, W); index t-1 predicts frame t
@@ -151,6 +154,13 @@ def test_raw_frame_never_reaches_a_gate_unmasked():
 def test_relu_block_never_leaks_a_pixel_into_itself():
     """The same check with large weights for PixelCNN's ReLU blocks (block="relu")."""
     check_no_self_leak(build("micro", {}, 1, "bernoulli", False, 3, block="relu"))
+
+
+@pytest.mark.parametrize("block", ["rmb", "relu"])
+def test_stacks_never_leak_a_pixel_into_itself(block):
+    """The same check with large weights for the vertical and horizontal stacks (decoder="stacks"):
+    the vertical stack sees its own row, so a missing shift would show here."""
+    check_no_self_leak(build("micro", {}, 1, "bernoulli", False, 3, block=block, decoder="stacks"))
 
 
 def check_no_self_leak(model: VideoPixelNetwork) -> None:

@@ -38,13 +38,16 @@ def test_sample_shape_dtype_and_seed(colours, output):
 
 
 @pytest.mark.parametrize(
-    "colours,output,dilation,block",
-    [(1, "categorical", False, "rmb"), (3, "categorical", True, "rmb"), (1, "bernoulli", False, "rmb"),
-     (1, "categorical", False, "relu"), (3, "categorical", True, "relu"), (3, "bernoulli", False, "relu")],
+    "colours,output,dilation,block,decoder",
+    [(1, "categorical", False, "rmb", "pixelcnn"), (3, "categorical", True, "rmb", "pixelcnn"),
+     (1, "bernoulli", False, "rmb", "pixelcnn"), (1, "categorical", False, "relu", "pixelcnn"),
+     (3, "categorical", True, "relu", "pixelcnn"), (3, "bernoulli", False, "relu", "pixelcnn"),
+     (1, "categorical", False, "rmb", "stacks"), (3, "categorical", True, "rmb", "stacks"),
+     (1, "bernoulli", False, "relu", "stacks"), (3, "categorical", False, "relu", "stacks")],
 )  # fmt: skip
-def test_cached_sampler_equals_naive_reference(colours, output, dilation, block):
+def test_cached_sampler_equals_naive_reference(colours, output, dilation, block, decoder):
     """Same context and seed: the same logits at every drawn position, so the same video."""
-    model = tiny(colours, output, seed=3, dilation=dilation, block=block)
+    model = tiny(colours, output, seed=3, dilation=dilation, block=block, decoder=decoder)
     context = torch.randint(0, 256, (2, 2, colours, 5, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
     fast_logits, slow_logits = [], []
     fast = sample_video(model, context, 2, torch.Generator().manual_seed(1), method="cached", record_logits=fast_logits)
@@ -55,9 +58,10 @@ def test_cached_sampler_equals_naive_reference(colours, output, dilation, block)
     assert torch.equal(fast, slow)
 
 
-def test_sampled_frame_is_scored_consistently():
+@pytest.mark.parametrize("decoder", ["pixelcnn", "stacks"])
+def test_sampled_frame_is_scored_consistently(decoder):
     """The sampler's logits for a frame are the forward pass's logits on the sampled frame."""
-    model = tiny(1, "categorical", seed=5)
+    model = tiny(1, "categorical", seed=5, decoder=decoder)
     context = known_sequence()[:, :2]
     recorded: list[torch.Tensor] = []
     video = sample_video(model, context, 1, torch.Generator().manual_seed(2), record_logits=recorded)

@@ -93,6 +93,39 @@ def test_presets_overfit_spec_is_the_blog_experiment():
     assert [p.model.filter_fraction for p in cpu.points] == [0.125, 0.03125, 0.03125]
 
 
+def test_decoders_spec_pairs_the_decoders_at_matched_parameters():
+    """sweeps/decoders.yaml: every profile crosses pixelcnn with stacks, each point has a twin of the
+    other decoder at the same depth and width within 5% in parameters, and no trial is stopped early
+    (a pair is compared at one budget)."""
+    import torch
+
+    from vpn import VideoPixelNetwork
+
+    spec = load_spec(REPO / "sweeps/decoders.yaml")
+    assert set(spec.profiles) == {"cpu", "gpu", "tiny"}
+    for profile in spec.profiles:
+        sweep = spec.resolve(profile)
+        assert not sweep.run.asha.enabled
+        sizes = {}
+        for p in sweep.points:
+            with torch.device("meta"):
+                sizes[(p.model.decoder, p.model.replace(decoder="pixelcnn"))] = VideoPixelNetwork(p.model).num_parameters()
+        plain = {cfg: n for (d, cfg), n in sizes.items() if d == "pixelcnn"}
+        stacks = {cfg: n for (d, cfg), n in sizes.items() if d == "stacks"}
+        assert set(plain) == set(stacks) and len(plain) == len(sweep.points) // 2
+        assert all(1.0 < stacks[cfg] / plain[cfg] < 1.05 for cfg in plain)
+    cpu, gpu = spec.resolve("cpu"), spec.resolve("gpu")
+    assert {p.train.downsample for p in cpu.points} == {4} and len(cpu.points) <= 12
+    assert max(p.model.filter_fraction for p in cpu.points) <= 0.125
+    assert (cpu.run.cpus_per_trial, cpu.run.gpus_per_trial) == (1.0, 0.0)
+    # gpu: the paper's setting: 64x64, 10 + 10 frames, its encoder, l = 12 at the full width c = 128
+    assert {p.train.downsample for p in gpu.points} == {1}
+    assert {(p.train.seq_len, p.train.context) for p in gpu.points} == {(20, 10)}
+    assert {p.model.enc_blocks for p in gpu.points} == {8}
+    assert any(p.model.dec_blocks == 12 and p.model.filter_fraction == 1.0 for p in gpu.points)
+    assert gpu.run.gpus_per_trial > 0
+
+
 # -- valid specs -----------------------------------------------------------------------------------
 def test_grid_points_labels_presets_and_samples(tmp_path):
     spec = with_(

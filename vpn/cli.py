@@ -45,7 +45,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", choices=("categorical", "bernoulli"))
     g.add_argument("--dilation", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--block", choices=BLOCKS, help="residual block: rmb (the VPN's) or relu (PixelCNN's)")
-    g.add_argument("--decoder", choices=DECODERS, help="pixelcnn (the VPN's) or baseline (no dependency within a frame)")
+    g.add_argument("--decoder", choices=DECODERS, help="pixelcnn (the VPN's), baseline (no dependency within a frame) or stacks (no blind spot)")
 
 
 def _model_config(args: argparse.Namespace, image_channels: int | None = None) -> VPNConfig:

@@ -34,8 +34,10 @@ OUTPUTS = ("categorical", "bernoulli")
 # PixelCNN's residual block at the same widths (vpn.layers.ResidualReLUBlock).
 BLOCKS = ("rmb", "relu")
 # Decoders: "pixelcnn", the paper's masked decoder over the current frame; "baseline", the paper's
-# baseline, in which pixels of a frame depend only on earlier frames (vpn.model.BaselineDecoder).
-DECODERS = ("pixelcnn", "baseline")
+# baseline, in which pixels of a frame depend only on earlier frames (vpn.model.BaselineDecoder);
+# "stacks", Gated PixelCNN's vertical and horizontal stacks of the same blocks, without the masked
+# decoder's blind spot (vpn.model.StacksDecoder).
+DECODERS = ("pixelcnn", "baseline", "stacks")
 
 # Dilation rates of the paper's dilated encoder, repeated over the blocks (block i gets RATES[i % 4]).
 DILATION_RATES = (1, 2, 4, 8)
@@ -59,8 +61,9 @@ class VPNConfig:
         constant inside a block, doubling from one block to the next).
     block: "rmb" (residual multiplicative blocks, the paper's VPN) or "relu" (PixelCNN's residual
         block, the paper's "ReLU" rows), in the encoder and the decoder alike.
-    decoder: "pixelcnn" (masked convolutions over the current frame, the VPN) or "baseline" (the
-        paper's baseline: no dependency within a frame; the current frame never enters).
+    decoder: "pixelcnn" (masked convolutions over the current frame, the VPN), "baseline" (the
+        paper's baseline: no dependency within a frame; the current frame never enters) or "stacks"
+        (a vertical and a horizontal stack, Gated PixelCNN's fix of the masked decoder's blind spot).
     """
 
     enc_blocks: int = 8

@@ -4,6 +4,8 @@
 - MultiplicativeUnit (MU): LSTM-like gates around a convolution.
 - ResidualMultiplicativeBlock (RMB): 1x1 down to c, MU, MU, 1x1 back up to 2c, plus an additive skip.
 - ResidualReLUBlock: PixelCNN's residual block at the RMB's widths, the paper's "ReLU" ablation.
+- VerticalConv2d, HorizontalConv2d, shift_down: Gated PixelCNN's two stacks (van den Oord et al. 2016,
+  "Conditional Image Generation with PixelCNN Decoders"), which remove the masked decoder's blind spot.
 - ConvLSTM: a resolution-preserving convolutional LSTM (Shi et al. 2015).
 
 Colour ordering. For RGB frames every decoder layer's channels are split into three contiguous groups
@@ -104,6 +106,82 @@ class MaskedConv2d(nn.Conv2d):
         # rows r-c..r, exactly what the full kernel's unmasked rows read. (Padding c rows below too
         # and dropping c output rows computes the same, but measured up to 1.25x slower on CPU.)
         return F.conv2d(F.pad(x, (c, c, c, 0)), weight, self.bias)  # (N, out, H, W)
+
+
+class VerticalConv2d(nn.Conv2d):
+    """The vertical stack's convolution: a (k//2 + 1) x k kernel over the rows above and the own row.
+
+    For k = 3 the kernel is the full 2 x 3 window ending at the output's row, unmasked:
+
+        1 1 1     row i-1
+        1 1 1     row i      (the output is at the centre of this row)
+
+    Output (i, j) reads rows i-k//2..i and columns j-k//2..j+k//2, so a stack of them at row i sees
+    every row <= i and nothing below. It does see its own pixel and those right of it in row i: the
+    vertical stack therefore reaches the horizontal stack only through shift_down, one row lower,
+    where all of row i is in the past. Colours need no mask for the same reason.
+
+    Input (N, in_channels, H, W) -> output (N, out_channels, H, W), same dtype.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int, bias: bool = True) -> None:
+        if kernel_size % 2 != 1:
+            raise ValueError(f"a vertical stack needs an odd kernel, got {kernel_size}")
+        super().__init__(in_channels, out_channels, (kernel_size // 2 + 1, kernel_size), bias=bias)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.kernel_size[1] // 2
+        # k//2 zero rows above only, k//2 columns each side: output row r reads input rows r-c..r.
+        return F.conv2d(F.pad(x, (c, c, c, 0)), self.weight, self.bias)  # (N, out, H, W)
+
+
+class HorizontalConv2d(nn.Conv2d):
+    """The horizontal stack's convolution: 1 x (k//2 + 1) over the own row, the centre masked by colour.
+
+    For one colour and k = 3 (the centre row of MaskedConv2d's masks A and B):
+
+        mask A      mask B
+        1 0         1 1       (columns j-1, j of row i)
+
+    At the centre, output group g sees input group g' iff g' < g (A) or g' <= g (B), exactly as
+    causal_mask; pixels left of the centre are always visible, nothing right of it or in another row
+    ever is. The mask is a buffer, applied in every call.
+
+    Input (N, in_channels, H, W) -> output (N, out_channels, H, W), same dtype.
+    """
+
+    def __init__(
+        self,
+        in_channels: int,
+        out_channels: int,
+        kernel_size: int,
+        mask_type: str,
+        colours: int,
+        in_groups: Tensor | None = None,
+        out_groups: Tensor | None = None,
+        bias: bool = True,
+    ) -> None:
+        c = kernel_size // 2
+        super().__init__(in_channels, out_channels, (1, c + 1), bias=bias)
+        in_groups = colour_groups(in_channels, colours) if in_groups is None else in_groups
+        out_groups = colour_groups(out_channels, colours) if out_groups is None else out_groups
+        self.mask_type = mask_type
+        full = causal_mask(kernel_size, mask_type, in_groups, out_groups)  # (out, in, k, k)
+        self.register_buffer("mask", full[:, :, c : c + 1, : c + 1].contiguous())  # (out, in, 1, c+1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        c = self.kernel_size[1] - 1
+        # c zero columns on the left only: output column j reads input columns j-c..j of its row.
+        return F.conv2d(F.pad(x, (c, 0, 0, 0)), self.weight * self.mask, self.bias)  # (N, out, H, W)
+
+
+def shift_down(x: Tensor) -> Tensor:
+    """Row i of the output is row i-1 of x, row 0 is zeros: (N, C, H, W) -> (N, C, H, W).
+
+    The vertical stack's features at row i have seen all of row i; shifted, they reach the
+    horizontal stack at row i+1, where all of row i is in the past.
+    """
+    return F.pad(x, (0, 0, 1, 0))[:, :, :-1]  # (N, C, H, W)
 
 
 class MultiplicativeUnit(nn.Module):

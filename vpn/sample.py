@@ -12,6 +12,11 @@ Two decoders of one frame, with the same draws in the same order so that a seed 
   the previous image row is done, so its contribution is computed for a whole row in one matmul
   per layer, and a pixel pays for its two centre-row taps only.
 
+Stacks (decoder="stacks"): the vertical stack's row r reads rows <= r only and never the horizontal
+stack, so once image row r is drawn it is computed for the whole row in one pass per layer (each 2x3
+conv keeps its input's previous row), and its links feed every pixel of row r+1. The horizontal
+stack costs one position per layer per pixel, its 1x2 convs reading a per-row cache of their input.
+
 Blocks: an RMB's two MUs each keep a cache of their input; a ReLU block (block="relu") keeps one, the
 input of its 3x3 conv. The baseline decoder (decoder="baseline") reads no pixel of the frame it draws,
 so both methods draw its whole frame from one decoder pass.
@@ -24,11 +29,19 @@ because no output at p ever reads p's last colour (mask A excludes it, and B's o
 from __future__ import annotations
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from vpn.layers import MaskedConv2d, MultiplicativeUnit, ResidualMultiplicativeBlock, ResidualReLUBlock
-from vpn.model import VideoPixelNetwork, to_input
+from vpn.layers import (
+    HorizontalConv2d,
+    MaskedConv2d,
+    MultiplicativeUnit,
+    ResidualMultiplicativeBlock,
+    ResidualReLUBlock,
+    VerticalConv2d,
+)
+from vpn.model import StacksDecoder, VideoPixelNetwork, to_input
 
 METHODS = ("cached", "naive")
 
@@ -116,8 +129,11 @@ def decode_frame(
     n_pixels = h * w if n_pixels is None else min(n_pixels, h * w)
     if not model.decoder.uses_frame:
         return _decode_independent(model, context, generator, temperature, record_logits, n_pixels)
-    decode = _decode_cached if method == "cached" else _decode_naive
-    return decode(model, context, generator, temperature, record_logits, n_pixels)
+    if method == "naive":
+        return _decode_naive(model, context, generator, temperature, record_logits, n_pixels)
+    if model.cfg.decoder not in _CACHED:
+        raise ValueError(f"the cached sampler has no rule for decoder={model.cfg.decoder!r}; use method='naive'")
+    return _CACHED[model.cfg.decoder](model, context, generator, temperature, record_logits, n_pixels)
 
 
 def _decode_independent(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
@@ -208,14 +224,20 @@ class _Linearised:
             else:
                 raise TypeError(f"the cached sampler has no rule for {type(block).__name__}")
             self.blocks.append((len(convs) == 2, _point_weight(block.down), convs, _point_weight(block.up)))
-        self.head_hidden = _point_weight(dec.head_hidden)
-        # head_out's columns split by colour: pass g needs only colour g's K logits.
-        w, bias = _point_weight(dec.head_out)
-        k = model.cfg.out_channels_per_colour
-        self.head_out = [
-            (w[:, g * k : (g + 1) * k].contiguous(), bias[g * k : (g + 1) * k].contiguous())
-            for g in range(model.cfg.image_channels)
-        ]
+        self.head_hidden, self.head_out = _head_weights(model)
+
+
+def _head_weights(model: VideoPixelNetwork) -> tuple[tuple[Tensor, Tensor], list[tuple[Tensor, Tensor]]]:
+    """The decoder's 1x1 head as matmuls: head_hidden (weight, bias), and head_out per colour."""
+    dec = model.decoder
+    # head_out's columns split by colour: pass g needs only colour g's K logits.
+    w, bias = _point_weight(dec.head_out)
+    k = model.cfg.out_channels_per_colour
+    head_out = [
+        (w[:, g * k : (g + 1) * k].contiguous(), bias[g * k : (g + 1) * k].contiguous())
+        for g in range(model.cfg.image_channels)
+    ]
+    return _point_weight(dec.head_hidden), head_out
 
 
 def _mu_gate(g: Tensor, h: Tensor) -> Tensor:
@@ -273,3 +295,119 @@ def _decode_cached(model, context, generator, temperature, record_logits, n_pixe
             canvas[:, colour, i, j] = value
             pixels[:, i + 1, j + 1, colour] = to_input(value, pixels.dtype)
     return canvas
+
+
+# -- the stacks (decoder="stacks") ------------------------------------------------------------------
+class _HorizontalTaps:
+    """A HorizontalConv2d at one position: weight (2*Cin, Cout) for its (left, centre) taps, inputs
+    ordered (kw, cin) as a position-major row cache stores them; bias (Cout,)."""
+
+    def __init__(self, conv: HorizontalConv2d) -> None:
+        k = conv.weight * conv.mask  # (Cout, Cin, 1, 2)
+        if k.shape[-2:] != (1, 2):
+            raise ValueError(f"expected a 1x2 horizontal kernel, got {tuple(k.shape[-2:])}")
+        self.weight = k[:, :, 0, :].permute(0, 2, 1).reshape(k.shape[0], -1).t().contiguous()  # (2*Cin, Cout)
+        self.bias = conv.bias
+
+    def __call__(self, cache: Tensor, j: int) -> Tensor:
+        """cache (B, W+1, Cin), column 0 the zero padding, pixel j at column j+1 -> (B, Cout) at j."""
+        return torch.addmm(self.bias, cache[:, j : j + 2].reshape(len(cache), -1), self.weight)
+
+
+class _VerticalRows:
+    """The vertical stack one image row at a time, and its links into the horizontal stack.
+
+    Each VerticalConv2d keeps the last kh-1 rows of its input (zeros above the image: its own zero
+    padding), so a new row costs one convolution of a (kh, W) window per conv. cond: the vertical
+    stack's context biases, n+1 x (B, 2c, H, W).
+    """
+
+    def __init__(self, decoder: StacksDecoder, cond: tuple[Tensor, ...]) -> None:
+        self.decoder, self.cond = decoder, cond
+        self.history: dict[nn.Module, Tensor] = {}
+
+    def conv(self, conv: VerticalConv2d, x: Tensor) -> Tensor:
+        """x: conv's input at the new row (B, Cin, 1, W) -> its output there (B, Cout, 1, W)."""
+        above = self.history.get(conv)
+        if above is None:
+            above = x.new_zeros(x.shape[0], x.shape[1], conv.kernel_size[0] - 1, x.shape[3])
+        window = torch.cat([above, x], dim=2)  # (B, Cin, kh, W): rows r-kh+1..r
+        self.history[conv] = window[:, :, 1:]
+        c = conv.kernel_size[1] // 2
+        return F.conv2d(F.pad(window, (c, c, 0, 0)), conv.weight, conv.bias)  # (B, Cout, 1, W)
+
+    def row(self, r: int, frame_row: Tensor) -> list[Tensor]:
+        """Image row r, drawn: frame_row (B, C, 1, W) in [-1, 1] -> each block's link at row r,
+        (B, W, 2c) position-major: what the horizontal stack adds at row r+1."""
+        dec = self.decoder
+        v = self.conv(dec.frame_in_v, frame_row) + self.cond[0][:, :, r : r + 1]  # (B, 2c, 1, W)
+        links = []
+        for block, link, cond in zip(dec.v_blocks, dec.links, self.cond[1:]):
+            x = v + cond[:, :, r : r + 1]
+            if isinstance(block, ResidualMultiplicativeBlock):
+                d = block.down(x)  # (B, c, 1, W); _mu_gate splits channels, dim 1 here too
+                m = _mu_gate(self.conv(block.mu1.gates, d), d)
+                m = _mu_gate(self.conv(block.mu2.gates, m), m)
+            else:  # ReLU block
+                m = F.relu(self.conv(block.spatial, F.relu(block.down(F.relu(x)))))
+            v = x + block.up(m)
+            links.append(link(v)[:, :, 0].transpose(1, 2))  # (B, W, 2c)
+        return links
+
+
+def _decode_cached_stacks(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
+    cfg = model.cfg
+    dec = model.decoder
+    b, _, h, w = context.shape
+    colours, n, width = cfg.image_channels, cfg.dec_blocks, cfg.residual_channels
+    cond = dec.context_in(context).chunk(2 * (n + 1), dim=1)  # 2(n+1) x (B, 2c, H, W): v's, then h's
+    vertical = _VerticalRows(dec, cond[: n + 1])
+    cond_h = [c.permute(0, 2, 3, 1) for c in cond[n + 1 :]]  # position-major (B, H, W, 2c) each
+    frame_in = _HorizontalTaps(dec.frame_in_h)
+    blocks = []
+    for block in dec.h_blocks:
+        if isinstance(block, ResidualMultiplicativeBlock):
+            convs = (_HorizontalTaps(block.mu1.gates), _HorizontalTaps(block.mu2.gates))
+        elif isinstance(block, ResidualReLUBlock):
+            convs = (_HorizontalTaps(block.spatial),)
+        else:
+            raise TypeError(f"the cached sampler has no rule for {type(block).__name__}")
+        blocks.append((len(convs) == 2, _point_weight(block.down), convs, _point_weight(block.up)))
+    head_hidden, head_out = _head_weights(model)
+    canvas = torch.zeros(b, colours, h, w, dtype=torch.uint8, device=context.device)
+    links = [context.new_zeros(b, w, width) for _ in range(n)]  # row 0: shift_down's zero row
+    for p in range(n_pixels):
+        i, j = divmod(p, w)
+        if j == 0:
+            if i > 0:  # row i-1 is drawn: the vertical stack's row i-1, the links of all of row i
+                links = vertical.row(i - 1, to_input(canvas[:, :, i - 1 : i], context.dtype))
+            # Row i's inputs of every 1x2 conv, (B, W+1, Cin): column 0 is the conv's zero padding.
+            pixels = context.new_zeros(b, w + 1, colours)
+            caches = [tuple(context.new_zeros(b, w + 1, cfg.mu_channels) for _ in convs) for _, _, convs, _ in blocks]
+            shifts = [cond_h[k + 1][:, i] + links[k] for k in range(n)]  # (B, W, 2c) each
+        for colour in range(colours):
+            x = frame_in(pixels, j) + cond_h[0][:, i, j]  # (B, 2c)
+            for (is_rmb, down, convs, up), cs, shift in zip(blocks, caches, shifts):
+                x = x + shift[:, j]
+                if is_rmb:
+                    d = torch.addmm(down[1], x, down[0])  # (B, c)
+                    cs[0][:, j + 1] = d
+                    m = _mu_gate(convs[0](cs[0], j), d)
+                    cs[1][:, j + 1] = m
+                    m = _mu_gate(convs[1](cs[1], j), m)
+                else:  # ReLU block: relu, 1x1 down, relu (cached: the 1x2's input), 1x2, relu
+                    cs[0][:, j + 1] = F.relu(torch.addmm(down[1], F.relu(x), down[0]))
+                    m = F.relu(convs[0](cs[0], j))
+                x = torch.addmm(up[1], m, up[0]) + x
+            hidden = F.relu(torch.addmm(head_hidden[1], F.relu(x), head_hidden[0]))
+            logits = torch.addmm(head_out[colour][1], hidden, head_out[colour][0])  # (B, K)
+            if record_logits is not None:
+                record_logits.append(logits.float().cpu())
+            value = draw(logits, cfg.output, temperature, generator)
+            canvas[:, colour, i, j] = value
+            pixels[:, j + 1, colour] = to_input(value, pixels.dtype)
+    return canvas
+
+
+# Cached samplers by decoder (the baseline needs none: it draws a frame from one pass).
+_CACHED = {"pixelcnn": _decode_cached, "stacks": _decode_cached_stacks}
