@@ -47,6 +47,15 @@ CONDITIONS = (
 )  # fmt: skip
 
 
+def with_score(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
+    """The summary with a `score` column, and its name: the test NLL's excess over its floor where
+    the trials were scored on the test split (within one sweep all pairs share the test frames, so
+    the floor cancels and a difference of excesses is a difference of test NLLs), else the final NLL."""
+    if "excess" in summary.columns and summary["excess"].notna().any():
+        return summary.assign(score=summary["excess"]), "test NLL"
+    return summary.assign(score=summary["final_nll"]), "final NLL"
+
+
 def size_label(row: pd.Series) -> str:
     return f"enc {int(row['enc_blocks'])} / dec {int(row['dec_blocks'])} / f {row['filter_fraction']:g}"
 
@@ -60,7 +69,8 @@ def match_pairs(summary: pd.DataFrame, reference: str = REFERENCE, tolerance: fl
     docstring): sizes, decoders, parameters, FLOPs, steps/s and final NLL of both, the ratios, the
     NLL difference (other - reference) and `matched` (parameters within tolerance). Empty if there is
     no reference trial or no other decoder."""
-    ok = summary[(summary["status"] == "FINISHED") & summary["final_nll"].notna()]
+    summary, _ = with_score(summary)
+    ok = summary[(summary["status"] == "FINISHED") & summary["score"].notna()]
     columns = [c for c in CONDITIONS if c in ok.columns]
     refs = ok[ok["decoder"] == reference]
     rows = []
@@ -86,9 +96,9 @@ def match_pairs(summary: pd.DataFrame, reference: str = REFERENCE, tolerance: fl
             "steps_per_second": speed[0],
             "reference_steps_per_second": speed[1],
             "speed_ratio": (float(speed[0]) / float(speed[1])) if all(pd.notna(s) and s for s in speed) else math.nan,
-            "nll": float(trial["final_nll"]),
-            "reference_nll": float(partner["final_nll"]),
-            "nll_difference": float(trial["final_nll"]) - float(partner["final_nll"]),
+            "nll": float(trial["score"]),
+            "reference_nll": float(partner["score"]),
+            "nll_difference": float(trial["score"]) - float(partner["score"]),
             "matched": abs(ratio - 1) <= tolerance,
             "run_id": trial["run_id"],
             "reference_run_id": partner["run_id"],
@@ -97,16 +107,17 @@ def match_pairs(summary: pd.DataFrame, reference: str = REFERENCE, tolerance: fl
 
 
 def seed_noise(summary: pd.DataFrame) -> float | None:
-    """Largest standard deviation of the final NLL over seeds of one config; None with one seed each."""
-    ok = summary[(summary["status"] == "FINISHED") & summary["final_nll"].notna()]
+    """Largest standard deviation of the score over seeds of one config; None with one seed each."""
+    summary, _ = with_score(summary)
+    ok = summary[(summary["status"] == "FINISHED") & summary["score"].notna()]
     if "seed" not in ok.columns:
         return None
     config = [c for c in ("decoder", *SIZE_COLUMNS, *CONDITIONS) if c in ok.columns and c not in ("seed", "sample")]
-    spread = ok.groupby([ok[c].astype(str) for c in config])["final_nll"].std().dropna()
+    spread = ok.groupby([ok[c].astype(str) for c in config])["score"].std().dropna()
     return float(spread.max()) if len(spread) else None
 
 
-def verdict(pairs: pd.DataFrame, noise: float | None) -> str:
+def verdict(pairs: pd.DataFrame, noise: float | None, score: str = "final NLL") -> str:
     """One sentence: does the other decoder gain over the reference at matched parameters?
 
     pairs: match_pairs' rows of one decoder.
@@ -120,7 +131,7 @@ def verdict(pairs: pd.DataFrame, noise: float | None) -> str:
     name, reference = matched["decoder"].iloc[0], matched["reference"].iloc[0]
     better = int((diff < 0).sum())
     text = (
-        f"At matched parameters {name} has the lower final NLL in {better} of {len(matched)} pairs; "
+        f"At matched parameters {name} has the lower {score} in {better} of {len(matched)} pairs; "
         f"NLL difference ({name} - {reference}) mean {diff.mean():+.2f} nats/frame "
         f"(range {diff.min():+.2f} to {diff.max():+.2f}; {100 * diff.mean() / matched['reference_nll'].mean():+.1f}% of "
         f"{reference}'s mean)."
@@ -152,13 +163,14 @@ def _table(df: pd.DataFrame, columns: dict[str, str]) -> list[str]:
 def plot_decoders(summary: pd.DataFrame, pairs: pd.DataFrame, out: Path) -> Path:
     """Final NLL against parameters, FLOPs per frame and training steps/s; hue: decoder; each
     matched pair joined by a grey line."""
+    summary, score = with_score(summary)
     import matplotlib
 
     matplotlib.use("Agg")  # no display needed; the report stage sets it too
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    ok = summary[(summary["status"] == "FINISHED") & summary["final_nll"].notna()]
+    ok = summary[(summary["status"] == "FINISHED") & summary["score"].notna()]
     decoders = sorted(ok["decoder"].unique(), key=lambda d: (d != REFERENCE, d))
     by_run = ok.set_index("run_id")
     panels = [("parameters", "parameters", True), ("flops_per_frame", "FLOPs per frame (forward, counted)", True),
@@ -168,13 +180,13 @@ def plot_decoders(summary: pd.DataFrame, pairs: pd.DataFrame, out: Path) -> Path
     for ax, (cost, label, log_x) in zip(axes[0], panels):
         for _, pair in pairs[pairs["matched"]].iterrows() if len(pairs) else []:
             a, b = by_run.loc[pair["reference_run_id"]], by_run.loc[pair["run_id"]]
-            ax.plot([a[cost], b[cost]], [a["final_nll"], b["final_nll"]], color="0.6", lw=1, zorder=1)
-        sns.scatterplot(data=ok, x=cost, y="final_nll", hue="decoder", hue_order=decoders, style="decoder",
+            ax.plot([a[cost], b[cost]], [a["score"], b["score"]], color="0.6", lw=1, zorder=1)
+        sns.scatterplot(data=ok, x=cost, y="score", hue="decoder", hue_order=decoders, style="decoder",
                         style_order=decoders, s=70, ax=ax, zorder=2)
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(label)
-        ax.set_ylabel("final NLL (nats/frame)")
+        ax.set_ylabel(f"{score} (nats/frame)" + (" - floor" if score == "test NLL" else ""))
         ax.legend(fontsize=8)
     fig.suptitle("decoders at matched parameters (grey: pairs joined)", fontsize=10)
     try:
@@ -196,6 +208,7 @@ def decoder_comparison(
     if pairs.empty:
         return lines + [f"No finished trial of another decoder has a finished `{reference}` partner run under the same conditions.", ""], []
     noise = seed_noise(summary)
+    _, score = with_score(summary)
     matched = pairs[pairs["matched"]]
     lines += [
         f"Each trial of another decoder is paired with the `{reference}` trial (the paper's masked decoder) of "
@@ -204,7 +217,7 @@ def decoder_comparison(
         "",
     ]
     for name, own in pairs.groupby("decoder", sort=True):
-        lines += [f"- **{name}**: {verdict(own, noise)}"]
+        lines += [f"- **{name}**: {verdict(own, noise, score)}"]
         own_matched = own[own["matched"]]
         if len(own_matched):
             lines[-1] += (
@@ -231,4 +244,4 @@ def decoder_comparison(
     lines.append("")
     name = "decoders.png"
     plot_decoders(summary, pairs, Path(out_dir) / name)
-    return lines, [("Decoders: final NLL against parameters, FLOPs and speed", name)]
+    return lines, [(f"Decoders: {score} against parameters, FLOPs and speed", name)]

@@ -139,6 +139,8 @@ def load_results(results_dir: Path, sweep: str) -> tuple[pd.DataFrame, pd.DataFr
 def config_label(row: pd.Series) -> str:
     preset = row.get("preset")
     base = f"enc {int(row['enc_blocks'])} / dec {int(row['dec_blocks'])} / f {row['filter_fraction']:g}"
+    if isinstance(row.get("decoder"), str) and row["decoder"] != "pixelcnn":  # the paper's decoder is unnamed
+        base += f" / {row['decoder']}"
     return f"{preset} ({base})" if isinstance(preset, str) and preset else base
 
 
@@ -223,6 +225,7 @@ def is_overfit_sweep(trials: pd.DataFrame) -> bool:
 def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) -> pd.DataFrame:
     """One row per trial with label, final NLL, iterations to converge and plateaus added."""
     rows = []
+    varied_decoder = "decoder" in trials.columns and trials["decoder"].nunique() > 1
     for _, trial in trials.iterrows():
         curve = curves[curves["run_id"] == trial["run_id"]].sort_values("step")
         steps = curve["step"].to_numpy()
@@ -243,8 +246,9 @@ def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) 
                 **trial.to_dict(),
                 "config": f"{row_name} ({config_label(trial)})" if has_row else config_label(trial),
                 "depth": depth,
-                # The figures' colour: the paper's row where the sweep has rows (they share a depth).
-                "series": row_name if has_row else depth,
+                # The figures' colour: the paper's row where the sweep has rows (they share a depth),
+                # depth and decoder where the decoders differ, else the depth.
+                "series": row_name if has_row else (f"{depth} / {trial['decoder']}" if varied_decoder else depth),
                 "excess": trial.get("test_excess_nats_per_frame", math.nan),
                 "width": f"{trial['filter_fraction']:g}",
                 "final_nll": final,
@@ -265,8 +269,8 @@ def _orders(summary: pd.DataFrame) -> dict[str, Any]:
     import seaborn as sns
 
     # Rows keep the spec's order (the trials come in grid order); depths sort by depth.
-    has_rows = summary["series"].ne(summary["depth"]).any()
-    by_depth = summary if has_rows else summary.sort_values(["enc_blocks", "dec_blocks"])
+    has_rows = "row" in summary and summary["row"].notna().any()
+    by_depth = summary if has_rows else summary.sort_values(["enc_blocks", "dec_blocks"] + (["decoder"] if "decoder" in summary else []))
     depths = list(dict.fromkeys(by_depth["series"]))
     widths = list(dict.fromkeys(summary.sort_values("filter_fraction")["width"]))
     palette = dict(zip(depths, sns.color_palette("tab10" if len(depths) <= 10 else "husl", len(depths))))
@@ -699,7 +703,7 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
                 r["row"]: {"test_nats_per_frame": _json_number(r["test NLL"]), "floor": _json_number(r["floor"]), "excess": _json_number(r["excess"]), "paper_nats_per_frame": _json_number(r["paper NLL"])}
                 for _, r in table.iterrows()
             }
-        colour = "row" if summary["series"].ne(summary["depth"]).any() else "depth"
+        colour = "row" if "row" in summary and summary["row"].notna().any() else ("depth and decoder" if summary["series"].ne(summary["depth"]).any() else "depth")
         figures.append((f"Convergence curves (colour: {colour}, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
         best_curve = curves[curves["run_id"] == best["run_id"]].sort_values("step")
         cols = [c for c in ("step", "train_nats_per_frame", "val_nats_per_frame") if c in best_curve]

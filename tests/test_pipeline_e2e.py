@@ -127,6 +127,10 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     assert ablation_metrics["best_excess_nats_per_frame"] == pytest.approx(table["test_excess_nats_per_frame"].min())
     assert ablation_metrics["rows"]["baseline"]["paper_nats_per_frame"] == 110.1
     assert "## The paper's rows" in (work / "reports/paper_ablation/report.md").read_text()
+    # the decoders, compared at matched parameters by test NLL
+    decoders = pd.read_parquet(work / "results/decoders/trials.parquet")
+    assert sorted(decoders["decoder"]) == ["pixelcnn", "stacks"] and (decoders["status"] == "FINISHED").all()
+    assert "## Decoders at matched parameters" in (work / "reports/decoders/report.md").read_text()
 
     # nothing changed: nothing reruns
     again = subprocess.run(["dvc", "repro"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
@@ -141,7 +145,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     assert exp.returncode == 0, exp.stdout[-3000:] + exp.stderr[-3000:]
     for stage in ("sweep", "report"):
         assert f"Running stage '{stage}'" in exp.stdout, exp.stdout
-    for stage in ("fetch", "generate", "overfit", "ablation"):
+    for stage in ("fetch", "generate", "overfit", "ablation", "decoders"):
         assert f"Running stage '{stage}'" not in exp.stdout, exp.stdout
     spec = yaml.safe_load((work / "sweeps/depth_width.yaml").read_text())
     assert spec["profiles"]["tiny"]["train"]["steps"] == 12 and spec["name"] == "depth_width"
