@@ -159,3 +159,21 @@ def test_lower_bound_is_the_nll_of_the_targets_themselves():
     logits = torch.randn(3, 3, 1, 4, 4)
     nll = bernoulli_cross_entropy(z[:, 2:].float(), logits=logits).sum(dim=(2, 3, 4)).mean(dim=1)
     assert torch.all(nll >= bernoulli_lower_bound(frames, context=2) - 1e-4)
+
+
+@pytest.mark.parametrize("colours", [1, 3])
+def test_categorical_nll_is_minus_log_softmax_at_the_target(colours):
+    """- sum over colours and pixels of log softmax(logits)[x], the mean over frames context..T-1, by hand.
+    The frames use every intensity, so a target read at the wrong index (e.g. 255 - x) would show."""
+    torch.manual_seed(0)
+    cfg = VPNConfig.preset("micro", filter_fraction=8 / 128, image_channels=colours, output="categorical")
+    model = VideoPixelNetwork(cfg)
+    frames = torch.randint(0, 256, (2, 4, colours, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(frames).double()  # (B, T-1, C, 256, H, W)
+        nll = model.nll(frames, context=2).double()
+    log_p = torch.log_softmax(logits, dim=3)
+    target = frames[:, 1:].long().unsqueeze(3)  # (B, T-1, C, 1, H, W)
+    per_frame = -log_p.gather(3, target).squeeze(3).sum(dim=(2, 3, 4))  # (B, T-1)
+    by_hand = per_frame[:, 1:].mean(dim=1)  # frames 2..3, each given every frame before it
+    torch.testing.assert_close(nll, by_hand, rtol=1e-5, atol=1e-4)
