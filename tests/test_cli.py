@@ -12,8 +12,10 @@ import torch
 from PIL import Image
 
 from vpn.cli import main
-from vpn.model import VideoPixelNetwork
 from vpn.config import VPNConfig
+from vpn.metrics import bernoulli_lower_bound
+from vpn.model import VideoPixelNetwork
+from vpn.train import load_model
 
 
 @pytest.fixture
@@ -63,6 +65,19 @@ def test_train_eval_sample(tmp_path, data_dir, capsys):
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["sequences"] == 3 and result["nats_per_frame"] > result["lower_bound_nats_per_frame"] >= 0
+    # the printed numbers are the checkpoint's model's NLL and the bound at the --context asked for
+    # (3, not the 2 it trained with), over every test sequence, in batches of 2 (the last one short)
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "3",
+                 "--batch-size", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    test = torch.from_numpy(np.load(data_dir / "test.npy"))
+    model = load_model(out / "checkpoint.pt")
+    with torch.no_grad():
+        expected = {c: model.nll(test, context=c).mean().item() for c in (2, 3)}
+    assert result["context"] == 3 and result["sequences"] == 3
+    assert result["nats_per_frame"] == pytest.approx(expected[3], rel=1e-5)
+    assert expected[2] != pytest.approx(expected[3], rel=1e-5)  # so a --context ignored would show
+    assert result["lower_bound_nats_per_frame"] == pytest.approx(bernoulli_lower_bound(test, context=3).mean().item(), rel=1e-5)
 
     samples = tmp_path / "samples"
     assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "2",

@@ -106,6 +106,47 @@ def test_bounce_by_hand():
     np.testing.assert_allclose(pos[0, 1], [0.62, 0.92])
 
 
+def reference_trajectory(start: np.ndarray, theta: float, seq_len: int, step: float) -> list[tuple[float, float]]:
+    """Srivastava et al.'s GetRandomTrajectory for one digit, in plain Python floats: move by
+    step * (sin theta, cos theta), then clamp a coordinate that left [0, 1] and negate its velocity."""
+    y, x = float(start[0]), float(start[1])
+    vy, vx = math.sin(theta), math.cos(theta)
+    out = []
+    for _ in range(seq_len):
+        y, x = y + vy * step, x + vx * step
+        if y <= 0:
+            y, vy = 0.0, -vy
+        if y >= 1:
+            y, vy = 1.0, -vy
+        if x <= 0:
+            x, vx = 0.0, -vx
+        if x >= 1:
+            x, vx = 1.0, -vx
+        out.append((y, x))
+    return out
+
+
+def test_offsets_follow_each_digits_own_trajectory_frame_by_frame():
+    """offset[t] = floor(free * position[t]), position recomputed independently from the plan's start
+    and direction, frame by frame; so a digit moves at most step * free pixels (+1 for the floor) a
+    frame and never jumps."""
+    cfg = replace(TINY, seq_len=30)
+    plan = plan_split(np.random.default_rng(2), 40, 50, np.zeros(50, np.uint8), cfg)
+    n, d = plan.digit_index.shape
+    reference = np.array(
+        [reference_trajectory(plan.start[i, k], plan.theta[i, k], cfg.seq_len, cfg.step) for i in range(n) for k in range(d)]
+    ).reshape(n, d, cfg.seq_len, 2)
+    assert np.isin(reference, (0.0, 1.0)).any()  # bounces happen, so they are checked too
+    # the generator rounds sin and cos to multiples of 2^-30: each step may differ by step * 2^-30
+    np.testing.assert_allclose(plan.position, reference, rtol=0, atol=cfg.seq_len * cfg.step * 2.0**-30)
+    np.testing.assert_array_equal(plan.offset, np.floor(cfg.free * reference).astype(np.int64))
+    # bounded motion: from the start to frame 0, and between consecutive frames
+    path = np.concatenate([np.floor(cfg.free * plan.start)[:, :, None], plan.offset], axis=2)  # (N, D, T+1, 2)
+    moves = np.abs(np.diff(path, axis=2))
+    assert moves.max() <= math.floor(cfg.step * cfg.free) + 1
+    assert (moves.sum(axis=-1) > 0).mean() > 0.5  # and they do move
+
+
 # ------------------------------------------------------------------------------------------------
 # Rendering
 

@@ -25,7 +25,7 @@ import yaml
 from pipeline import generate as gen
 from pipeline.fetch import IDX_FILES, FetchConfig
 from pipeline.generate import GenerateConfig
-from vpn.data import MovingMNIST, load_split, make_loader, read_stats
+from vpn.data import MovingMNIST, load_split, make_loader, read_stats, split_path
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,6 +119,48 @@ def test_corrupt_file_is_named(tmp_path):
     (tmp_path / "test.npy").write_bytes(b"not an array")
     with pytest.raises(ValueError, match=r"test\.npy"):
         load_split(tmp_path, "test")
+
+
+def test_missing_files_messages_say_what_is_there(tmp_path):
+    """A missing split lists the .npy files the folder does hold (or says it holds none); an unknown
+    split lists the valid ones; a missing stats file is named."""
+    for name in ("train", "test"):
+        np.save(tmp_path / f"{name}.npy", np.zeros((1, 2, 1, 4, 4), np.uint8))
+    with pytest.raises(FileNotFoundError, match=r"split 'val' not found \(it holds test\.npy, train\.npy\)"):
+        load_split(tmp_path, "val")
+    (tmp_path / "empty").mkdir()
+    for folder in (tmp_path / "empty", tmp_path / "nowhere"):
+        with pytest.raises(FileNotFoundError, match=r"split 'val' not found \(it holds no \.npy files\)"):
+            load_split(folder, "val")
+    with pytest.raises(ValueError, match="expected one of train, val, test"):
+        split_path(tmp_path, "valid")
+    with pytest.raises(FileNotFoundError, match=r"stats\.json: no stats file"):
+        read_stats(tmp_path)
+
+
+def test_dataset_knows_its_file_and_says_so(data_root):
+    ds = MovingMNIST(data_root, "val")
+    assert ds.path == data_root / "val.npy"
+    assert repr(ds) == f"MovingMNIST(root={str(data_root)!r}, split='val', shape=(3, 8, 3, 40, 40))"
+
+
+def test_loader_defaults_and_options_reach_the_dataloader(data_root):
+    """By default: every sequence once, in order, in the main process, nothing pinned or dropped;
+    shuffling without a seed is seed 0's order. Each option is passed on as given."""
+    ds = MovingMNIST(data_root, "train")
+    everything = torch.stack([ds[i] for i in range(len(ds))])
+    loader = make_loader(ds, batch_size=4)
+    assert torch.equal(torch.cat(list(loader)), everything)
+    assert (loader.num_workers, loader.drop_last, loader.pin_memory, loader.persistent_workers) == (0, False, False, False)
+    assert [len(b) for b in make_loader(ds, batch_size=1)] == [1] * 6
+    assert [len(b) for b in make_loader(ds, batch_size=4, drop_last=True)] == [4]
+    shuffled = torch.cat(list(make_loader(ds, batch_size=6, shuffle=True)))
+    assert torch.equal(shuffled, torch.cat(list(make_loader(ds, batch_size=6, shuffle=True, seed=0))))
+    assert not torch.equal(shuffled, everything)
+    assert make_loader(ds, batch_size=2, pin_memory=True).pin_memory is True
+    workers = make_loader(ds, batch_size=4, num_workers=1)  # a worker process reopens the memory map
+    assert (workers.num_workers, workers.persistent_workers) == (1, True)
+    assert torch.equal(torch.cat(list(workers)), everything)
 
 
 # ------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from vpn import VPNConfig, VideoPixelNetwork
-from vpn.metrics import bernoulli_cross_entropy, bernoulli_lower_bound
+from vpn.metrics import bernoulli_cross_entropy, bernoulli_lower_bound, grey_targets
 
 
 # -- the hand count -------------------------------------------------------------------------------
@@ -222,3 +222,44 @@ def test_stacks_cost_about_the_masked_decoders_parameters(preset):
     ratio = sum(p.numel() for p in stacks.decoder.parameters()) / sum(p.numel() for p in plain.decoder.parameters())
     assert 1.04 < ratio < 1.08
     assert 1.0 < stacks.num_parameters() / plain.num_parameters() < 1.04
+
+
+@pytest.mark.parametrize("colours", [1, 3])
+def test_categorical_nll_is_minus_log_softmax_at_the_target(colours):
+    """- sum over colours and pixels of log softmax(logits)[x], the mean over frames context..T-1, by hand.
+    The frames use every intensity, so a target read at the wrong index (e.g. 255 - x) would show."""
+    torch.manual_seed(0)
+    cfg = VPNConfig.preset("micro", filter_fraction=8 / 128, image_channels=colours, output="categorical")
+    model = VideoPixelNetwork(cfg)
+    frames = torch.randint(0, 256, (2, 4, colours, 4, 5), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        logits = model(frames).double()  # (B, T-1, C, 256, H, W)
+        nll = model.nll(frames, context=2).double()
+    log_p = torch.log_softmax(logits, dim=3)
+    target = frames[:, 1:].long().unsqueeze(3)  # (B, T-1, C, 1, H, W)
+    per_frame = -log_p.gather(3, target).squeeze(3).sum(dim=(2, 3, 4))  # (B, T-1)
+    by_hand = per_frame[:, 1:].mean(dim=1)  # frames 2..3, each given every frame before it
+    torch.testing.assert_close(nll, by_hand, rtol=1e-5, atol=1e-4)
+
+
+def test_lower_bound_context_range_and_default():
+    """Any context in [0, T) is scored (0: every frame, as the data stage may ask), T or more is
+    refused naming both numbers, and the default is the paper's 10 frames of context."""
+    frames = torch.randint(0, 256, (2, 20, 1, 3, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    z = frames.double() / 255
+    per_frame = -(torch.xlogy(z, z) + torch.xlogy(1 - z, 1 - z)).sum(dim=(2, 3, 4))  # (B, T)
+    for context in (0, 1, 10, 19):
+        torch.testing.assert_close(bernoulli_lower_bound(frames, context=context).double(), per_frame[:, context:].mean(dim=1), rtol=1e-5, atol=1e-5)
+    assert torch.equal(bernoulli_lower_bound(frames), bernoulli_lower_bound(frames, context=10))
+    for context in (20, -1):
+        with pytest.raises(ValueError, match=rf"context={context} must be in \[0, T\) for T=20"):
+            bernoulli_lower_bound(frames, context=context)
+
+
+def test_metric_arguments_are_checked():
+    with pytest.raises(TypeError, match="frames must be uint8, got torch.float32"):
+        grey_targets(torch.zeros(2, 2))
+    z = torch.full((2, 2), 0.5)
+    for kwargs in ({}, {"logits": z, "probs": z}):
+        with pytest.raises(ValueError, match="give exactly one of logits= or probs="):
+            bernoulli_cross_entropy(z, **kwargs)

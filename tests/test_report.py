@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 
+import matplotlib.colors
 import numpy as np
 import pandas as pd
 import pytest
@@ -73,6 +74,45 @@ def test_report_figures_table_and_numbers(tmp_path):
         row = next(line for line in text.splitlines() if f"| {run_id} |" in line)
         assert f"{value:.4g}" in row
     assert json.loads((out / "metrics.json").read_text())["finished"] == 7
+
+
+def test_curves_figure_plots_the_tables_curves(tmp_path, monkeypatch):
+    """The curves figure draws, per split panel, one line per finished trial whose points are that
+    trial's (step, value) rows of curves.parquet (val: the logged ones); one colour per depth."""
+    import pipeline.report as report
+
+    figures = {}
+    save = report._save
+
+    def capture(fig, path):
+        figures[path.name] = fig
+        return save(fig, path)
+
+    monkeypatch.setattr(report, "_save", capture)
+    trials, curves = synthetic(n_failed=1)
+    # a second trial of r2's architecture (as a learning-rate sweep has): its own line, not a mean
+    trials.append(trials[1] | {"run_id": "r9", "trial": "t9"})
+    curves += [("r9", step, train + 7, val + 7, sps) for run_id, step, train, val, sps in curves if run_id == "r2"]
+    write_tables(tmp_path, "demo", trials, curves)
+    build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
+
+    table = pd.DataFrame(curves, columns=["run_id", "step", "train", "val", "sps"])
+    depth = {t["run_id"]: (t["enc_blocks"], t["dec_blocks"]) for t in trials if t["status"] == "FINISHED"}
+    axes = {ax.get_title().split()[0]: ax for ax in figures["curves.png"].axes}
+    assert sorted(axes) == ["train", "val"]
+    for split, ax in axes.items():
+        expected = {
+            run_id: (tuple(rows["step"]), tuple(rows[split]))
+            for run_id, rows in table.dropna(subset=[split]).sort_values("step").groupby("run_id")
+            if run_id in depth
+        }
+        lines = [line for line in ax.lines if len(line.get_xdata())]  # (the legend's entries are empty)
+        drawn = {(tuple(line.get_xdata()), tuple(line.get_ydata())): matplotlib.colors.to_hex(line.get_color()) for line in lines}
+        assert len(lines) == len(expected) == 8 and set(drawn) == set(expected.values()), split
+        colours = {depth[run_id]: set() for run_id in expected}
+        for run_id, xy in expected.items():
+            colours[depth[run_id]].add(drawn[xy])
+        assert all(len(c) == 1 for c in colours.values()) and len(set.union(*colours.values())) == len(colours)
 
 
 def test_empty_sweep_says_so(tmp_path):

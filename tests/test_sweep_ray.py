@@ -354,5 +354,11 @@ def test_fractional_gpu_trials_share_a_gpu(env):
     assert outcome.sweep.profile == "gpu"
     assert outcome.statuses == {"e1": "FINISHED", "e2": "FINISHED"}
     client = tracking.client(env["uri"])
-    for run in all_runs(client, "half_gpu"):
+    runs = all_runs(client, "half_gpu")
+    for run in runs:
         assert json.loads(run.data.tags[tracking.TAG_RESOURCES]) == {"CPU": 1.0, "GPU": 0.5}
+    # and both ran at once on the one GPU: each trial started (its own tag, set in the worker)
+    # before the other finished (end_time, set by the worker when it marks the run FINISHED)
+    spans = [(int(r.data.tags[tracking.TAG_STARTED]), r.info.end_time) for r in runs]
+    assert len(spans) == 2 and all(start < end for start, end in spans)
+    assert max(start for start, _ in spans) < min(end for _, end in spans), spans

@@ -121,6 +121,35 @@ def test_validation_is_logged_and_finite():
     assert "val_nats_per_frame" not in logged[0][1]
 
 
+def test_validation_value_is_the_models_nll_of_the_first_sequences():
+    """evaluate() = mean of model.nll(prepare(x), context) over the first val_batches * batch_size
+    val sequences, frames context..T-1 each. Also with a last batch that is not full."""
+    from vpn.train import prepare
+
+    val = moving_digits(7, t=6, seed=5)
+    cfg = TrainConfig(steps=1, batch_size=3, val_batches=2, context=2, seq_len=5, device="cpu")
+    trainer = Trainer(TINY, cfg, moving_digits(4), val)
+    trainer.fit(progress=False)  # any weights will do; trained ones are the ones validation sees
+    model = trainer.model.eval()
+    with torch.no_grad():
+        per_sequence = model.nll(prepare(val, cfg), context=cfg.context)  # (7,)
+        all_frames = model.nll(prepare(val, cfg), context=1)  # (7,), frames 1..T-1
+    assert trainer.evaluate() == pytest.approx(per_sequence[:6].mean().item(), rel=1e-5)
+    assert trainer.evaluate(batches=3) == pytest.approx(per_sequence.mean().item(), rel=1e-5)  # 3 + 3 + 1
+    # the check can tell: the first six are not the last six, nor the mean over all frames 1..T-1
+    assert per_sequence[:6].mean().item() != pytest.approx(per_sequence[1:].mean().item(), rel=1e-5)
+    assert all_frames[:6].mean().item() != pytest.approx(trainer.evaluate(), rel=1e-5)
+
+
+def test_seq_len_keeps_the_first_frames():
+    from vpn.train import prepare
+
+    frames = torch.randint(0, 256, (2, 6, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(prepare(frames, TrainConfig(seq_len=4, context=2)), frames[:, :4])
+    assert torch.equal(prepare(frames, TrainConfig(seq_len=6, context=2)), frames)
+    assert torch.equal(prepare(frames, TrainConfig(context=2)), frames)
+
+
 @pytest.mark.parametrize(
     "overrides,field",
     [(dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(seq_len=1), "seq_len"), (dict(context=5, seq_len=4), "context"),
