@@ -102,11 +102,18 @@ def register_best(client, uri: str, sweep: str, summary: Mapping[str, Any]) -> s
         params = run.data.params
         height, width = int(params.get("frame_height", 0)) or -1, int(params.get("frame_width", 0)) or -1
         steps = [m.step for m in tracking.retrying(client.get_metric_history, run.info.run_id, tracking.TRAIN_KEY)]
+        # Created here, in the run's experiment: log_model alone would file it under the process's
+        # active experiment (the Default one, artifacts in ./mlruns), whatever the run's.
+        logged = tracking.retrying(
+            client.create_logged_model, run.info.experiment_id, name=MODEL_NAME, source_run_id=run.info.run_id,
+            params=dict(params), tags={"sweep_id": run.data.tags.get(tracking.TAG_SWEEP_ID, ""), "trial": best["trial"]},
+        )  # fmt: skip
         # mlflow.pytorch warns on every pickled model; the choice is deliberate (see the docstring).
         with _store(uri), _level("mlflow.pytorch", logging.ERROR):
             info = mlflow.pytorch.log_model(
                 model,
                 name=MODEL_NAME,
+                model_id=logged.model_id,
                 run_id=run.info.run_id,
                 registered_model_name=sweep,
                 serialization_format="pickle",  # a VideoPixelNetwork back, with .sample() and .nll()

@@ -137,7 +137,9 @@ def test_train_sweep_as_the_ui_shows_it(env):
     best = json.loads((env["root"] / "results_train" / "metrics.json").read_text())["best"]
     best_run = client.get_run(best["run_id"])
     assert best_run.data.tags[registry.TAG_REGISTERED] == "1"
-    assert [o.model_id for o in best_run.outputs.model_outputs]  # the runs table's Model column
+    (output,) = best_run.outputs.model_outputs  # the runs table's Model column
+    logged = client.get_logged_model(output.model_id)  # in the sweep's experiment, beside its runs
+    assert logged.experiment_id == exp.experiment_id and logged.artifact_location.startswith(exp.artifact_location)
     (version,) = client.search_model_versions("name='ui_train'")
     assert version.run_id == best["run_id"] and version.tags["trial"] == best["trial"]
     import mlflow.pytorch
