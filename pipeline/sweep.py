@@ -231,9 +231,7 @@ def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, data_in
     return run_ids
 
 
-def trial_config(
-    sweep: Sweep, point: Point, run_id: str, uri: str, fault: Mapping[str, Any] | None, system_metrics: bool = False
-) -> dict[str, Any]:
+def trial_config(sweep: Sweep, point: Point, run_id: str, uri: str, fault: Mapping[str, Any] | None) -> dict[str, Any]:
     """What the trainable gets: plain values only (it is pickled into the Ray experiment state)."""
     return {
         "point": point.index,
@@ -246,7 +244,7 @@ def trial_config(
         "tracking_uri": uri,
         "overfit": dataclasses.asdict(sweep.overfit) if sweep.mode == "overfit" else None,
         "sample_frames": sweep.run.sample_frames,
-        "system_metrics": system_metrics,
+        "system_metrics": sweep.run.system_metrics,
         "fault": dict(fault) if fault else None,
     }
 
@@ -387,9 +385,7 @@ def run_sweep(
             )
         else:
             run_ids = create_runs(client, experiment_id, sweep, sweep_id, data_info)
-            # MLflow's system metrics: as the spec says, else on where a trial has a GPU (see docs/sweeps.md)
-            system = sweep.run.system_metrics if sweep.run.system_metrics is not None else resources["gpu"] > 0
-            configs = [trial_config(sweep, p, r, uri, fault, system) for p, r in zip(sweep.points, run_ids)]
+            configs = [trial_config(sweep, p, r, uri, fault) for p, r in zip(sweep.points, run_ids)]
             tuner = tune.Tuner(
                 trainable,
                 param_space={"trial": tune.grid_search(configs)},
@@ -469,6 +465,14 @@ def _reporter(sweep: Sweep, tune):
 
 
 # -- command line --------------------------------------------------------------------------------
+def runs_url(uri: str, experiment_id: str) -> str:
+    """Where MLflow 3.17's UI lists an experiment's runs (it opens experiments on an empty GenAI page)."""
+    page = f"#/experiments/{experiment_id}/runs"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (after `mlflow ui --backend-store-uri {uri}`)"
+
+
 def find_spec(path: str) -> Path:
     """The spec as given, else relative to the repository (for `ray submit`, which runs in ~)."""
     p = Path(path)
@@ -513,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     listed = f": {', '.join(failed)}" if failed else ""
     print(f"sweep {outcome.sweep_id}: {done} finished, {len(failed)} failed{listed}")
     print(f"MLflow: {outcome.tracking_uri} (experiment {outcome.sweep.name!r}); Ray: {outcome.experiment_path}")
+    print(f"the runs in MLflow's UI: {runs_url(outcome.tracking_uri, outcome.experiment_id)}")
     if outcome.results_dir is not None:
         print(f"results: {outcome.results_dir}")
     return EXIT_INTERRUPTED if outcome.interrupted else 0

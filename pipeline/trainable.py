@@ -19,7 +19,8 @@ Reporting, checkpointing and logging hang off the Trainer's hooks:
   draws run.sample_frames frames after the context of validation sequence 0 ("samples"); an overfit
   trial shows its reconstruction of the sequence ("reconstruction") at its first report, at each
   checkpoint and at its last step. A categorical head's NLLs are also logged in bits per sub-pixel.
-- MLflow's system metrics (CPU, memory, GPU) when the driver turned them on (run.system_metrics).
+- MLflow's system metrics (CPU, memory, disk, network, GPU) unless the spec turned them off
+  (run.system_metrics).
 
 Restarts. A trial retried after a crash, or resumed after the sweep was interrupted, restores the
 Trainer from its last Tune checkpoint and reattaches to the same MLflow run. Steps the run already
