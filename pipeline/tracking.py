@@ -11,7 +11,7 @@
   to Tune. MetricBuffer drops steps that the run already holds, so a trial restarted from an
   older checkpoint re-trains those steps (batches are a pure function of (seed, step)) without
   logging them again: each curve has every step exactly once.
-- What the runs table's columns show: Source and Version from the git tags (git_tags: the commit,
+- What the runs table's columns show: Source from the git tags (git_tags: the script, the commit,
   the branch, and mlflow.source.git.dirty), Dataset from the data's input (dataset_input: name,
   path, and a digest of the data's own identity), Model from the sweep's registered best trial
   (pipeline.registry).
@@ -65,7 +65,7 @@ TAG_RESOURCES = "ray_resources"  # what Ray granted the trial, e.g. {"CPU": 1.0,
 # Experiment tag naming the latest sweep id of a profile: pipeline.results reads it.
 EXPERIMENT_LATEST = "latest_sweep_id.{profile}"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
-# MLflow's own tags: the runs table's Source and Version columns read them.
+# MLflow's own tags: the runs table's Source column and a run's Source (script, branch, commit) read them.
 TAG_SOURCE_NAME, TAG_SOURCE_TYPE = "mlflow.source.name", "mlflow.source.type"
 TAG_GIT_COMMIT, TAG_GIT_BRANCH, TAG_GIT_DIRTY = "mlflow.source.git.commit", "mlflow.source.git.branch", "mlflow.source.git.dirty"
 TAG_PRECISION = "precision"  # what the trial's forward pass ran in: bf16 or fp32 (vpn.train.Trainer.precision)
@@ -219,8 +219,8 @@ def with_bits(metrics: Mapping[str, float], subpixels: int) -> dict[str, float]:
 
 
 def git_tags(root: Path) -> dict[str, str]:
-    """The Source and Version columns' tags for code in git repository `root`: the commit, the branch,
-    and whether tracked files differ from it (dvc.lock aside: DVC rewrites it while the pipeline
+    """The Source tags for code in git repository `root`: the script, the commit, the branch, and
+    whether tracked files differ from the commit (dvc.lock aside: DVC rewrites it while the pipeline
     runs). Empty when root is not a git checkout (an uploaded working directory has no .git)."""
 
     def git(*args: str) -> str:
