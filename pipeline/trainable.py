@@ -163,6 +163,7 @@ class _Reporter:
         self.run_id = cfg["run_id"]
         self.latest: dict[str, float] = {}
         self.fault = cfg.get("fault") or {}
+        self.no_pictures = False
         # bits per sub-pixel beside nats per frame for the categorical head (tracking.with_bits)
         self.subpixels = frame.numel() if trainer.model_cfg.output == "categorical" else 0
         tracking.set_tags(client, self.run_id, {tracking.TAG_PRECISION: trainer.precision})
@@ -180,9 +181,15 @@ class _Reporter:
         self.latest.update(metrics)
 
     def picture(self, step: int, key: str, draw: Callable[[], Any]) -> None:
-        """Log draw()'s image under key at step, unless the run already holds that step (a restart)."""
-        if step > self.buffer.after_step:
+        """Log draw()'s image under key at step, unless the run already holds that step (a restart).
+        A picture that fails is reported once and not tried again: it must never cost the trial."""
+        if step <= self.buffer.after_step or self.no_pictures:
+            return
+        try:
             tracking.log_image(self.client, self.run_id, draw(), key, step)
+        except Exception as e:  # pictures are a view of the run, not its result
+            log.warning("trial %s: no more %s pictures (step %d): %s", self.cfg["label"], key, step, e)
+            self.no_pictures = True
 
     def report(self, step: int, extra: Mapping[str, Any] | None = None) -> None:
         self.buffer.flush()
