@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import tempfile
 from pathlib import Path
 from typing import Any, Iterator, Mapping
@@ -36,19 +37,31 @@ MODEL_NAME = "model"  # the logged model's name in its run
 TAG_REGISTERED = "registered_model_version"  # on the run: the version its model got
 
 
+ENV_KEYS = ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")
+
+
 @contextlib.contextmanager
 def _store(uri: str) -> Iterator[None]:
-    """MLflow's fluent API (log_model) on `uri`, for tracking and registry alike, restored after."""
+    """MLflow's fluent API (log_model and its registration) on `uri`, and the process's settings as
+    they were afterwards. mlflow.set_tracking_uri / set_registry_uri also write (and on a reset to
+    None, delete) the environment variables, so both the module globals and the variables are saved."""
     import mlflow
-    from mlflow.tracking._tracking_service.utils import _use_tracking_uri
+    from mlflow.tracking._model_registry import utils as registry_settings
+    from mlflow.tracking._tracking_service import utils as tracking_settings
 
-    previous = mlflow.get_registry_uri()
+    env = {k: os.environ.get(k) for k in ENV_KEYS}
+    saved = tracking_settings._tracking_uri, registry_settings._registry_uri
+    mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)
     try:
-        with _use_tracking_uri(uri):
-            yield
+        yield
     finally:
-        mlflow.set_registry_uri(previous)
+        tracking_settings._tracking_uri, registry_settings._registry_uri = saved
+        for key, value in env.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager

@@ -112,7 +112,10 @@ def retrying(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any)
 
 
 def client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    """A client of one store, its Model Registry included (MlflowClient would otherwise take the
+    registry from the process's settings, e.g. ./mlflow.db of whatever the working directory is)."""
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def ensure_experiment(c: MlflowClient, name: str, uri: str) -> str:

@@ -168,8 +168,11 @@ def test_overfit_runs_log_their_reconstruction(env):
         train={"steps": 12, "seq_len": 4, "context": 1, "log_every": 4, "ckpt_every": 8, "device": "cpu", "lr": 3e-3},
         search={"preset": ["micro"], "preset_width_scale": 0.03125}, overfit={"split": "train", "index": 0, "tol_per_subpixel": 1e-9},
     )  # fmt: skip
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     outcome = run_sweep(load_spec(spec), "cpu", storage=str(env["root"] / "ray"), results_dir=env["root"] / "results_overfit")
     assert outcome.statuses == {"micro": "FINISHED"}
+    # registering used MLflow's process-wide settings: they are as they were (the next sweep's store)
+    assert {k: os.environ.get(k) for k in before} == before == {"MLFLOW_TRACKING_URI": env["uri"], "MLFLOW_REGISTRY_URI": None}
     client = tracking.client(env["uri"])
     (run,) = client.search_runs([client.get_experiment_by_name("ui_overfit").experiment_id])
     shots = images(client, run.info.run_id, pictures.RECONSTRUCTION_KEY)
