@@ -14,7 +14,9 @@ Variants (each one full optimizer update on the same uint8 batch (B, T, 1, S, S)
   timed separately and reported as compile_s, with a cold inductor cache (a fresh temporary cache
   folder) unless --warm-compile-cache.
 - fast_bf16, fast_bf16_compiled (CPU only): the same with TrainConfig(cpu_amp=True), bf16
-  autocast on the CPU (opt-in in the Trainer; on CUDA, fast is already bf16).
+  autocast on the CPU (opt-in in the Trainer; on CUDA, fast is already bf16). On a CPU without
+  native bf16 the Trainer ignores cpu_amp (vpn.train.cpu_has_native_bf16), so these variants are
+  skipped there unless --force-cpu-bf16, which times emulated bf16 (about 30x slower on AVX2).
 
 Throughput is in predicted frames per second: a step on (B, T) frames encodes, steps the LSTM for
 and decodes B*(T-1) frames. Achieved FLOP/s uses the model's counted forward FLOPs per frame
@@ -55,8 +57,9 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.reference import reference_model
+import vpn.train
 from vpn import VPNConfig
-from vpn.train import TrainConfig, Trainer
+from vpn.train import TrainConfig, Trainer, cpu_has_native_bf16
 
 log = logging.getLogger("bench_train")
 
@@ -146,6 +149,11 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
     frames = frames.to(device)
     base = TrainConfig(batch_size=args.batch, device=str(device), context=1)
     variants = [v for v in args.variants if not ("bf16" in v and device.type != "cpu")]
+    if device.type == "cpu" and not (cpu_has_native_bf16() or args.force_cpu_bf16):
+        skipped = [v for v in variants if "bf16" in v]
+        if skipped:
+            log.info("%s: skipping %s: this CPU has no native bf16 (--force-cpu-bf16 times it emulated)", preset, ", ".join(skipped))
+        variants = [v for v in variants if v not in skipped]
 
     # Every Trainer seeds its model's initialisation with TrainConfig.seed: all start from the same weights.
     trainers = {name: Trainer(cfg, base.replace(**OPTIONS[name]), frames[:1].cpu()) for name in variants if name != "reference"}
@@ -228,6 +236,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--loader-batches", type=int, default=50, help="batches to time the data loader on (0: skip)")
     p.add_argument("--warm-compile-cache", action="store_true",
                    help="reuse torch.compile's on-disk cache (default: a fresh one, so compile_s is a cold compile)")
+    p.add_argument("--force-cpu-bf16", action="store_true",
+                   help="time the bf16 variants on a CPU without native bf16 too (emulated: slow)")
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/train_<device>.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -237,6 +247,8 @@ def main(argv: list[str] | None = None) -> int:
         p.error("--variants needs at least one fast variant")
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.force_cpu_bf16:  # the Trainer would otherwise ignore cpu_amp on such a CPU
+        vpn.train.cpu_has_native_bf16 = lambda: True
     device = resolve_device(args.device)
     out = Path(args.out or f"benchmarks/results/train_{device.type}.json")
     with tempfile.TemporaryDirectory(prefix="bench_inductor_") as cache:

@@ -20,6 +20,7 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 
 from vpn.files import atomic_path
+from vpn.train import cpu_has_native_bf16
 
 
 def resolve_device(name: str) -> torch.device:
@@ -83,7 +84,26 @@ def device_name(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"CPU ({model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch threads)"
+    bf16 = "native bf16" if cpu_has_native_bf16() else "no native bf16"
+    return (
+        f"CPU ({model}, {torch.backends.cpu.get_cpu_capability()}, {bf16}, {os.cpu_count()} cores, "
+        f"{torch.get_num_threads()} torch threads)"
+    )
+
+
+def cpu_flags() -> list[str]:
+    """The CPU flags that decide which kernels torch runs (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(("flags", "Features")):
+                return sorted(set(line.split(":", 1)[1].split()) & SPEED_FLAGS)
+    except OSError:
+        pass
+    return []
+
+
+# avx512_bf16 / amx_bf16 (x86) or bf16 (Arm) are what make cpu_amp fast; the rest say which SIMD.
+SPEED_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16", "bf16", "asimd", "sve"}
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -91,6 +111,11 @@ def environment(device: torch.device) -> dict[str, Any]:
     return {
         "device": device_name(device),
         "device_type": device.type,
+        # torch's kernel level (DEFAULT, AVX2, AVX512, ...) and whether bf16 is in hardware: a
+        # cpu_amp figure holds only for CPUs that match.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_native_bf16": cpu_has_native_bf16(),
+        "cpu_flags": cpu_flags(),
         "torch": torch.__version__,
         "python": platform.python_version(),
         "threads": torch.get_num_threads(),

@@ -33,6 +33,8 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
       max_failures: 2              # a crashed trial is retried from its checkpoint this often
       storage_path: null           # Ray results (null: <repo>/ray_results; s3://, NFS on a cluster)
       asha: {enabled: false, grace_steps: 100, reduction_factor: 3}
+      sample_frames: 1             # frames sampled at each validation for MLflow's image view (0: none)
+      system_metrics: true         # MLflow's CPU, memory (and GPU) metrics every 10 s, per trial
     overfit: {split: train, index: 0, tol_per_subpixel: 0.01}   # mode: overfit only
     profiles:                      # named overrides of the sections above
       cpu: {train: {steps: 300}, search: {model: {filter_fraction: [0.0625]}}}
@@ -120,8 +122,16 @@ class RunSettings:
     max_failures: int = 2
     storage_path: str | None = None
     asha: AshaSettings = field(default_factory=AshaSettings)
+    # What a trial logs besides its curves (neither changes what it computes, so neither is part of
+    # the sweep's identity): frames drawn from the model at each validation, for MLflow's image view
+    # (pipeline.pictures; 0: none), and MLflow's system metrics (CPU, memory, disk, network, NVIDIA
+    # GPUs with nvidia-ml-py). Both costs are measured in docs/sweeps.md: 2% and 0.4% of a cpu trial.
+    sample_frames: int = 1
+    system_metrics: bool = True
 
     def __post_init__(self) -> None:
+        if self.sample_frames < 0:
+            raise ValueError(f"sample_frames must be >= 0, got {self.sample_frames}")
         if not self.cpus_per_trial > 0:
             raise ValueError(f"cpus_per_trial must be > 0, got {self.cpus_per_trial}")
         # Ray accepts fractions of one GPU, or whole GPUs.

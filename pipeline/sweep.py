@@ -38,6 +38,7 @@ import argparse
 import dataclasses
 import getpass
 import hashlib
+import json
 import logging
 import os
 import sys
@@ -50,7 +51,11 @@ from pipeline.spec import Point, SpecError, Sweep, SweepSpec, load_spec, repo_ro
 log = logging.getLogger(__name__)
 
 # Telemetry off before Ray or MLflow is imported; trials inherit the environment of a local Ray.
-QUIET_ENV = {"RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1"}
+# MLflow's artifact download bars are console chatter in a pipeline's log.
+QUIET_ENV = {
+    "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}  # fmt: skip
 STORAGE_ENV = "VPN_SWEEP_STORAGE"
 WAIT_ENV = "VPN_WAIT_FOR_NODES"
 # Ray Tune's table reporter (CLIReporter) is used only with the legacy output engine.
@@ -87,7 +92,8 @@ class SweepOutcome:
 def check_data(sweep: Sweep) -> dict[str, Any]:
     """Open the splits the sweep reads (memory-mapped headers only) and check every point fits them.
 
-    Returns {"shape": (N, T, C, H, W) of train or the overfit split, "identity": str}.
+    Returns {"shape": (N, T, C, H, W) of train or the overfit split, "identity": str (stats.json,
+    else the shapes), "identity_of": what the identity was taken from, "shapes": split -> shape}.
     """
     from vpn.data import load_split, read_stats
 
@@ -137,15 +143,13 @@ def check_data(sweep: Sweep) -> dict[str, Any]:
             f"{sweep.source}: overfit.index={sweep.overfit.index} but split {sweep.overfit.split} has {n} sequences"
         )
     try:
-        identity = json_dumps(read_stats(sweep.data))
+        identity, identity_of = json_dumps(read_stats(sweep.data)), "stats.json"
     except FileNotFoundError:  # hand-made data (tests): its shapes stand in for the stats
-        identity = json_dumps(shapes)
-    return {"shape": (n, t, c, h, w), "identity": identity}
+        identity, identity_of = json_dumps(shapes), "array shapes"
+    return {"shape": (n, t, c, h, w), "identity": identity, "identity_of": identity_of, "shapes": shapes}
 
 
 def json_dumps(obj: Any) -> str:
-    import json
-
     return json.dumps(obj, sort_keys=True, default=str)
 
 
@@ -193,8 +197,9 @@ def point_params(sweep: Sweep, point: Point, frame_hw: tuple[int, int]) -> dict[
     return params
 
 
-def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, frame_hw: tuple[int, int]) -> list[str]:
-    """One SCHEDULED run per point; runs left by an earlier start of this sweep id are deleted."""
+def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, data_info: Mapping[str, Any]) -> list[str]:
+    """One SCHEDULED run per point, with the code's git commit and the data as a dataset input; runs
+    left by an earlier start of this sweep id are deleted."""
     from pipeline import tracking
 
     stale = tracking.sweep_runs(client, experiment_id, sweep_id)
@@ -202,6 +207,11 @@ def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, frame_h
         log.warning("sweep %s starts over: deleting %d MLflow run(s) of its earlier start", sweep_id, len(stale))
         for run in stale:
             tracking.retrying(client.delete_run, run.info.run_id)
+    frame_hw = data_info["shape"][3:]
+    code = tracking.git_tags(repo_root())
+    streamed = sweep.mode == "train" and any(p.train.data == "stream" for p in sweep.points)
+    profile = {"splits": data_info.get("shapes", {}), "identity_of": data_info.get("identity_of"), "train.data": "stream" if streamed else "fixed"}
+    dataset = tracking.dataset_input(sweep.data, data_info["identity"], profile)
     run_ids = []
     for p in sweep.points:
         tags = {
@@ -213,8 +223,11 @@ def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, frame_h
             tracking.TAG_MODE: sweep.mode,
             tracking.TAG_SPEC: sweep.source,
             "mlflow.user": getpass.getuser(),  # MLflow's "User" column
+            **code,
         }
-        run_ids.append(tracking.create_run(client, experiment_id, p.label, point_params(sweep, p, frame_hw), tags))
+        run_id = tracking.create_run(client, experiment_id, p.label, point_params(sweep, p, frame_hw), tags)
+        tracking.retrying(client.log_inputs, run_id, datasets=[dataset])
+        run_ids.append(run_id)
     return run_ids
 
 
@@ -230,6 +243,8 @@ def trial_config(sweep: Sweep, point: Point, run_id: str, uri: str, fault: Mappi
         "data": str(sweep.data),
         "tracking_uri": uri,
         "overfit": dataclasses.asdict(sweep.overfit) if sweep.mode == "overfit" else None,
+        "sample_frames": sweep.run.sample_frames,
+        "system_metrics": sweep.run.system_metrics,
         "fault": dict(fault) if fault else None,
     }
 
@@ -369,7 +384,7 @@ def run_sweep(
                 restart_errored=False,
             )
         else:
-            run_ids = create_runs(client, experiment_id, sweep, sweep_id, data_info["shape"][3:])
+            run_ids = create_runs(client, experiment_id, sweep, sweep_id, data_info)
             configs = [trial_config(sweep, p, r, uri, fault) for p, r in zip(sweep.points, run_ids)]
             tuner = tune.Tuner(
                 trainable,
@@ -408,6 +423,14 @@ def run_sweep(
     if write_tables:
         out_dir = Path(results_dir) if results_dir else None
         out = results.write_results(client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
+        if not unfinished:  # the best of a finished sweep, by the tables' own ranking
+            from pipeline import registry
+
+            summary = json.loads((out / "metrics.json").read_text())
+            try:
+                registry.register_best(client, uri, sweep.name, summary)
+            except Exception as e:  # the tables are written; a registry that refuses must not fail the sweep
+                log.warning("sweep %s: the best trial's model was not registered: %s", sweep_id, e)
     return SweepOutcome(sweep, sweep_id, experiment_id, uri, experiment_path, statuses, bool(unfinished), out)
 
 
@@ -442,6 +465,14 @@ def _reporter(sweep: Sweep, tune):
 
 
 # -- command line --------------------------------------------------------------------------------
+def runs_url(uri: str, experiment_id: str) -> str:
+    """Where MLflow 3.17's UI lists an experiment's runs (it opens experiments on an empty GenAI page)."""
+    page = f"#/experiments/{experiment_id}/runs"
+    if uri.startswith(("http://", "https://")):
+        return f"{uri.rstrip('/')}/{page}"
+    return f"http://127.0.0.1:5000/{page} (after `mlflow ui --backend-store-uri {uri}`)"
+
+
 def find_spec(path: str) -> Path:
     """The spec as given, else relative to the repository (for `ray submit`, which runs in ~)."""
     p = Path(path)
@@ -486,6 +517,7 @@ def main(argv: list[str] | None = None) -> int:
     listed = f": {', '.join(failed)}" if failed else ""
     print(f"sweep {outcome.sweep_id}: {done} finished, {len(failed)} failed{listed}")
     print(f"MLflow: {outcome.tracking_uri} (experiment {outcome.sweep.name!r}); Ray: {outcome.experiment_path}")
+    print(f"the runs in MLflow's UI: {runs_url(outcome.tracking_uri, outcome.experiment_id)}")
     if outcome.results_dir is not None:
         print(f"results: {outcome.results_dir}")
     return EXIT_INTERRUPTED if outcome.interrupted else 0

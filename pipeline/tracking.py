@@ -11,19 +11,29 @@
   to Tune. MetricBuffer drops steps that the run already holds, so a trial restarted from an
   older checkpoint re-trains those steps (batches are a pure function of (seed, step)) without
   logging them again: each curve has every step exactly once.
+- What the runs table's columns show: Source from the git tags (git_tags: the script, the commit,
+  the branch, and mlflow.source.git.dirty), Dataset from the data's input (dataset_input: name,
+  path, and a digest of the data's own identity), Model from the sweep's registered best trial
+  (pipeline.registry).
+- The categorical head's NLLs are also logged in bits per sub-pixel (with_bits), the PixelCNN
+  literature's unit: nats per frame / (C * H * W * ln 2).
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import math
 import os
+import subprocess
 import time
 from pathlib import Path
 from typing import Any, Callable, Iterable, Mapping, TypeVar
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from mlflow.entities import Metric, Param, RunTag, ViewType  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from pipeline.spec import repo_root  # noqa: E402
@@ -38,6 +48,8 @@ TEST_KEY = "test_nats_per_frame"
 TEST_FLOOR_KEY = "test_floor_nats_per_frame"
 TEST_SEQUENCES_KEY = "test_sequences_scored"
 CURVE_KEYS = (TRAIN_KEY, VAL_KEY, SPEED_KEY)
+# Bits per sub-pixel beside nats per frame (categorical head only; with_bits).
+NATS_SUFFIX, BITS_SUFFIX = "_nats_per_frame", "_bits_per_subpixel"
 # MLflow's limits per log_batch request.
 MAX_METRICS_PER_BATCH = 1000
 MAX_PARAMS_PER_BATCH = 100
@@ -53,6 +65,10 @@ TAG_RESOURCES = "ray_resources"  # what Ray granted the trial, e.g. {"CPU": 1.0,
 # Experiment tag naming the latest sweep id of a profile: pipeline.results reads it.
 EXPERIMENT_LATEST = "latest_sweep_id.{profile}"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
+# MLflow's own tags: the runs table's Source column and a run's Source (script, branch, commit) read them.
+TAG_SOURCE_NAME, TAG_SOURCE_TYPE = "mlflow.source.name", "mlflow.source.type"
+TAG_GIT_COMMIT, TAG_GIT_BRANCH, TAG_GIT_DIRTY = "mlflow.source.git.commit", "mlflow.source.git.branch", "mlflow.source.git.dirty"
+TAG_PRECISION = "precision"  # what the trial's forward pass ran in: bf16 or fp32 (vpn.train.Trainer.precision)
 
 T = TypeVar("T")
 
@@ -96,7 +112,10 @@ def retrying(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any)
 
 
 def client(uri: str | None = None) -> MlflowClient:
-    return MlflowClient(tracking_uri=uri or tracking_uri())
+    """A client of one store, its Model Registry included (MlflowClient would otherwise take the
+    registry from the process's settings, e.g. ./mlflow.db of whatever the working directory is)."""
+    uri = uri or tracking_uri()
+    return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
 def ensure_experiment(c: MlflowClient, name: str, uri: str) -> str:
@@ -185,3 +204,65 @@ class MetricBuffer:
             retrying(self.client.log_batch, self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
         if pending:
             self.after_step = max(self.after_step, max(m.step for m in pending))
+
+
+# -- what the runs table shows beside the metrics ------------------------------------------------------
+def with_bits(metrics: Mapping[str, float], subpixels: int) -> dict[str, float]:
+    """metrics plus, for every *_nats_per_frame, its *_bits_per_subpixel = nats / (subpixels * ln 2).
+
+    subpixels = C * H * W of the frames scored (after pooling). Only for the categorical head: its NLL
+    is a discrete likelihood over 256 levels; the Bernoulli head's is a cross-entropy against grey
+    levels, for which bits per sub-pixel would not compare with the literature.
+    """
+    out = dict(metrics)
+    for key, value in metrics.items():
+        if key.endswith(NATS_SUFFIX) and "floor" not in key:
+            out[key.removesuffix(NATS_SUFFIX) + BITS_SUFFIX] = float(value) / (subpixels * math.log(2))
+    return out
+
+
+def git_tags(root: Path) -> dict[str, str]:
+    """The Source tags for code in git repository `root`: the script, the commit, the branch, and
+    whether tracked files differ from the commit (dvc.lock aside: DVC rewrites it while the pipeline
+    runs). Empty when root is not a git checkout (an uploaded working directory has no .git)."""
+
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+
+    try:
+        commit = git("rev-parse", "HEAD")
+        changed = git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock")
+        branch = git("rev-parse", "--abbrev-ref", "HEAD")
+    except (OSError, subprocess.SubprocessError) as e:
+        log.info("no git commit recorded on the runs: %s is not a git checkout (%s)", root, e)
+        return {}
+    tags = {
+        TAG_SOURCE_NAME: "pipeline/sweep.py",
+        TAG_SOURCE_TYPE: "LOCAL",
+        TAG_GIT_COMMIT: commit,
+        TAG_GIT_DIRTY: str(bool(changed)).lower(),
+    }
+    if branch and branch != "HEAD":  # HEAD: a detached checkout has no branch
+        tags[TAG_GIT_BRANCH] = branch
+    return tags
+
+
+def dataset_input(path: Path, identity: str, profile: Mapping[str, Any], context: str = "training") -> DatasetInput:
+    """The Moving MNIST folder as an MLflow dataset input: the Dataset column shows its name, and the
+    run's page its source path and digest. The digest is sha256 of the data's identity (its
+    stats.json, which holds the generating params and every split's shape and pixel statistics: the
+    same bytes for the same data on every machine), so one digest means one dataset."""
+    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    dataset = Dataset(
+        name=Path(path).name,
+        digest=digest,
+        source_type="local",
+        source=json.dumps({"uri": str(path)}),
+        profile=json.dumps(dict(profile), sort_keys=True, default=str),
+    )
+    return DatasetInput(dataset=dataset, tags=[InputTag(key="mlflow.data.context", value=context)])
+
+
+def log_image(c: MlflowClient, run_id: str, image: Any, key: str, step: int) -> None:
+    """One picture in the run's image view (key, with a step slider)."""
+    retrying(c.log_image, run_id, image, key=key, step=step, synchronous=True)

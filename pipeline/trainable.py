@@ -15,6 +15,12 @@ Reporting, checkpointing and logging hang off the Trainer's hooks:
   (vpn.train.Trainer.score: model.nll over frames context..T-1, on train.test_sequences sequences or
   all): test_nats_per_frame, and the floor of exactly those frames, test_floor_nats_per_frame.
   A trial that ASHA stops early never reaches its end and has no test score.
+- pictures (pipeline.pictures), for MLflow's image view: at each validation a train-mode trial
+  draws run.sample_frames frames after the context of validation sequence 0 ("samples"); an overfit
+  trial shows its reconstruction of the sequence ("reconstruction") at its first report, at each
+  checkpoint and at its last step. A categorical head's NLLs are also logged in bits per sub-pixel.
+- MLflow's system metrics (CPU, memory, disk, network, GPU) unless the spec turned them off
+  (run.system_metrics).
 
 Restarts. A trial retried after a crash, or resumed after the sweep was interrupted, restores the
 Trainer from its last Tune checkpoint and reattaches to the same MLflow run. Steps the run already
@@ -39,8 +45,9 @@ from pathlib import Path
 from typing import Any, Callable, Mapping
 
 import torch
+from torch import Tensor
 
-from pipeline import tracking
+from pipeline import pictures, tracking
 from vpn.config import VPNConfig
 from vpn.data import MovingMNIST, training_source
 from vpn.train import NonFiniteLossError, TrainConfig, Trainer, prepare, sequence_floor
@@ -55,10 +62,22 @@ class NonFiniteLoss(RuntimeError):
     """The trial's loss became NaN or infinite: vpn's NonFiniteLossError, with the MLflow run named."""
 
 
+# Per-checkpoint INFO lines of Ray's storage module ("Checkpoint successfully created at: ..."), and
+# MLflow's system-metrics start and stop lines: a sweep's console shows progress, not these.
+QUIET_LOGGERS = ("ray.train._internal.storage", "ray.train.v2._internal.execution.storage", "mlflow.system_metrics")
+
+
+def quiet_framework_logs() -> None:
+    """Raise the loggers in QUIET_LOGGERS to WARNING in this process (a trial's worker)."""
+    for name in QUIET_LOGGERS:
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
 def trial(config: Mapping[str, Any]) -> None:
     """Ray Tune function trainable for one grid point (config["trial"], from trial_config)."""
     from ray import tune
 
+    quiet_framework_logs()
     cfg = config["trial"]
     ctx = tune.get_context()
     granted = dict(ctx.get_trial_resources().required_resources)  # e.g. {"CPU": 1.0, "GPU": 0.5}
@@ -83,6 +102,7 @@ def trial(config: Mapping[str, Any]) -> None:
     model_cfg = VPNConfig.from_dict(cfg["model"])
     train_cfg = TrainConfig.from_dict(cfg["train"])
     runner = _overfit if cfg["mode"] == "overfit" else _train
+    monitor = _system_metrics(cfg) if cfg.get("system_metrics") else None
     try:
         runner(cfg, model_cfg, train_cfg, client, buffer, tune)
     except NonFiniteLossError as err:
@@ -90,6 +110,20 @@ def trial(config: Mapping[str, Any]) -> None:
         tracking.set_tags(client, run_id, {tracking.TAG_ERROR: str(err), tracking.TAG_NON_FINITE_STEP: err.step})
         tracking.retrying(client.set_terminated, run_id, status="FAILED")
         raise NonFiniteLoss(f"{err} (MLflow run {run_id})") from None
+    finally:
+        if monitor is not None:
+            monitor.finish()
+
+
+def _system_metrics(cfg: Mapping[str, Any]):
+    """MLflow's system metrics monitor on the trial's run (a thread sampling CPU, memory, disk,
+    network, and NVIDIA GPUs where nvidia-ml-py finds one, every 10 s); it stops itself once the run
+    is no longer RUNNING. A resumed trial continues the run's system-metric steps."""
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    monitor = SystemMetricsMonitor(cfg["run_id"], resume_logging=True, tracking_uri=cfg["tracking_uri"])
+    monitor.start()
+    return monitor
 
 
 def _refuse_known_non_finite(run) -> None:
@@ -121,16 +155,41 @@ def _restore(
 class _Reporter:
     """Checkpoint saving, MLflow flushes and Tune reports of one trial, shared by both modes."""
 
-    def __init__(self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer, tune) -> None:
+    def __init__(
+        self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer, tune, frame: Tensor
+    ) -> None:
+        """frame: one prepared frame (C, H, W), the size the NLLs are per."""
         self.cfg, self.trainer, self.client, self.buffer, self.tune = cfg, trainer, client, buffer, tune
         self.run_id = cfg["run_id"]
         self.latest: dict[str, float] = {}
         self.fault = cfg.get("fault") or {}
+        self.no_pictures = False
+        # bits per sub-pixel beside nats per frame for the categorical head (tracking.with_bits)
+        self.subpixels = frame.numel() if trainer.model_cfg.output == "categorical" else 0
+        tracking.set_tags(client, self.run_id, {tracking.TAG_PRECISION: trainer.precision})
+
+    def _with_bits(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
+        if not self.subpixels:
+            return dict(metrics)
+        finite = {k: v for k, v in metrics.items() if v is not None}
+        return {**metrics, **tracking.with_bits(finite, self.subpixels)}
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self._maybe_die(step)
+        metrics = self._with_bits(metrics)
         self.buffer.add(step, metrics)
         self.latest.update(metrics)
+
+    def picture(self, step: int, key: str, draw: Callable[[], Any]) -> None:
+        """Log draw()'s image under key at step, unless the run already holds that step (a restart).
+        A picture that fails is reported once and not tried again: it must never cost the trial."""
+        if step <= self.buffer.after_step or self.no_pictures:
+            return
+        try:
+            tracking.log_image(self.client, self.run_id, draw(), key, step)
+        except Exception as e:  # pictures are a view of the run, not its result
+            log.warning("trial %s: no more %s pictures (step %d): %s", self.cfg["label"], key, step, e)
+            self.no_pictures = True
 
     def report(self, step: int, extra: Mapping[str, Any] | None = None) -> None:
         self.buffer.flush()
@@ -141,6 +200,7 @@ class _Reporter:
 
     def checkpoint(self, step: int, final: bool, extra: Mapping[str, Any] | None = None) -> None:
         """Save, flush, (at the end: artifact + FINISHED,) then report with the checkpoint."""
+        extra = self._with_bits(extra) if extra else extra
         with tempfile.TemporaryDirectory(prefix="vpn-ckpt-") as d:
             self.trainer.save(Path(d) / CHECKPOINT_FILE)
             meta = {"run_id": self.run_id, "step": step, "label": self.cfg["label"], "final": final, **(extra or {})}
@@ -183,14 +243,22 @@ def _train(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, tu
         client,
         cfg["run_id"],
     )
-    rep = _Reporter(cfg, trainer, client, buffer, tune)
+    shown = prepare(val_data[0][None], train_cfg)[0]  # (T, C, H, W): validation sequence 0 as trained on
+    rep = _Reporter(cfg, trainer, client, buffer, tune, shown[0])
     until = train_cfg.steps
+    context = train_cfg.context
+    n_sampled = min(cfg.get("sample_frames", 0), len(shown) - context)
 
     def is_checkpoint(step: int) -> bool:  # the Trainer's own rule for calling on_checkpoint
         return step == until or bool(train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0)
 
+    def samples():  # the same sequence and seed at every validation: only the weights differ
+        return pictures.sample_strip(trainer.model, shown, context, n_sampled, seed=train_cfg.seed)
+
     def on_log(step: int, metrics: dict[str, float]) -> None:
         rep.log(step, metrics)
+        if tracking.VAL_KEY in metrics and n_sampled > 0:
+            rep.picture(step, pictures.SAMPLES_KEY, samples)
         if tracking.VAL_KEY in metrics and not is_checkpoint(step):
             rep.report(step)
 
@@ -223,10 +291,15 @@ def _overfit(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, 
         cfg["run_id"],
     )
     tracking.set_tags(client, cfg["run_id"], {"floor_nats_per_frame": f"{floor:.6f}", "tol_nats_per_frame": f"{tol:.6f}"})
-    rep = _Reporter(cfg, trainer, client, buffer, tune)
+    rep = _Reporter(cfg, trainer, client, buffer, tune, seq[0])
     if meta is not None and meta.get("final"):  # restored from its final checkpoint: only bookkeeping left
         _finish_overfit(rep, client, cfg["run_id"], trainer.step, meta.get("converged_step"))
         return
+    show = cfg.get("sample_frames", 0) > 0  # the same switch as the train mode's samples
+
+    def reconstruction():
+        return pictures.reconstruction_strip(trainer.model, seq)
+
     steps, every, ckpt_every = train_cfg.steps, train_cfg.log_every, train_cfg.ckpt_every
     tick, tick_step = time.perf_counter(), trainer.step
     converged: int | None = None
@@ -244,6 +317,8 @@ def _overfit(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, 
             tick, tick_step = now, step
         rep.log(step, metrics)
         final = converged is not None or step == steps
+        if show and (final or step == every or (ckpt_every and step % ckpt_every == 0)):
+            rep.picture(step, pictures.RECONSTRUCTION_KEY, reconstruction)
         if final:
             _finish_overfit(rep, client, cfg["run_id"], step, converged)
             return

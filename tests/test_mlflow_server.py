@@ -89,7 +89,7 @@ def test_trial_logs_to_a_tracking_server(tmp_path, mlflow_server, monkeypatch):
     data = tmp_path / "data"
     data.mkdir()
     rng = np.random.default_rng(1)
-    for split, n in (("train", 8), ("val", 4)):
+    for split, n in (("train", 8), ("val", 4), ("test", 2)):  # train mode scores the test split at the end
         np.save(data / f"{split}.npy", (rng.random((n, 5, 1, 8, 8)) < 0.3).astype(np.uint8) * 255)
     spec = {
         "name": "server_sweep",

@@ -323,3 +323,40 @@ def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_pat
     order = [name for name, *_ in rows if f"| {name} (" in every]
     positions = sorted(order, key=lambda n: every.index(f"| {n} ("))
     assert positions == ["rmb_dilated", "relu", "relu_dilated", "rmb", "baseline"]
+
+
+@pytest.mark.slow
+def test_report_html_in_a_real_browser(tmp_path):
+    """report.html opened in headless Chromium (Debian's package; .ci/run installs it): every image
+    loads, the tables render, and the page logs no console error. A page with a missing image is
+    opened too, so a check that could never fail does not pass."""
+    import os
+
+    from cdp import Chromium, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        message = "no Chromium on PATH (Debian: apt-get install chromium; or set VPN_CHROMIUM)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)  # CI installs it: missing there is a failure, not a skip
+        pytest.skip(message)
+    trials, curves = synthetic(n_failed=1)
+    write_tables(tmp_path, "demo", trials, curves)
+    build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
+    report = tmp_path / "reports" / "demo" / "report.html"
+    broken = tmp_path / "broken.html"
+    broken.write_text("<!doctype html><html><body><img src='missing.png'><table><tr><td>x</td></tr></table></body></html>")
+
+    with Chromium(executable) as browser:
+        page = browser.open(report.as_uri())
+        control = browser.open(broken.as_uri())
+
+    names = {i["src"].rsplit("/", 1)[-1] for i in page.images}
+    assert names >= {"curves.png", "converge_heatmaps.png", "pareto.png", "speed.png"}, page.images
+    assert all(i["complete"] and i["width"] > 0 for i in page.images), page.images
+    assert len(page.tables) == 1  # the table of every trial: a header row and one row per trial, on screen
+    assert page.tables[0]["rows"] == 1 + len(trials) and page.tables[0]["columns"] >= 10 and page.tables[0]["height"] > 0
+    assert page.errors == []
+    # the control page: the missing image is seen as such, with the console error the browser logged
+    assert control.images == [{"src": "missing.png", "complete": True, "width": 0}]
+    assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in control.errors), control.errors

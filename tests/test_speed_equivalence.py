@@ -155,10 +155,11 @@ def test_inductor_compiled_training_step_matches_eager():
     assert losses[False][2] < losses[False][0]  # the weights moved: steps 2 and 3 test the updated ones
 
 
-def test_bf16_cpu_training_tracks_fp32():
+def test_bf16_cpu_training_tracks_fp32(monkeypatch):
     """cpu_amp (the CPU path that reaches 2x the reference) trains in bf16 autocast: its losses
     differ from fp32's in the low digits, but over 40 steps on the same batches the two runs learn
     alike. The cast is real: the first step's loss is not fp32's bit for bit."""
+    monkeypatch.setattr("vpn.train.cpu_has_native_bf16", lambda: True)  # bf16 even where it is emulated
     cfg = VPNConfig.preset("micro", filter_fraction=8 / 128, enc_blocks=1, dec_blocks=2, output="bernoulli")
     data = torch.zeros(8, 3, 1, 8, 8, dtype=torch.uint8)  # a bright square moving right: learnable
     for i in range(8):

@@ -15,7 +15,8 @@
   loss is detected there and raises NonFiniteLossError.
 - Speed (measured in benchmarks/, see benchmarks/RESULTS.md): bf16 autocast and channels_last on
   CUDA by default; torch.compile of the forward pass and loss on request (`compile`); bf16 autocast
-  on CPU on request (`cpu_amp`). None of them changes the parameters or the checkpoint format.
+  on CPU on request (`cpu_amp`, where the CPU has native bf16). None of them changes the parameters
+  or the checkpoint format.
 - Logging and checkpointing hang off two hooks of `fit`, so the same loop serves the CLI and the
   Ray Tune trainable.
 """
@@ -26,7 +27,9 @@ import contextlib
 import dataclasses
 import logging
 import math
+import platform
 import random
+import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,7 +69,9 @@ class TrainConfig:
     downsample: average-pool frames by this factor (1: full size), for quick CPU runs.
     device: "auto" (CUDA if present), "cpu" or "cuda[:N]".  amp: bf16 autocast on CUDA.
     cpu_amp: bf16 autocast on CPU too. Off by default: on a CPU with native bf16 (AVX512-BF16, AMX)
-        it is faster, but it is no longer fp32 training, and the sweeps compare fp32 curves.
+        it is faster, but it is no longer fp32 training, and the sweeps compare fp32 curves. On a
+        CPU without native bf16 (cpu_has_native_bf16() is False) it is ignored with a warning and
+        training runs in fp32: there bf16 is emulated, and a step measured about 30x slower.
     memory_format: "auto" (channels_last on CUDA, where cuDNN's bf16 convolutions run NHWC;
         contiguous on CPU, where channels_last measured slower), "channels_last" or "contiguous".
     compile: torch.compile the forward pass and loss (fuses the gates' elementwise ops). Off by
@@ -162,6 +167,20 @@ class NonFiniteLossError(RuntimeError):
         # Exceptions pickle as cls(*self.args), and args holds only the message; process pools and
         # Ray copy errors by pickling, so rebuild from (step, value).
         return type(self), (self.step, self.value)
+
+
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware: x86 AVX512-BF16 or AMX, or Arm's BF16 extension.
+
+    Without it oneDNN emulates bf16: on an AVX2 CPU a micro training step with cpu_amp took 62.5 s
+    against 2.09 s in fp32 (64x64, batch 2, 4 frames, one thread; benchmarks/RESULTS.md).
+    """
+    try:
+        if platform.machine().lower() in ("x86_64", "amd64", "i386", "i686"):
+            return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())  # Arm: oneDNN asks for the BF16 extension
+    except (AttributeError, RuntimeError):  # a torch without these probes: assume not
+        return False
 
 
 def resolve_device(name: str) -> torch.device:
@@ -327,6 +346,15 @@ class Trainer:
             raise ValueError(f"train.data is {train_cfg.data!r} but the training data given is {given}")
         if len(self.train_data) == 0:
             raise ValueError("training data is empty")
+        # bf16 autocast on the CPU only where the CPU has bf16 in hardware (cpu_has_native_bf16).
+        self.cpu_bf16 = train_cfg.cpu_amp and self.device.type == "cpu"
+        if self.cpu_bf16 and not cpu_has_native_bf16():
+            log.warning(
+                "cpu_amp ignored, training in fp32: this CPU (%s) has no native bf16 (AVX512-BF16, AMX or "
+                "Arm BF16), and emulated bf16 measured about 30x slower than fp32",
+                torch.backends.cpu.get_cpu_capability(),
+            )
+            self.cpu_bf16 = False
         torch.manual_seed(train_cfg.seed)  # the model's initial weights
         self.model = VideoPixelNetwork(model_cfg).to(self.device, memory_format=self._memory_format())
         # Compile a function, not the module, so that state_dict keys stay those of the model.
@@ -344,9 +372,13 @@ class Trainer:
             fmt = "channels_last" if self.device.type == "cuda" else "contiguous"
         return torch.channels_last if fmt == "channels_last" else torch.contiguous_format
 
+    @property
+    def precision(self) -> str:
+        """"bf16" (autocast) or "fp32": what the forward pass actually runs in on this device."""
+        return "bf16" if (self.cfg.amp if self.device.type == "cuda" else self.cpu_bf16) else "fp32"
+
     def _autocast(self):
-        enabled = self.cfg.amp if self.device.type == "cuda" else self.cfg.cpu_amp
-        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.precision == "bf16")
 
     def _nats(self, frames: Tensor) -> Tensor:
         """uint8 (B, T, C, H, W) -> mean nats per frame over the batch and frames 1..T-1 (float32 scalar)."""
@@ -506,11 +538,25 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise FileNotFoundError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # corrupt, truncated or not a torch file
-        raise ValueError(f"checkpoint {path} is corrupt or not a VPN checkpoint: {err}") from err
+    except Exception as err:  # corrupt, truncated, not a torch file, or objects beyond plain data
+        # torch's message is a paragraph that ends by advising weights_only=False, which would run
+        # the file's code: it goes to the debug log, the user gets one sentence.
+        log.debug("torch.load(%s, weights_only=True) failed: %s", path, err)
+        raise ValueError(_unreadable(path, str(err))) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file")
+        raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file, so this project did not write it")
     return state
+
+
+def _unreadable(path: Path, torch_error: str) -> str:
+    """One sentence for a checkpoint torch.load refused: foreign objects, or bytes it cannot parse."""
+    found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", torch_error)
+    if found:
+        return (
+            f"checkpoint {path} is not a VPN checkpoint: it stores Python objects ({found.group(1)}), "
+            "which are never loaded because loading them could run code"
+        )
+    return f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch file"
 
 
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> VideoPixelNetwork:

@@ -1,0 +1,185 @@
+"""What MLflow's UI shows of a sweep, read back from a real store after tiny sweeps: the pictures of
+each run (samples at every validation, an overfit run's reconstruction), the data as a dataset input,
+the git commit, bits per sub-pixel, and the best trial as a registered model that loads in one line.
+The train sweep runs as the command a user types, so its console is checked too."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from pipeline import pictures, registry, tracking
+from pipeline.spec import load_spec
+from pipeline.sweep import QUIET_ENV, run_sweep
+from vpn.train import load_model
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated"),  # inside MLflow's SQL store
+]
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN = {"batch_size": 4, "log_every": 5, "val_every": 5, "val_batches": 1, "ckpt_every": 10, "context": 3, "device": "cpu"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """Tiny data with a stats.json (as the data stage writes), one SQLite store, one local Ray."""
+    root = tmp_path_factory.mktemp("ui")
+    rng = np.random.default_rng(0)
+    data = root / "moving_mnist"
+    data.mkdir()
+    for split, n in (("train", 16), ("val", 4), ("test", 4)):
+        np.save(data / f"{split}.npy", (rng.random((n, 6, 1, 8, 8)) < 0.25).astype(np.uint8) * 255)
+    stats = {"params": {"seed": 0, "frame_size": 8}, "train": {"shape": [16, 6, 1, 8, 8]}}
+    (data / "stats.json").write_text(json.dumps(stats))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    saved = {k: os.environ.get(k) for k in (*QUIET_ENV, "MLFLOW_TRACKING_URI")}
+    # MLflow's system metrics every 0.2 s instead of 10: these trials last a second or two (Ray's
+    # workers inherit the environment of the ray.init below)
+    saved["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
+    os.environ.update({**QUIET_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    yield {"root": root, "data": data, "uri": uri, "stats": stats, "address": ray.get_runtime_context().gcs_address}
+    if started:
+        ray.shutdown()
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+
+
+def write_spec(env, name: str, **sections) -> Path:
+    spec = {"name": name, "data": str(env["data"]), "run": {"cpus_per_trial": 1, "max_failures": 0}, "profiles": {"cpu": {}}, **sections}
+    path = env["root"] / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def images(client, run_id: str, key: str) -> dict[int, Image.Image]:
+    """step -> the full-size PNG logged under key (MLflow names them <key>+step+<step>+...png)."""
+    out = {}
+    for artifact in client.list_artifacts(run_id, "images"):
+        name = artifact.path.rsplit("/", 1)[-1]
+        if name.startswith(f"{key}+step+") and name.endswith(".png"):
+            local = client.download_artifacts(run_id, artifact.path)
+            out[int(name.split("+")[2])] = Image.open(io.BytesIO(Path(local).read_bytes()))
+    return out
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+
+
+def test_train_sweep_as_the_ui_shows_it(env):
+    model = {"enc_blocks": 1, "dec_blocks": 1, "filter_fraction": 0.03125}
+    rows = [{"name": "bern", "model": {"output": "bernoulli"}}, {"name": "cat", "model": {"output": "categorical"}}]
+    spec = write_spec(env, "ui_train", mode="train", model=model, train={**TRAIN, "steps": 10}, search={"rows": rows})
+    console = subprocess.run(
+        [sys.executable, "-m", "pipeline.sweep", str(spec), "--profile", "cpu", "--storage", str(env["root"] / "ray"),
+         "--results-dir", str(env["root"] / "results_train")],
+        cwd=REPO, env={**os.environ, "RAY_ADDRESS": env["address"]}, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    out = console.stdout + console.stderr
+    assert console.returncode == 0, out[-4000:]
+    # the console: Tune's progress and the result, not Ray's line per checkpoint (4 checkpoints here)
+    assert "Checkpoint successfully created" not in out and "Downloading artifacts" not in out, out[-4000:]
+    assert "ui_train-cpu-" in out and "2 finished, 0 failed" in out
+    assert f"#/experiments/{tracking.client(env['uri']).get_experiment_by_name('ui_train').experiment_id}/runs" in out
+
+    client = tracking.client(env["uri"])
+    exp = client.get_experiment_by_name("ui_train")
+    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    assert sorted(runs) == ["bern", "cat"]
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
+    digest = hashlib.sha256(json.dumps(env["stats"], sort_keys=True).encode()).hexdigest()[:16]
+    for name, run in runs.items():
+        run_id = run.info.run_id
+        # pictures: one per validation (steps 5 and 10): the truth above, context + 1 drawn frame below
+        shots = images(client, run_id, pictures.SAMPLES_KEY)
+        assert sorted(shots) == [5, 10], name
+        k = pictures.MIN_FRAME_PX // 8  # 8x8 frames enlarged to 64 px
+        assert shots[10].size == ((4 * 8 + 3 * 2 + 2 + 2) * k, (2 * 8 + 2) * k), name  # 3 + 1 frames, gaps, the bar
+        assert run.data.tags["mlflow.loggedImages"] == "True"
+        # the data: the Dataset column's name, the source path, the digest of its stats.json
+        (dataset_input,) = run.inputs.dataset_inputs
+        dataset = dataset_input.dataset
+        assert (dataset.name, dataset.digest) == ("moving_mnist", digest)
+        assert json.loads(dataset.source) == {"uri": str(env["data"])}
+        assert [(t.key, t.value) for t in dataset_input.tags] == [("mlflow.data.context", "training")]
+        # the code: the Source and Version columns
+        tags = run.data.tags
+        assert tags[tracking.TAG_GIT_COMMIT] == commit and tags[tracking.TAG_GIT_DIRTY] == str(dirty).lower()
+        assert tags[tracking.TAG_SOURCE_NAME] == "pipeline/sweep.py" and tags[tracking.TAG_PRECISION] == "fp32"
+    # bits per sub-pixel beside nats per frame, for the categorical head only: nats / (C*H*W ln 2)
+    cat, bern = runs["cat"].data.metrics, runs["bern"].data.metrics
+    for split in ("train", "val", "test"):
+        nats = cat[f"{split}_nats_per_frame"]
+        assert cat[f"{split}_bits_per_subpixel"] == pytest.approx(nats / (64 * math.log(2)), rel=1e-9), split
+        assert f"{split}_bits_per_subpixel" not in bern
+    for metrics in (cat, bern):  # MLflow's system metrics, on by default (on CPU too)
+        assert "system/cpu_utilization_percentage" in metrics and "system/system_memory_usage_megabytes" in metrics
+
+    # the best trial, by the results' ranking, is the run's model and models:/ui_train/1
+    best = json.loads((env["root"] / "results_train" / "metrics.json").read_text())["best"]
+    best_run = client.get_run(best["run_id"])
+    assert best_run.data.tags[registry.TAG_REGISTERED] == "1"
+    (output,) = best_run.outputs.model_outputs  # the runs table's Model column
+    logged = client.get_logged_model(output.model_id)  # in the sweep's experiment, beside its runs
+    assert logged.experiment_id == exp.experiment_id and logged.artifact_location.startswith(exp.artifact_location)
+    (version,) = client.search_model_versions("name='ui_train'")
+    assert version.run_id == best["run_id"] and version.tags["trial"] == best["trial"]
+    import mlflow.pytorch
+
+    loaded = mlflow.pytorch.load_model("models:/ui_train/latest")  # the documented one line (MLFLOW_TRACKING_URI set)
+    checkpoint = load_model(client.download_artifacts(best["run_id"], tracking.CHECKPOINT_ARTIFACT, str(env["root"] / "ckpt")))
+    frames = torch.from_numpy(np.load(env["data"] / "test.npy"))
+    with torch.no_grad():
+        assert torch.equal(loaded(frames), checkpoint(frames)) and not loaded.training
+    # the checkpoint itself is in the model's folder, for a load that runs no pickled code
+    folder = Path(mlflow.artifacts.download_artifacts("models:/ui_train/latest", dst_path=str(env["root"] / "model")))
+    assert load_model(folder / "extra_files" / "checkpoint.pt").cfg == checkpoint.cfg
+    # registering again (the sweep resumed, nothing changed) makes no new version
+    assert registry.register_best(client, env["uri"], "ui_train", {"best": best}) == "1"
+    assert len(client.search_model_versions("name='ui_train'")) == 1
+
+
+def test_overfit_runs_log_their_reconstruction(env):
+    spec = write_spec(
+        env, "ui_overfit", mode="overfit", model={"output": "bernoulli"},
+        train={"steps": 12, "seq_len": 4, "context": 1, "log_every": 4, "ckpt_every": 8, "device": "cpu", "lr": 3e-3},
+        search={"preset": ["micro"], "preset_width_scale": 0.03125}, overfit={"split": "train", "index": 0, "tol_per_subpixel": 1e-9},
+    )  # fmt: skip
+    before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
+    outcome = run_sweep(load_spec(spec), "cpu", storage=str(env["root"] / "ray"), results_dir=env["root"] / "results_overfit")
+    assert outcome.statuses == {"micro": "FINISHED"}
+    # registering used MLflow's process-wide settings: they are as they were (the next sweep's store)
+    assert {k: os.environ.get(k) for k in before} == before == {"MLFLOW_TRACKING_URI": env["uri"], "MLFLOW_REGISTRY_URI": None}
+    client = tracking.client(env["uri"])
+    (run,) = client.search_runs([client.get_experiment_by_name("ui_overfit").experiment_id])
+    shots = images(client, run.info.run_id, pictures.RECONSTRUCTION_KEY)
+    assert sorted(shots) == [4, 8, 12]  # the first report, the checkpoint, the last step
+    # the reconstruction row of the last one is the model's expected frames given the true past
+    model = load_model(client.download_artifacts(run.info.run_id, tracking.CHECKPOINT_ARTIFACT, str(env["root"] / "ovf")))
+    sequence = torch.from_numpy(np.load(env["data"] / "train.npy")[0, :4])
+    assert np.array_equal(np.asarray(shots[12]), np.asarray(pictures.reconstruction_strip(model, sequence)))
+    assert images(client, run.info.run_id, pictures.SAMPLES_KEY) == {}
+    assert client.get_registered_model("ui_overfit").latest_versions[0].run_id == run.info.run_id
