@@ -277,6 +277,20 @@ def _orders(summary: pd.DataFrame) -> dict[str, Any]:
     return {"hue_order": depths, "palette": palette, "style_order": widths}
 
 
+def series_name(summary: pd.DataFrame) -> str:
+    """What the figures' colour (the `series` column) stands for in this sweep."""
+    if "row" in summary and summary["row"].notna().any():
+        return "row"
+    return "depth / decoder" if summary["series"].ne(summary["depth"]).any() else "depth"
+
+
+def _name_series(legend, summary: pd.DataFrame) -> None:
+    # seaborn titles the hue entry with the column's name; say what it stands for instead.
+    for text in legend.get_texts() if legend is not None else []:
+        if text.get_text() == "series":
+            text.set_text(series_name(summary))
+
+
 def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
@@ -313,6 +327,7 @@ def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
     for ax in axes[0][:-1]:
         ax.get_legend().remove()  # one legend, outside the last panel, hides no curve
     sns.move_legend(axes[0][-1], "upper left", bbox_to_anchor=(1.02, 1), fontsize=8)
+    _name_series(axes[0][-1].get_legend(), summary)
     return _save(fig, out)
 
 
@@ -354,7 +369,7 @@ def plot_pareto(summary: pd.DataFrame, out: Path) -> Path:
         ax.set_xscale("log")
         ax.set_xlabel(label)
         ax.set_ylabel("final NLL (nats/frame)")
-        ax.legend(fontsize=7)
+        _name_series(ax.legend(fontsize=7), summary)
     return _save(fig, out)
 
 
@@ -703,7 +718,7 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
                 r["row"]: {"test_nats_per_frame": _json_number(r["test NLL"]), "floor": _json_number(r["floor"]), "excess": _json_number(r["excess"]), "paper_nats_per_frame": _json_number(r["paper NLL"])}
                 for _, r in table.iterrows()
             }
-        colour = "row" if "row" in summary and summary["row"].notna().any() else ("depth and decoder" if summary["series"].ne(summary["depth"]).any() else "depth")
+        colour = series_name(summary)
         figures.append((f"Convergence curves (colour: {colour}, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
         best_curve = curves[curves["run_id"] == best["run_id"]].sort_values("step")
         cols = [c for c in ("step", "train_nats_per_frame", "val_nats_per_frame") if c in best_curve]
