@@ -31,7 +31,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 TINY_PARAMS = {
     "seed": 1, "n_train": 6, "n_val": 3, "n_test": 4, "val_digits": 20, "seq_len": 8,
-    "frame_size": 40, "digit_size": 28, "digits": 2, "step": 0.1, "colour": False, "context": 3,
+    "frame_size": 40, "digit_size": 28, "digits": 2, "step": 0.1, "colour": False, "context": 3, "test_file": None,
 }  # fmt: skip
 
 
