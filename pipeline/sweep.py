@@ -422,7 +422,9 @@ def run_sweep(
                 tune_config=tune.TuneConfig(
                     scheduler=_asha(sweep, ASHAScheduler),
                     max_concurrent_trials=max_concurrent,
-                    reuse_actors=True,  # a new worker costs seconds of imports per trial
+                    # A new worker costs seconds of imports per trial. Not for data-parallel trials: a
+                    # trial stopped by ASHA must take its Ray Train workers down with its driver.
+                    reuse_actors=sweep.run.workers_per_trial == 1,
                     trial_name_creator=trial_name,
                     trial_dirname_creator=trial_name,
                 ),

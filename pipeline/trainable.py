@@ -59,6 +59,10 @@ class NonFiniteLoss(RuntimeError):
     """The trial's loss became NaN or infinite: vpn's NonFiniteLossError, with the MLflow run named."""
 
 
+class TrialClosed(RuntimeError):
+    """The trial's MLflow run was closed from outside (its trial stopped) while a worker still ran."""
+
+
 def trial(config: Mapping[str, Any]) -> None:
     """Ray Tune function trainable for one grid point (config["trial"], from trial_config)."""
     from ray import tune
@@ -158,8 +162,18 @@ class _Reporter:
 
     def report(self, step: int, extra: Mapping[str, Any] | None = None) -> None:
         if self.buffer is not None:
-            self.buffer.flush()
+            self._flush()
         self.tune.report(self._result(step, extra))
+
+    def _flush(self) -> None:
+        # Workers of a data-parallel trial outlive a stop of their trial (ASHA ends the driver; Ray
+        # takes the workers down a moment later): once the driver side has closed the run
+        # (pipeline.callbacks.TrackingCallback), nothing more may reach it.
+        if self.trainer.world_size > 1:
+            status = tracking.retrying(self.client.get_run, self.run_id).info.status
+            if status != "RUNNING":
+                raise TrialClosed(f"MLflow run {self.run_id} is {status}: this trial was stopped; not logging")
+        self.buffer.flush()
 
     def _result(self, step: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         return {"step": step, **self.latest, **{k: v for k, v in (extra or {}).items() if v is not None}}
@@ -173,7 +187,7 @@ class _Reporter:
             self.trainer.save(Path(d) / CHECKPOINT_FILE)
             meta = {"run_id": self.run_id, "step": step, "label": self.cfg["label"], "final": final, **(extra or {})}
             (Path(d) / TRIAL_FILE).write_text(json.dumps(meta))
-            self.buffer.flush()
+            self._flush()
             if final:
                 for k, v in (extra or {}).items():
                     if v is not None:

@@ -278,12 +278,15 @@ def test_data_parallel_trial_survives_a_lost_node(cluster):
     assert_whole_curve(client, run, reference, test_nll, rel=1e-5)
 
 
-def test_data_parallel_sweep_recovers_dead_workers_and_drivers_and_fails_nan(cluster):
-    """Two-worker trials, one at a time: rank 1's process is killed at step 25 (Ray Train restarts
-    the workers), then the trial's driver at step 35 (Tune restarts the trial, whose new TorchTrainer
-    finds the run in storage); lr 1e30 reaches a NaN at step 5 and its run is FAILED, not retried.
+def test_data_parallel_sweep_recovers_dead_workers_and_drivers_stops_early_and_fails_nan(cluster):
+    """Two-worker trials, one at a time (the cluster holds one pair): for lr 1e-3, rank 1's process
+    is killed at step 25 (Ray Train restarts the workers), then the trial's driver at step 35 (Tune
+    restarts the trial, whose new TorchTrainer finds the run in storage); ASHA stops lr 1e-7 at its
+    first rung; lr 1e30 reaches a NaN at step 5 and its run is FAILED, not retrained.
     Last, a trial that no placement can hold stops the sweep before it starts, naming the field."""
-    spec = write_spec(cluster, "ddp_faults", {"model": {"enc_blocks": [1]}, "train": {"lr": [1e-3, 1e30]}}, {"workers_per_trial": 2})
+    asha = {"enabled": True, "grace_steps": 10, "reduction_factor": 2}
+    search = {"model": {"enc_blocks": [1]}, "train": {"lr": [1e-3, 1e-7, 1e30]}}
+    spec = write_spec(cluster, "ddp_faults", search, {"workers_per_trial": 2, "asha": asha})
     markers = cluster["root"] / "ddp_worker.marker", cluster["root"] / "ddp_driver.marker"
     fault = {"kill_at_step": 25, "rank": 1, "marker": str(markers[0]), "kill_driver_at_step": 35, "driver_marker": str(markers[1])}
     driver, log = start_sweep(cluster, spec, fault)
@@ -292,13 +295,19 @@ def test_data_parallel_sweep_recovers_dead_workers_and_drivers_and_fails_nan(clu
 
     client = tracking.client(cluster["uri"])
     runs = runs_of(client, "ddp_faults")
-    assert sorted(runs) == ["e1-lr=0.001", "e1-lr=1e+30"]
-    good, nan = runs["e1-lr=0.001"], runs["e1-lr=1e+30"]
+    assert sorted(runs) == ["e1-lr=0.001", "e1-lr=1e+30", "e1-lr=1e-07"]
+    good, stopped, nan = runs["e1-lr=0.001"], runs["e1-lr=1e-07"], runs["e1-lr=1e+30"]
     # Each restart resumed from a checkpoint registered before the kill (the last one, or the one
     # before it if Ray Train had not yet polled the workers); the driver's restart is the later one.
     assert good.data.tags[tracking.TAG_RESUMED_FROM] in ("20", "30")
     reference, test_nll = uninterrupted(cluster["data"], 1, lr=1e-3)
     assert_whole_curve(client, good, reference, test_nll, rel=1e-5)
+    # Stopped at the first rung (step 10). Its workers run ahead of Tune by the reports in flight
+    # (a step here is milliseconds), so its curve may go on a little past the rung, never to the end.
+    assert stopped.info.status == "FINISHED" and stopped.data.tags[tracking.TAG_STOPPED_EARLY] == "true"
+    assert stopped.data.tags["stopped_at_step"] == "10"
+    logged = sorted(curve(client, stopped.info.run_id, tracking.TRAIN_KEY))
+    assert logged == list(range(5, logged[-1] + 1, 5)) and 10 <= logged[-1] < 40, logged
     assert nan.info.status == "FAILED" and nan.data.tags[tracking.TAG_NON_FINITE_STEP] == "5"
     assert "non-finite" in nan.data.tags[tracking.TAG_ERROR]
     assert nan.data.metrics == {}

@@ -1,8 +1,9 @@
-"""Data-parallel training in vpn.train, without Ray: two gloo ranks on the CPU against one process.
+"""Data-parallel trials without Ray: vpn.train on two gloo ranks against one process, the spec's
+run.workers_per_trial, and the placement check that runs before any trial starts.
 
 The trainer shards each step's batch by rank, DDP averages the gradients and the logged loss and the
 scores are all-reduced, so two ranks must compute the single process's curve up to float rounding,
-and a two-rank run resumed from a checkpoint must continue it.
+and a two-rank run resumed from a checkpoint must continue it. (Real Ray clusters: test_cluster.py.)
 """
 
 from __future__ import annotations
@@ -14,13 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from vpn import VPNConfig
 from vpn.train import TrainConfig, Trainer, batch_indices, shard, stream_indices
-
-pytestmark = pytest.mark.slow  # spawns processes (seconds of imports each)
 
 TINY = VPNConfig.preset("micro", filter_fraction=8 / 128, output="bernoulli")
 CFG = TrainConfig(steps=6, batch_size=4, log_every=1, val_every=3, val_batches=1, ckpt_every=3, context=2, seed=3, device="cpu")
@@ -96,6 +96,7 @@ def test_shards_partition_each_steps_batch():
     assert shard([4, 5, 6, 7], 0, 1) == [4, 5, 6, 7]
 
 
+@pytest.mark.slow  # spawns processes (seconds of imports each)
 def test_two_ranks_compute_the_single_process_curve_and_resume_it(tmp_path):
     reference, trainer = single_process()
     ranks = run_ranks(tmp_path, "ddp")
@@ -130,3 +131,78 @@ def test_one_process_is_unchanged():
     trainer = Trainer(TINY, CFG, moving_digits(16))
     assert (trainer.rank, trainer.world_size) == (0, 1) and trainer._forward is trainer.model
     assert os.environ.get("WORLD_SIZE") in (None, "1")
+
+
+# -- the spec and the placement ----------------------------------------------------------------------
+def resolve(tmp_path, run: dict, train: dict | None = None, **top) -> "Sweep":  # noqa: F821
+    from pipeline.spec import load_spec
+
+    spec = {"name": "dp", "model": {"output": "bernoulli"}, "train": {"batch_size": 4, **(train or {})},
+            "search": {"model": {"enc_blocks": [1]}}, "run": run, "profiles": {"cpu": {}}, **top}  # fmt: skip
+    path = tmp_path / "dp.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_spec(path, root=tmp_path).resolve("cpu")
+
+
+@pytest.mark.parametrize(
+    "run, train, top, field, message",
+    [
+        ({"workers_per_trial": 3}, None, {}, "train.batch_size", "train.batch_size=4 (point e1) is the global batch: it must be a multiple of run.workers_per_trial=3"),
+        ({"workers_per_trial": 0}, None, {}, "run.workers_per_trial", "workers_per_trial must be an integer >= 1"),
+        ({"workers_per_trial": 2, "gpus_per_worker": 0.5}, None, {}, "run.gpus_per_worker", "must be 0 (CPU workers, gloo) or 1"),
+        ({"workers_per_trial": 2, "gpus_per_trial": 2}, None, {}, "run.gpus_per_trial", "must be 0 (CPU workers, gloo) or 1"),
+        ({"workers_per_trial": 2, "cpus_per_worker": 0}, None, {}, "run.cpus_per_worker", "must be > 0"),
+        ({"workers_per_trial": 2}, None, {"mode": "overfit"}, "run.workers_per_trial", "runs one worker"),
+    ],
+)
+def test_spec_names_the_field_of_an_impossible_data_parallel_setting(tmp_path, run, train, top, field, message):
+    from pipeline.spec import SpecError
+
+    with pytest.raises(SpecError) as err:
+        resolve(tmp_path, run, train, **top)
+    assert f": {field}" in str(err.value) and message in str(err.value)
+
+
+def test_per_worker_resources_default_to_the_trials_and_n_is_part_of_the_identity(tmp_path):
+    one = resolve(tmp_path, {"cpus_per_trial": 2, "gpus_per_trial": 1})
+    two = resolve(tmp_path, {"cpus_per_trial": 2, "gpus_per_trial": 1, "workers_per_trial": 2})
+    assert (two.run.worker_cpus, two.run.worker_gpus) == (2.0, 1.0)  # two copies of the one-worker trial
+    assert resolve(tmp_path, {"workers_per_trial": 2, "cpus_per_worker": 3}).run.worker_cpus == 3.0
+    assert "workers_per_trial" not in one.identity()  # one-worker sweeps keep the identity they had
+    assert one.fingerprint("d", "c") != two.fingerprint("d", "c")
+
+
+def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog):
+    from pipeline.distributed import DRIVER_MEMORY, DRIVER_RESOURCE, plan
+
+    gpu_nodes = [{"CPU": 0.0, DRIVER_RESOURCE: 1.0}, {"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
+    run = resolve(tmp_path, {"workers_per_trial": 4, "cpus_per_worker": 4, "gpus_per_worker": 1}).run
+    p = plan(run, gpu_nodes)
+    assert p.worker == {"CPU": 4.0, "GPU": 1.0} and p.driver == {DRIVER_RESOURCE: 0.01}
+    assert p.max_concurrent == 2  # 4 workers per node (CPUs bind first): 8 workers, 2 trials
+    # 8 GPUs per node but 16 CPUs: only 4 workers of 4 CPUs fit a node; 9 workers fit nowhere
+    run = resolve(tmp_path, {"workers_per_trial": 9, "cpus_per_worker": 4, "gpus_per_worker": 1}, {"batch_size": 9}).run
+    with pytest.raises(ValueError, match=r"run.workers_per_trial=9 workers of \{'CPU': 4.0, 'GPU': 1.0\} each "
+                                         r"\(run.cpus_per_worker=4, run.gpus_per_worker=1\) cannot be placed.* hold 8 such"):
+        plan(run, gpu_nodes)
+    # more GPUs than the cluster has
+    run = resolve(tmp_path, {"workers_per_trial": 4, "gpus_per_trial": 1}).run
+    with pytest.raises(ValueError, match=r"run.gpus_per_trial=1\) cannot be placed"):
+        plan(run, [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}])
+    # no GPU at all: CPU workers (as one-worker trials do), drivers on logical memory
+    with caplog.at_level("WARNING"):
+        p = plan(run, [{"CPU": 2.0}, {"CPU": 2.0}])
+    assert p.worker == {"CPU": 1.0} and p.driver == {"memory": float(DRIVER_MEMORY)} and p.max_concurrent == 1
+    assert "the cluster has no GPU" in caplog.text
+
+
+def test_the_sweep_refuses_a_trial_no_placement_holds(tmp_path):
+    pytest.importorskip("ray")
+    from pipeline.sweep import DataError, trainable_of
+
+    sweep = resolve(tmp_path, {"workers_per_trial": 2, "gpus_per_worker": 1})
+    nodes = [{"CPU": 8.0, "GPU": 1.0}]
+    with pytest.raises(DataError, match=r"dp.yaml: run.workers_per_trial=2 workers .* run.gpus_per_worker=1\) cannot"):
+        trainable_of(sweep, {"CPU": 8.0, "GPU": 1.0}, nodes)
+    _, concurrent = trainable_of(sweep, {"CPU": 16.0, "GPU": 2.0}, [{"CPU": 8.0, "GPU": 1.0}] * 2)
+    assert concurrent == 1  # the cluster holds one pair of workers at a time
