@@ -10,7 +10,9 @@
    cluster has GPUs and `cpu` otherwise. GPUs are requested per trial only when the cluster has
    some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever. On an
    autoscaling cluster whose GPU nodes are still booting, VPN_WAIT_FOR_NODES=<seconds> makes the
-   driver wait for them before it looks (sweeps/cluster.yaml sets it).
+   driver wait for them before it looks (sweeps/cluster.yaml sets it). With run.workers_per_trial
+   N > 1 a trial is N data-parallel Ray Train workers (pipeline.distributed); whether the cluster
+   can ever hold them is checked here, before anything is created.
 3. The sweep's identity is `<name>-<profile>-<fingerprint>`, the fingerprint covering the resolved
    grid, the data's stats.json and the source files in CODE_FILES (the model, the training loop,
    the trainable: the DVC stage's code deps). It names the Ray
