@@ -29,13 +29,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import socket
-import statistics
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
 
 import torch
 import torch.distributed as dist

@@ -157,7 +157,7 @@ def worker(loop_config: Mapping[str, Any]) -> None:
     import ray.train
     import torch
 
-    from pipeline.trainable import NonFiniteLoss, run_trial
+    from pipeline.trainable import NonFiniteLoss, TrialClosed, run_trial
 
     plan = loop_config["plan"]
     rank = ray.train.get_context().get_world_rank()
@@ -171,3 +171,5 @@ def worker(loop_config: Mapping[str, Any]) -> None:
         run_trial(loop_config["trial"], ray.train, tags, rank=rank)
     except NonFiniteLoss:
         return  # not a crash to retry: the driver raises it for Tune (module docstring)
+    except TrialClosed as e:  # stopped (ASHA): Ray ends the other ranks with the driver; no restart
+        log.info("%s", e)

@@ -380,7 +380,8 @@ def run_sweep(
         cluster = wait_for_nodes(ray, need, wait_s, bundles=[{k: v for k, v in worker.items() if v}] * n)
         log.info("sweep %s, profile %s: %d trial(s); cluster %s", sweep.name, sweep.profile, len(sweep.points), cluster)
         # Every check of the trials' placement before anything is created.
-        trainable, max_concurrent = trainable_of(sweep, cluster, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        trainable, max_concurrent = trainable_of(sweep, cluster, nodes)
         sweep_id = sweep_id_of(sweep, data_info["identity"])
         uri = tracking.absolute_uri(tracking.tracking_uri())
         client = tracking.client(uri)

@@ -148,7 +148,9 @@ class _Reporter:
     (every rank must, the same number of times) and write nothing.
     """
 
-    def __init__(self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer | None, tune) -> None:
+    def __init__(
+        self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer | None, tune
+    ) -> None:
         self.cfg, self.trainer, self.client, self.buffer, self.tune = cfg, trainer, client, buffer, tune
         self.run_id = cfg["run_id"]
         self.latest: dict[str, float] = {}

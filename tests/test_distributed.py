@@ -15,9 +15,9 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 import torch.distributed as dist
 import torch.multiprocessing as mp
+import yaml
 
 from vpn import VPNConfig
 from vpn.train import TrainConfig, Trainer, batch_indices, shard, stream_indices
@@ -134,7 +134,8 @@ def test_one_process_is_unchanged():
 
 
 # -- the spec and the placement ----------------------------------------------------------------------
-def resolve(tmp_path, run: dict, train: dict | None = None, **top) -> "Sweep":  # noqa: F821
+def resolve(tmp_path, run: dict, train: dict | None = None, **top):
+    """A one-point spec with these run (and train) settings, resolved: a pipeline.spec.Sweep."""
     from pipeline.spec import load_spec
 
     spec = {"name": "dp", "model": {"output": "bernoulli"}, "train": {"batch_size": 4, **(train or {})},
