@@ -28,6 +28,9 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
     run:                           # how the trials run, not what they compute
       cpus_per_trial: 1
       gpus_per_trial: 0            # fractions allowed; requested only where the cluster has GPUs
+      workers_per_trial: 1         # N > 1: N data-parallel workers (Ray Train), train.batch_size split
+      cpus_per_worker: null        # each worker's CPUs (null: cpus_per_trial)
+      gpus_per_worker: null        # each worker's GPUs (null: gpus_per_trial); 0 or 1 when N > 1
       max_concurrent: 0            # 0: as many as the resources allow
       num_samples: 1               # each point runs this often, with train.seed + 0, 1, ...
       max_failures: 2              # a crashed trial is retried from its checkpoint this often
@@ -113,10 +116,20 @@ class AshaSettings:
 
 @dataclass(frozen=True)
 class RunSettings:
-    """How the trials run (resources, retries, storage); never what they compute."""
+    """How the trials run (resources, retries, storage); never what they compute.
+
+    A trial runs workers_per_trial training processes. One (the default) is today's trial: the Tune
+    trial trains, with cpus_per_trial CPUs and gpus_per_trial GPUs. N > 1 is data parallel
+    (pipeline.distributed): N Ray Train workers of cpus_per_worker CPUs and gpus_per_worker GPUs each
+    (null: the per-trial values, so a profile that only raises workers_per_trial runs N copies of the
+    one-worker trial's resources), splitting train.batch_size, the global batch, N ways.
+    """
 
     cpus_per_trial: float = 1.0
     gpus_per_trial: float = 0.0
+    workers_per_trial: int = 1
+    cpus_per_worker: float | None = None
+    gpus_per_worker: float | None = None
     max_concurrent: int = 0
     num_samples: int = 1
     max_failures: int = 2
@@ -138,11 +151,36 @@ class RunSettings:
         g = self.gpus_per_trial
         if g < 0 or (g > 1 and g != int(g)):
             raise ValueError(f"gpus_per_trial must be 0, a fraction in (0, 1] or a whole number, got {g}")
+        n = self.workers_per_trial
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ValueError(f"workers_per_trial must be an integer >= 1, got {n!r}")
+        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
+            raise ValueError(f"cpus_per_worker must be > 0 or null, got {self.cpus_per_worker}")
+        g = self.gpus_per_worker
+        if g is not None and (g < 0 or (g > 1 and g != int(g))):
+            raise ValueError(f"gpus_per_worker must be null, 0, a fraction in (0, 1] or a whole number, got {g}")
+        if n > 1 and self.worker_gpus not in (0, 1):
+            # NCCL runs one rank per GPU; a rank holding several would use only one of them.
+            field_name = "gpus_per_worker" if self.gpus_per_worker is not None else "gpus_per_trial"
+            raise ValueError(
+                f"{field_name} must be 0 (CPU workers, gloo) or 1 (one GPU per worker, NCCL) with "
+                f"workers_per_trial={n}, got {self.worker_gpus:g}"
+            )
         for name in ("max_concurrent", "max_failures"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.num_samples < 1:
             raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+
+    @property
+    def worker_cpus(self) -> float:
+        """CPUs of each training process (the trial itself when workers_per_trial is 1)."""
+        return self.cpus_per_trial if self.cpus_per_worker is None else float(self.cpus_per_worker)
+
+    @property
+    def worker_gpus(self) -> float:
+        """GPUs of each training process, before the cluster is asked (none there: CPU)."""
+        return self.gpus_per_trial if self.gpus_per_worker is None else float(self.gpus_per_worker)
 
 
 @dataclass(frozen=True)
@@ -241,6 +279,9 @@ class Sweep:
             "data": str(self.data),
             "overfit": dataclasses.asdict(self.overfit) if self.mode == "overfit" else None,
             "asha": dataclasses.asdict(self.run.asha),
+            # N workers compute one worker's curve only up to float rounding: another N is another
+            # sweep (not in the dict for N = 1, so that one-worker sweeps keep their identity).
+            **({"workers_per_trial": self.run.workers_per_trial} if self.run.workers_per_trial > 1 else {}),
             "points": [
                 {"label": p.label, "model": p.model.to_dict(), "train": p.train.to_dict(), "preset": p.preset}
                 for p in self.points
@@ -484,6 +525,15 @@ def _build(
         raise fail("search", f"two grid points share the label {dup!r}: an axis repeats a value")
     if mode == "overfit" and run.asha.enabled:
         raise fail("run.asha.enabled", "ASHA needs validation scores; mode: overfit has none")
+    workers = run.workers_per_trial
+    if workers > 1 and mode == "overfit":
+        raise fail("run.workers_per_trial", f"mode: overfit trains on one sequence: it runs one worker, got {workers}")
+    for p in points:
+        if p.train.batch_size % workers:
+            raise SpecError(
+                f"{where('train.batch_size')}: train.batch_size={p.train.batch_size} (point {p.label}) is the global "
+                f"batch: it must be a multiple of run.workers_per_trial={workers}"
+            )
     return Sweep(
         source=label,
         name=spec["name"],

@@ -10,7 +10,9 @@
    cluster has GPUs and `cpu` otherwise. GPUs are requested per trial only when the cluster has
    some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever. On an
    autoscaling cluster whose GPU nodes are still booting, VPN_WAIT_FOR_NODES=<seconds> makes the
-   driver wait for them before it looks (sweeps/cluster.yaml sets it).
+   driver wait for them before it looks (sweeps/cluster.yaml sets it). With run.workers_per_trial
+   N > 1 a trial is N data-parallel Ray Train workers (pipeline.distributed); whether the cluster
+   can ever hold them is checked here, before anything is created.
 3. The sweep's identity is `<name>-<profile>-<fingerprint>`, the fingerprint covering the resolved
    grid, the data's stats.json and the source files in CODE_FILES (the model, the training loop,
    the trainable: the DVC stage's code deps). It names the Ray
@@ -65,7 +67,7 @@ LEGACY_OUTPUT_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_
 # The same files the DVC stage lists as deps (vpn's CLI, sampler and plots do not count).
 CODE_FILES = (
     "vpn/config.py", "vpn/layers.py", "vpn/model.py", "vpn/metrics.py", "vpn/train.py", "vpn/data.py",
-    "vpn/moving_mnist.py", "pipeline/trainable.py", "pipeline/tracking.py",
+    "vpn/moving_mnist.py", "pipeline/trainable.py", "pipeline/tracking.py", "pipeline/distributed.py",
 )  # fmt: skip
 EXIT_BAD_SPEC, EXIT_INTERRUPTED = 2, 130
 
@@ -222,6 +224,7 @@ def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, data_in
             tracking.TAG_LABEL: p.label,
             tracking.TAG_MODE: sweep.mode,
             tracking.TAG_SPEC: sweep.source,
+            tracking.TAG_WORKERS: str(sweep.run.workers_per_trial),
             "mlflow.user": getpass.getuser(),  # MLflow's "User" column
             **code,
         }
@@ -261,28 +264,63 @@ def connect_ray() -> bool:
 
 
 def trial_resources(sweep: Sweep, cluster: Mapping[str, float]) -> dict[str, float]:
-    """{"cpu": n, "gpu": g}: GPUs only where the cluster has them (else the request would hang)."""
+    """{"cpu": n, "gpu": g} of a one-worker trial: GPUs only where the cluster has them (else the
+    request would hang). Data-parallel trials: pipeline.distributed.plan."""
+    run = sweep.run
     gpus = float(cluster.get("GPU", 0))
-    want = sweep.run.gpus_per_trial
+    want = run.worker_gpus
+    gpu_field = "gpus_per_worker" if run.gpus_per_worker is not None else "gpus_per_trial"
     if want and not gpus:
         log.warning(
             "profile %s asks for %g GPU(s) per trial but the cluster has none: trials run on CPU", sweep.profile, want
         )
         want = 0.0
     elif want > gpus:
-        raise DataError(f"{sweep.source}: run.gpus_per_trial={want:g} but the cluster has only {gpus:g} GPU(s)")
-    cpus = sweep.run.cpus_per_trial
+        raise DataError(f"{sweep.source}: run.{gpu_field}={want:g} but the cluster has only {gpus:g} GPU(s)")
+    cpus = run.worker_cpus
     if cpus > float(cluster.get("CPU", 0)):
         have = float(cluster.get("CPU", 0))
-        raise DataError(f"{sweep.source}: run.cpus_per_trial={cpus:g} but the cluster has {have:g} CPU(s)")
+        cpu_field = "cpus_per_worker" if run.cpus_per_worker is not None else "cpus_per_trial"
+        raise DataError(f"{sweep.source}: run.{cpu_field}={cpus:g} but the cluster has {have:g} CPU(s)")
     return {"cpu": cpus, "gpu": want}
 
 
-def wait_for_nodes(ray, need: Mapping[str, float], wait_s: float) -> dict[str, float]:
+def trainable_of(sweep: Sweep, cluster: Mapping[str, float], nodes: list[Mapping[str, float]]):
+    """The Tune trainable with its resources, and the most trials to run at once (None: Tune's choice).
+
+    One worker per trial: pipeline.trainable.trial, which trains in the Tune trial itself. Several:
+    pipeline.distributed.driver, which runs them through Ray Train; every check that placement
+    can ever hold the trial happens here, before any trial starts.
+    """
+    from ray import tune
+
+    if sweep.run.workers_per_trial == 1:
+        from pipeline.trainable import trial
+
+        return tune.with_resources(trial, trial_resources(sweep, cluster)), sweep.run.max_concurrent or None
+    from pipeline import distributed
+
+    try:
+        plan = distributed.plan(sweep.run, nodes)
+    except ValueError as e:
+        raise DataError(f"{sweep.source}: {e}") from e
+    log.info(
+        "%d worker(s) of %s per trial, at most %d trial(s) at once; drivers ask for %s",
+        plan.workers, plan.worker, plan.max_concurrent, plan.driver,
+    )  # fmt: skip
+    driver = tune.with_parameters(distributed.driver, plan=plan.to_dict())
+    return tune.with_resources(driver, plan.driver), sweep.run.max_concurrent or plan.max_concurrent
+
+
+def wait_for_nodes(
+    ray, need: Mapping[str, float], wait_s: float, bundles: list[dict[str, float]] | None = None
+) -> dict[str, float]:
     """The cluster's resources, after waiting up to wait_s for it to offer `need` ({"CPU": n, "GPU": g}).
 
     An autoscaling cluster starts with its worker nodes still booting (or none at all): what it has
     at submit time is not what it will have. VPN_WAIT_FOR_NODES (seconds, default 0) sets wait_s.
+    While it waits, `bundles` (one trial's workers) are asked of the autoscaler, so that node types
+    with min_workers 0 (sweeps/cluster.yaml's 8-GPU nodes) are started too.
     """
     import time
 
@@ -293,8 +331,16 @@ def wait_for_nodes(ray, need: Mapping[str, float], wait_s: float) -> dict[str, f
         if not announced:
             log.info("waiting up to %.0f s for the cluster to offer %s (it has %s)", wait_s, dict(need), cluster)
             announced = True
+            if bundles:
+                from ray.autoscaler.sdk import request_resources
+
+                request_resources(bundles=bundles)
         time.sleep(5)
         cluster = dict(ray.cluster_resources())
+    if announced and bundles:
+        from ray.autoscaler.sdk import request_resources
+
+        request_resources(bundles=[])  # the trials' own requests keep the nodes from here on
     return cluster
 
 
@@ -335,18 +381,22 @@ def run_sweep(
 
     from pipeline import results, tracking
     from pipeline.callbacks import TrackingCallback, trial_name
-    from pipeline.trainable import trial
 
     started = connect_ray()
     try:
         wait_s = float(os.environ.get(WAIT_ENV, 0))
         if sweep is None:
             gpu = spec.resolve("gpu", data) if "gpu" in spec.profiles else None
-            cluster = wait_for_nodes(ray, {"GPU": gpu.run.gpus_per_trial} if gpu else {}, wait_s)
+            cluster = wait_for_nodes(ray, {"GPU": gpu.run.worker_gpus * gpu.run.workers_per_trial} if gpu else {}, wait_s)
             sweep = spec.resolve(choose_profile(spec, profile, cluster), data)
             data_info = check_data(sweep)
-        cluster = wait_for_nodes(ray, {"CPU": sweep.run.cpus_per_trial, "GPU": sweep.run.gpus_per_trial}, wait_s)
+        n, worker = sweep.run.workers_per_trial, {"CPU": sweep.run.worker_cpus, "GPU": sweep.run.worker_gpus}
+        need = {k: v * n for k, v in worker.items()}
+        cluster = wait_for_nodes(ray, need, wait_s, bundles=[{k: v for k, v in worker.items() if v}] * n)
         log.info("sweep %s, profile %s: %d trial(s); cluster %s", sweep.name, sweep.profile, len(sweep.points), cluster)
+        # Every check of the trials' placement before anything is created.
+        nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
+        trainable, max_concurrent = trainable_of(sweep, cluster, nodes)
         sweep_id = sweep_id_of(sweep, data_info["identity"])
         uri = tracking.absolute_uri(tracking.tracking_uri())
         client = tracking.client(uri)
@@ -365,8 +415,6 @@ def run_sweep(
                 )
             if "://" not in store:
                 log.warning("storage %s is a local path on a multi-node cluster: it must be shared (NFS)", store)
-        resources = trial_resources(sweep, cluster)
-        trainable = tune.with_resources(trial, resources)
 
         if tune.Tuner.can_restore(experiment_path):
             held = tracking.sweep_runs(client, experiment_id, sweep_id)
@@ -391,8 +439,10 @@ def run_sweep(
                 param_space={"trial": tune.grid_search(configs)},
                 tune_config=tune.TuneConfig(
                     scheduler=_asha(sweep, ASHAScheduler),
-                    max_concurrent_trials=sweep.run.max_concurrent or None,
-                    reuse_actors=True,  # a new worker costs seconds of imports per trial
+                    max_concurrent_trials=max_concurrent,
+                    # A new worker costs seconds of imports per trial. Not for data-parallel trials: a
+                    # trial stopped by ASHA must take its Ray Train workers down with its driver.
+                    reuse_actors=sweep.run.workers_per_trial == 1,
                     trial_name_creator=trial_name,
                     trial_dirname_creator=trial_name,
                 ),

@@ -61,7 +61,8 @@ TAG_ERROR, TAG_NON_FINITE_STEP, TAG_STOPPED_EARLY = "error", "non_finite_step", 
 TAG_RESUMED_FROM, TAG_TRIAL_ID, TAG_TRIAL_NAME = "resumed_from_step", "ray_trial_id", "ray_trial_name"
 # Runs are created when the sweep starts; this is when the trial first ran (epoch ms).
 TAG_STARTED = "trial_started_ms"
-TAG_RESOURCES = "ray_resources"  # what Ray granted the trial, e.g. {"CPU": 1.0, "GPU": 0.5}
+TAG_RESOURCES = "ray_resources"  # what Ray granted the trial (each worker), e.g. {"CPU": 1.0, "GPU": 0.5}
+TAG_WORKERS = "workers_per_trial"  # data-parallel workers (pipeline.distributed); 1: the trial itself
 # Experiment tag naming the latest sweep id of a profile: pipeline.results reads it.
 EXPERIMENT_LATEST = "latest_sweep_id.{profile}"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"

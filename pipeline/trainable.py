@@ -30,6 +30,10 @@ Non-finite loss. Trainer raises NonFiniteLossError at the next host sync. The ru
 FAILED with tags error and non_finite_step, and the error is raised so that Ray marks the trial
 ERROR; the other trials go on. A NaN is deterministic (same batches, same weights), so a retry
 that finds its run failed this way raises again at once instead of training to the same NaN.
+
+Data-parallel trials (run.workers_per_trial > 1, pipeline.distributed) run the same `run_trial` on
+every Ray Train worker, with ray.train in place of ray.tune: rank 0 alone talks to MLflow and writes
+the checkpoints, every rank reports (a barrier in Ray Train) and scores its share.
 """
 
 from __future__ import annotations
@@ -73,6 +77,10 @@ def quiet_framework_logs() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
 
 
+class TrialClosed(RuntimeError):
+    """The trial's MLflow run was closed from outside (its trial stopped) while a worker still ran."""
+
+
 def trial(config: Mapping[str, Any]) -> None:
     """Ray Tune function trainable for one grid point (config["trial"], from trial_config)."""
     from ray import tune
@@ -83,32 +91,45 @@ def trial(config: Mapping[str, Any]) -> None:
     granted = dict(ctx.get_trial_resources().required_resources)  # e.g. {"CPU": 1.0, "GPU": 0.5}
     # Threads = the CPUs Ray granted this trial (trials share the node's cores).
     torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
-    client = tracking.client(cfg["tracking_uri"])
-    run_id = cfg["run_id"]
-    run = tracking.retrying(client.get_run, run_id)
-    _refuse_known_non_finite(run)
-
     tags = {
         tracking.TAG_TRIAL_ID: ctx.get_trial_id(),
         tracking.TAG_TRIAL_NAME: ctx.get_trial_name(),
         tracking.TAG_RESOURCES: json.dumps(granted, sort_keys=True),
     }
-    if tracking.TAG_STARTED not in run.data.tags:  # the run was created when the sweep started
-        tags[tracking.TAG_STARTED] = int(time.time() * 1000)
-    tracking.set_tags(client, run_id, tags)
-    tracking.retrying(client.update_run, run_id, status="RUNNING")
-    buffer = tracking.MetricBuffer(client, run_id, after_step=tracking.last_logged_step(client, run_id))
+    run_trial(cfg, tune, tags)
+
+
+def run_trial(cfg: Mapping[str, Any], session, tags: Mapping[str, Any], rank: int = 0) -> None:
+    """Train one grid point in this process and record it (see the module docstring).
+
+    session: ray.tune in a one-worker trial, ray.train on a worker of a data-parallel trial (the
+    same report / get_checkpoint / Checkpoint). rank: this worker's rank; only rank 0 touches MLflow
+    (tags set here, the run's status, its metrics) and writes checkpoints.
+    """
+    run_id = cfg["run_id"]
+    client = buffer = None
+    if rank == 0:
+        client = tracking.client(cfg["tracking_uri"])
+        run = tracking.retrying(client.get_run, run_id)
+        refuse_known_non_finite(run)
+        tags = dict(tags)
+        if tracking.TAG_STARTED not in run.data.tags:  # the run was created when the sweep started
+            tags[tracking.TAG_STARTED] = int(time.time() * 1000)
+        tracking.set_tags(client, run_id, tags)
+        tracking.retrying(client.update_run, run_id, status="RUNNING")
+        buffer = tracking.MetricBuffer(client, run_id, after_step=tracking.last_logged_step(client, run_id))
 
     model_cfg = VPNConfig.from_dict(cfg["model"])
     train_cfg = TrainConfig.from_dict(cfg["train"])
     runner = _overfit if cfg["mode"] == "overfit" else _train
     monitor = _system_metrics(cfg) if cfg.get("system_metrics") else None
     try:
-        runner(cfg, model_cfg, train_cfg, client, buffer, tune)
+        runner(cfg, model_cfg, train_cfg, client, buffer, session)
     except NonFiniteLossError as err:
-        buffer.flush()  # the finite steps before it belong to the curve
-        tracking.set_tags(client, run_id, {tracking.TAG_ERROR: str(err), tracking.TAG_NON_FINITE_STEP: err.step})
-        tracking.retrying(client.set_terminated, run_id, status="FAILED")
+        if rank == 0:
+            buffer.flush()  # the finite steps before it belong to the curve
+            tracking.set_tags(client, run_id, {tracking.TAG_ERROR: str(err), tracking.TAG_NON_FINITE_STEP: err.step})
+            tracking.retrying(client.set_terminated, run_id, status="FAILED")
         raise NonFiniteLoss(f"{err} (MLflow run {run_id})") from None
     finally:
         if monitor is not None:
@@ -126,7 +147,8 @@ def _system_metrics(cfg: Mapping[str, Any]):
     return monitor
 
 
-def _refuse_known_non_finite(run) -> None:
+def refuse_known_non_finite(run) -> None:
+    """Raise NonFiniteLoss if the run already failed on a non-finite loss (it would again)."""
     run_id = run.info.run_id
     step = run.data.tags.get(tracking.TAG_NON_FINITE_STEP)
     if run.info.status == "FAILED" and step is not None:
@@ -147,16 +169,21 @@ def _restore(
         if meta["run_id"] != run_id:
             raise RuntimeError(f"checkpoint {checkpoint.path} belongs to MLflow run {meta['run_id']}, not {run_id}")
         trainer = load(Path(d) / CHECKPOINT_FILE)
-    tracking.set_tags(client, run_id, {tracking.TAG_RESUMED_FROM: trainer.step})
+    if client is not None:  # rank 0
+        tracking.set_tags(client, run_id, {tracking.TAG_RESUMED_FROM: trainer.step})
     log.info("trial %s resumed from its checkpoint at step %d", meta.get("label"), trainer.step)
     return trainer, meta
 
 
 class _Reporter:
-    """Checkpoint saving, MLflow flushes and Tune reports of one trial, shared by both modes."""
+    """Checkpoint saving, MLflow flushes and Tune reports of one trial, shared by both modes.
+
+    client and buffer are None on the ranks > 0 of a data-parallel trial: they only report
+    (every rank must, the same number of times) and write nothing.
+    """
 
     def __init__(
-        self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer, tune, frame: Tensor
+        self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer | None, tune, frame: Tensor
     ) -> None:
         """frame: one prepared frame (C, H, W), the size the NLLs are per."""
         self.cfg, self.trainer, self.client, self.buffer, self.tune = cfg, trainer, client, buffer, tune
@@ -166,7 +193,8 @@ class _Reporter:
         self.no_pictures = False
         # bits per sub-pixel beside nats per frame for the categorical head (tracking.with_bits)
         self.subpixels = frame.numel() if trainer.model_cfg.output == "categorical" else 0
-        tracking.set_tags(client, self.run_id, {tracking.TAG_PRECISION: trainer.precision})
+        if client is not None:  # rank 0
+            tracking.set_tags(client, self.run_id, {tracking.TAG_PRECISION: trainer.precision})
 
     def _with_bits(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         if not self.subpixels:
@@ -177,14 +205,15 @@ class _Reporter:
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
         self._maybe_die(step)
         metrics = self._with_bits(metrics)
-        self.buffer.add(step, metrics)
+        if self.buffer is not None:
+            self.buffer.add(step, metrics)
         self.latest.update(metrics)
 
     def picture(self, step: int, key: str, draw: Callable[[], Any]) -> None:
         """Log draw()'s image under key at step, unless the run already holds that step (a restart).
         A picture that fails is reported once and not tried again: it must never cost the trial."""
-        if step <= self.buffer.after_step or self.no_pictures:
-            return
+        if self.client is None or step <= self.buffer.after_step or self.no_pictures:
+            return  # ranks > 0 draw nothing: rank 0 logs the pictures
         try:
             tracking.log_image(self.client, self.run_id, draw(), key, step)
         except Exception as e:  # pictures are a view of the run, not its result
@@ -192,8 +221,19 @@ class _Reporter:
             self.no_pictures = True
 
     def report(self, step: int, extra: Mapping[str, Any] | None = None) -> None:
-        self.buffer.flush()
+        if self.buffer is not None:
+            self._flush()
         self.tune.report(self._result(step, extra))
+
+    def _flush(self) -> None:
+        # Workers of a data-parallel trial outlive a stop of their trial (ASHA ends the driver; Ray
+        # takes the workers down a moment later): once the driver side has closed the run
+        # (pipeline.callbacks.TrackingCallback), nothing more may reach it.
+        if self.trainer.world_size > 1:
+            status = tracking.retrying(self.client.get_run, self.run_id).info.status
+            if status != "RUNNING":
+                raise TrialClosed(f"MLflow run {self.run_id} is {status}: this trial was stopped; not logging")
+        self.buffer.flush()
 
     def _result(self, step: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         return {"step": step, **self.latest, **{k: v for k, v in (extra or {}).items() if v is not None}}
@@ -201,11 +241,14 @@ class _Reporter:
     def checkpoint(self, step: int, final: bool, extra: Mapping[str, Any] | None = None) -> None:
         """Save, flush, (at the end: artifact + FINISHED,) then report with the checkpoint."""
         extra = self._with_bits(extra) if extra else extra
+        if self.client is None:  # a rank > 0: rank 0 writes the checkpoint
+            self.tune.report(self._result(step, extra))
+            return
         with tempfile.TemporaryDirectory(prefix="vpn-ckpt-") as d:
             self.trainer.save(Path(d) / CHECKPOINT_FILE)
             meta = {"run_id": self.run_id, "step": step, "label": self.cfg["label"], "final": final, **(extra or {})}
             (Path(d) / TRIAL_FILE).write_text(json.dumps(meta))
-            self.buffer.flush()
+            self._flush()
             if final:
                 for k, v in (extra or {}).items():
                     if v is not None:
@@ -215,12 +258,48 @@ class _Reporter:
             self.tune.report(self._result(step, extra), checkpoint=self.tune.Checkpoint.from_directory(d))
 
     def _maybe_die(self, step: int) -> None:
-        # Test hook (never set by a spec): SIGKILL this worker once at a step, like a lost node.
-        if self.fault.get("kill_at_step") == step:
-            marker = Path(self.fault["marker"])
-            if not marker.exists():
-                marker.write_text(str(step))
+        # Test hooks (never set by a spec), each once per marker file:
+        # kill_at_step: on rank fault["rank"] (default 0), write the step to fault["marker"] and
+        #   SIGKILL this worker, like a lost node.
+        # hold_at_step: on that rank, write {"node_id", "pid", "step"} to fault["marker"] and wait
+        #   (hold_s, default 300 s), so that a test can kill this worker's node at a known step.
+        # kill_driver_at_step: on rank 0 of a data-parallel trial, SIGKILL the trial's driver
+        #   (fault["driver_pid"], set by pipeline.distributed.driver), then wait to be torn down.
+        fault, rank = self.fault, self.trainer.rank
+        if fault.get("kill_driver_at_step") == step and rank == 0 and _first_to(fault["driver_marker"], str(step)):
+            os.kill(fault["driver_pid"], signal.SIGKILL)
+            _hold(float(fault.get("hold_s", 300)))
+        if rank != fault.get("rank", 0) or step not in (fault.get("kill_at_step"), fault.get("hold_at_step")):
+            return
+        if fault.get("kill_at_step") == step:
+            if _first_to(fault["marker"], str(step)):
                 os.kill(os.getpid(), signal.SIGKILL)
+            return
+        import ray
+
+        note = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "step": step}
+        if _first_to(fault["marker"], json.dumps(note)):
+            _hold(float(fault.get("hold_s", 300)))
+
+
+def _first_to(path: str, text: str) -> bool:
+    """Create `path` holding `text`, atomically; False if it exists (another worker, or an earlier try)."""
+    marker = Path(path)
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, marker)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def _hold(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
 
 
 def test_metrics(trainer: Trainer, data_root: str) -> dict[str, float]:

@@ -19,6 +19,11 @@
   or the checkpoint format.
 - Logging and checkpointing hang off two hooks of `fit`, so the same loop serves the CLI and the
   Ray Tune trainable.
+- Data parallel: when torch.distributed is initialised (N ranks; the caller starts the process group,
+  e.g. Ray Train), rank r trains on items [r*B/N, (r+1)*B/N) of each step's batch and DDP averages
+  the gradients, so an update is the single-process one up to float rounding and the batches stay a
+  pure function of (seed, step). `self.model` stays the plain module (same checkpoints); the logged
+  loss and the scores are all-reduced, so every rank sees the same numbers.
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
@@ -226,12 +232,21 @@ def is_stream(data: Dataset) -> bool:
     return bool(getattr(data, "streamed", False))
 
 
+def shard(indices: list[int], rank: int, world_size: int) -> list[int]:
+    """Rank `rank`'s part of a step's batch: items [r*B/N, (r+1)*B/N) (B must be a multiple of N)."""
+    per_rank = len(indices) // world_size
+    return indices[rank * per_rank : (rank + 1) * per_rank]
+
+
 class _StepBatches(torch.utils.data.Sampler):
     """Yields the batches of steps start+1 .. end (batch_indices or stream_indices), for a
-    DataLoader's batch_sampler."""
+    DataLoader's batch_sampler; with world_size N, only rank's shard of each (see `shard`)."""
 
-    def __init__(self, n: int | None, batch_size: int, seed: int, start: int, end: int) -> None:
+    def __init__(
+        self, n: int | None, batch_size: int, seed: int, start: int, end: int, rank: int = 0, world_size: int = 1
+    ) -> None:
         self.n, self.batch_size, self.seed, self.start, self.end = n, batch_size, seed, start, end
+        self.rank, self.world_size = rank, world_size
 
     def __len__(self) -> int:
         return max(0, self.end - self.start)
@@ -239,9 +254,10 @@ class _StepBatches(torch.utils.data.Sampler):
     def __iter__(self):
         for step in range(self.start + 1, self.end + 1):
             if self.n is None:
-                yield stream_indices(self.batch_size, step)
+                indices = stream_indices(self.batch_size, step)
             else:
-                yield batch_indices(self.n, self.batch_size, self.seed, step)
+                indices = batch_indices(self.n, self.batch_size, self.seed, step)
+            yield shard(indices, self.rank, self.world_size)
 
 
 @dataclass(frozen=True)
@@ -288,6 +304,8 @@ def score(
     context: int | None = None,
     batch_size: int | None = None,
     autocast: Callable[[], Any] | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> Score:
     """Score the first `sequences` sequences of `data` (None: all of them) as the paper does.
 
@@ -296,13 +314,18 @@ def score(
     computed on the same prepared targets by bernoulli_lower_bound. Batches of batch_size (default
     cfg.batch_size) on the model's device; the sums stay there until the end. autocast: a context
     manager factory for the forward pass (the Trainer's bf16 autocast), or None for full precision.
+
+    world_size N > 1 (torch.distributed initialised, every rank calling): rank r scores sequences
+    [r*n/N, (r+1)*n/N) in batches of batch_size/N and the sums are all-reduced, so every rank
+    returns the same Score, equal to one process's up to the order of the float64 additions.
     """
     data = as_dataset(data)
     n = len(data) if sequences is None else min(len(data), sequences)
     if n < 1:
         raise ValueError("nothing to score: the data holds no sequence")
     context = cfg.context if context is None else context
-    batch_size = batch_size or cfg.batch_size
+    batch_size = max(1, (batch_size or cfg.batch_size) // world_size)
+    first, last = rank * n // world_size, (rank + 1) * n // world_size  # this rank's sequences
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -310,8 +333,8 @@ def score(
     total = torch.zeros((), dtype=torch.float64, device=device)
     floor = torch.zeros((), dtype=torch.float64, device=device)
     try:
-        for start in range(0, n, batch_size):
-            batch = torch.stack([data[k] for k in range(start, min(n, start + batch_size))])
+        for start in range(first, last, batch_size):
+            batch = torch.stack([data[k] for k in range(start, min(last, start + batch_size))])
             frames = prepare(batch.to(device), cfg)
             with autocast() if autocast is not None else contextlib.nullcontext():
                 total += model.nll(frames, context).sum()
@@ -319,7 +342,15 @@ def score(
                 floor += bernoulli_lower_bound(frames, context).sum()
     finally:
         model.train(was_training)
+    if world_size > 1:
+        sums = torch.stack([total, floor])  # one collective for both
+        dist.all_reduce(sums)
+        total, floor = sums[0], sums[1]
     return Score(float(total) / n, float(floor) / n if bernoulli else None, n)
+
+
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized()
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
@@ -355,8 +386,26 @@ class Trainer:
                 torch.backends.cpu.get_cpu_capability(),
             )
             self.cpu_bf16 = False
-        torch.manual_seed(train_cfg.seed)  # the model's initial weights
+        # Data parallel when the caller started a process group: this process is rank r of N.
+        self.rank, self.world_size = (dist.get_rank(), dist.get_world_size()) if _distributed() else (0, 1)
+        if train_cfg.batch_size % self.world_size:
+            raise ValueError(
+                f"batch_size={train_cfg.batch_size} is the global batch: it must be a multiple of the "
+                f"{self.world_size} data-parallel workers"
+            )
+        torch.manual_seed(train_cfg.seed)  # the model's initial weights, the same on every rank
         self.model = VideoPixelNetwork(model_cfg).to(self.device, memory_format=self._memory_format())
+        # The training forward goes through DDP (gradients averaged over the ranks during backward);
+        # self.model stays the plain module, so state_dict keys and checkpoints do not change.
+        self._forward: torch.nn.Module = self.model
+        if self.world_size > 1:
+            self._forward = torch.nn.parallel.DistributedDataParallel(
+                self.model,
+                device_ids=[self.device.index if self.device.index is not None else torch.cuda.current_device()]
+                if self.device.type == "cuda"
+                else None,
+                forward_sync_buffers=False,  # the only buffers are the constant masks: no sync per forward
+            )
         # Compile a function, not the module, so that state_dict keys stay those of the model.
         self._train_nats = torch.compile(self._nats) if train_cfg.compile else self._nats
         self.optimizer = torch.optim.RMSprop(
@@ -383,11 +432,15 @@ class Trainer:
     def _nats(self, frames: Tensor) -> Tensor:
         """uint8 (B, T, C, H, W) -> mean nats per frame over the batch and frames 1..T-1 (float32 scalar)."""
         with self._autocast():
-            logits = self.model(frames)
+            logits = self._forward(frames)
         return self.model.frame_nll(logits, frames).mean()
 
     def train_step(self, batch: Tensor) -> Tensor:
-        """One RMSProp update on uint8 (B, T, C, H, W); returns the batch's mean nats/frame (device, detached)."""
+        """One RMSProp update on uint8 (B, T, C, H, W); returns the batch's mean nats/frame (device, detached).
+
+        Data parallel: `batch` is this rank's shard (B/N sequences) and the returned loss its mean;
+        the gradients are averaged over the ranks before clipping, so every rank makes the same update.
+        """
         frames = prepare(batch.to(self.device, non_blocking=True), self.cfg)
         self.model.train()
         nats = self._train_nats(frames)  # nats per frame, float32
@@ -412,12 +465,14 @@ class Trainer:
     @torch.no_grad()
     def score(self, data: Dataset | Tensor, sequences: int | None = None) -> Score:
         """The paper's score of the first `sequences` sequences of `data` (None: all): see `score`."""
-        return score(self.model, data, self.cfg, sequences, autocast=self._autocast)
+        return score(
+            self.model, data, self.cfg, sequences, autocast=self._autocast, rank=self.rank, world_size=self.world_size
+        )
 
     # -- the loop -------------------------------------------------------------------------------
     def loader(self, until: int) -> DataLoader:
         n = None if is_stream(self.train_data) else len(self.train_data)
-        sampler = _StepBatches(n, self.cfg.batch_size, self.cfg.seed, self.step, until)
+        sampler = _StepBatches(n, self.cfg.batch_size, self.cfg.seed, self.step, until, self.rank, self.world_size)
         return DataLoader(
             self.train_data,
             batch_sampler=sampler,
@@ -438,6 +493,9 @@ class Trainer:
         on_log(step, metrics) runs every log_every steps with train_nats_per_frame (mean since the
         last log) and steps_per_second, plus val_nats_per_frame on validation steps.
         on_checkpoint(step) runs every ckpt_every steps and at the end.
+        Data parallel: every rank runs the same steps; the logged loss is the mean over all ranks
+        (one all-reduce per log) and a step is one update of the global batch, so steps_per_second
+        counts the whole job.
         """
         from tqdm.auto import tqdm
 
@@ -455,6 +513,9 @@ class Trainer:
                 is_log = step % self.cfg.log_every == 0 or step == until
                 is_val = self.val_data is not None and (step % self.cfg.val_every == 0 or step == until)
                 if is_log or is_val:
+                    if self.world_size > 1:  # every rank's shard mean -> the global batch's mean
+                        dist.all_reduce(running)
+                        running /= self.world_size
                     loss = float(running) / max(1, n_running)  # the only host sync
                     if not math.isfinite(loss):
                         raise NonFiniteLossError(step, loss)
