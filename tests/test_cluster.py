@@ -130,7 +130,7 @@ def cluster(tmp_path_factory):
 
 def write_spec(cluster, name: str, search: dict, run: dict) -> Path:
     spec = {"name": name, "data": str(cluster["data"]), "model": MODEL, "train": TRAIN, "search": search,
-            "run": {"cpus_per_trial": 1, "max_failures": 2, **run}, "profiles": {"cpu": {}}}  # fmt: skip
+            "run": {"cpus_per_trial": 1, "max_failures": 1, **run}, "profiles": {"cpu": {}}}  # fmt: skip
     path = cluster["root"] / f"{name}.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     return path
