@@ -132,12 +132,11 @@ class GenerateConfig:
 
     @property
     def channels(self) -> int:
-        return 3 if self.colour else 1
+        return self.sequence.channels
 
     @property
     def free(self) -> int:
-        """Pixels a digit's top-left corner can range over: frame_size - digit_size."""
-        return self.frame_size - self.digit_size
+        return self.sequence.free
 
     def split_size(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
