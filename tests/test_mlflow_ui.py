@@ -55,7 +55,8 @@ def env(tmp_path_factory):
 
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        # "local": a Ray of its own, even where another runs on the machine (a `ray start`, a test)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     yield {"root": root, "data": data, "uri": uri, "stats": stats, "address": ray.get_runtime_context().gcs_address}
     if started:
         ray.shutdown()

@@ -62,6 +62,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     env.update(
         DVC_NO_ANALYTICS="1", RAY_USAGE_STATS_ENABLED="0", MLFLOW_DISABLE_TELEMETRY="true",
         PYTHONPATH=str(work),  # the copy's pipeline/ and vpn/, in the driver and in Ray's workers
+        RAY_ADDRESS="local",  # a Ray of the sweeps' own, even where another runs on this machine
         PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
     )
     for cmd in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"]):

@@ -59,7 +59,7 @@ def env(tmp_path_factory):
     started = not ray.is_initialized()
     if started:
         # One GPU declared (none is there): lets a test see GPU requests scheduled, fractions too.
-        ray.init(num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
     yield {"root": root, "data": data, "uri": uri, "address": ray.get_runtime_context().gcs_address}
     if started:
         ray.shutdown()
