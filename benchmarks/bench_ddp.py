@@ -58,7 +58,9 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     if cuda:
         torch.cuda.set_device(device)
     gen = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (args.batch, args.seq_len, 1, args.size, args.size), generator=gen, dtype=torch.uint8)
+    frames = torch.randint(
+        0, 256, (args.batch, args.seq_len, 1, args.size, args.size), generator=gen, dtype=torch.uint8
+    )
     model_cfg = VPNConfig.preset(args.preset)
     train_cfg = TrainConfig(batch_size=args.batch, device=str(device), context=1)
 
@@ -66,7 +68,9 @@ def _rank(rank: int, world: int, port: int, args: argparse.Namespace, out: str) 
     singles: dict[str, Trainer] = {}
     if rank == 0:
         for threads in args.single_threads if not cuda else [args.threads_per_worker]:
-            singles[f"1 worker x {threads} thread(s)" if not cuda else "1 worker"] = Trainer(model_cfg, train_cfg, frames[:1])
+            singles[f"1 worker x {threads} thread(s)" if not cuda else "1 worker"] = Trainer(
+                model_cfg, train_cfg, frames[:1]
+            )
     backend = "nccl" if cuda else "gloo"
     dist.init_process_group(backend, init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
     control = dist.new_group(backend="gloo")  # variant announcements, on the CPU whatever the device
@@ -136,8 +140,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seq-len", type=int, default=4, help="frames per sequence (T-1 are predicted)")
     p.add_argument("--workers", type=int, default=2, help="DDP workers (on CUDA: one GPU each)")
     p.add_argument("--threads-per-worker", type=int, default=1, help="torch CPU threads of each DDP worker")
-    p.add_argument("--single-threads", type=int, nargs="+", default=None,
-                   help="thread counts of the one-process variants (CPU; default: 1 and workers x threads-per-worker)")
+    p.add_argument(
+        "--single-threads",
+        type=int,
+        nargs="+",
+        default=None,
+        help="thread counts of the one-process variants (CPU; default: 1 and workers x threads-per-worker)",
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--warmup", type=int, default=1, help="untimed updates per variant (>= 1: the first is the check)")
     p.add_argument("--device", default="cpu", help="cpu or cuda (auto: cuda if present)")
@@ -185,10 +194,14 @@ def main(argv: list[str] | None = None) -> int:
           f"median of {args.repeats} interleaved repeats; ddp_speedup = one process's time / the {args.workers} workers' "
           f"(median of per-repeat ratios)")  # fmt: skip
     print(markdown_table(rows, ["variant", "step_s", "frames_per_s", "model_gflop_per_s", "ddp_speedup"]))
-    print(f"\nCPU seconds per rank over the run: {', '.join(f'{c:.1f}' for c in raw['cpu_s_per_rank'])} "
-          f"(rank 0 also runs the one-process variants)")
-    print(f"spread of each variant's times (s): "
-          + "; ".join(f"{r['variant']}: {r['spread_s'][0]:.3g}-{r['spread_s'][1]:.3g}" for r in rows))
+    print(
+        f"\nCPU seconds per rank over the run: {', '.join(f'{c:.1f}' for c in raw['cpu_s_per_rank'])} "
+        f"(rank 0 also runs the one-process variants)"
+    )
+    print(
+        "spread of each variant's times (s): "
+        + "; ".join(f"{r['variant']}: {r['spread_s'][0]:.3g}-{r['spread_s'][1]:.3g}" for r in rows)
+    )
     print(f"\nwrote {out}")
     return 0
 

@@ -40,7 +40,7 @@ from benchmarks.common import (
     time_once,
     write_json,
 )
-from vpn import VPNConfig, VideoPixelNetwork
+from vpn import VideoPixelNetwork, VPNConfig
 from vpn.sample import decode_frame
 
 log = logging.getLogger("bench_sample")
@@ -62,14 +62,22 @@ def check_same_logits(model: VideoPixelNetwork, context: torch.Tensor, pixels: i
     """Both samplers on the first `pixels` pixels, same seed: max |logit difference| (raises if not close)."""
     logs: dict[str, list[torch.Tensor]] = {"naive": [], "cached": []}
     for method, record in logs.items():
-        decode_frame(model, context, torch.Generator(context.device).manual_seed(1), method=method,
-                     record_logits=record, n_pixels=pixels)
+        decode_frame(
+            model,
+            context,
+            torch.Generator(context.device).manual_seed(1),
+            method=method,
+            record_logits=record,
+            n_pixels=pixels,
+        )
     for a, b in zip(logs["cached"], logs["naive"]):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
     return max(float((a - b).abs().max()) for a, b in zip(logs["cached"], logs["naive"]))
 
 
-def time_batch(model: VideoPixelNetwork, decoder: str, batch: int, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+def time_batch(
+    model: VideoPixelNetwork, decoder: str, batch: int, args: argparse.Namespace, device: torch.device
+) -> dict[str, Any]:
     """One row of the table: naive and cached pixels/s at one batch size, interleaved."""
     context = lstm_context(model, batch, args.size, device)
     gen = torch.Generator(device).manual_seed(0)
@@ -77,8 +85,14 @@ def time_batch(model: VideoPixelNetwork, decoder: str, batch: int, args: argpars
         "naive": lambda: decode_frame(model, context, gen, method="naive", n_pixels=args.naive_pixels),
         "cached": lambda: decode_frame(model, context, gen, method="cached", n_pixels=args.pixels),
     }
-    log.info("%s, batch %d: timing naive (%d px) and cached (%d px), %d repeats",
-             decoder, batch, args.naive_pixels, args.pixels, args.repeats)
+    log.info(
+        "%s, batch %d: timing naive (%d px) and cached (%d px), %d repeats",
+        decoder,
+        batch,
+        args.naive_pixels,
+        args.pixels,
+        args.repeats,
+    )
     times = interleaved(fns, device, args.repeats, warmup=1)
     per_pixel = {
         "naive": [t / args.naive_pixels for t in times["naive"]],
@@ -103,14 +117,24 @@ def time_batch(model: VideoPixelNetwork, decoder: str, batch: int, args: argpars
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--preset", default="micro")
-    p.add_argument("--decoders", nargs="+", choices=("pixelcnn", "stacks"), default=["pixelcnn", "stacks"],
-                   help="decoders to time, each at the preset's depth and widths")
+    p.add_argument(
+        "--decoders",
+        nargs="+",
+        choices=("pixelcnn", "stacks"),
+        default=["pixelcnn", "stacks"],
+        help="decoders to time, each at the preset's depth and widths",
+    )
     p.add_argument("--size", type=int, default=64, help="frame height and width")
     p.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16, 64])
     p.add_argument("--pixels", type=int, default=64, help="pixels the cached sampler is timed on")
     p.add_argument("--naive-pixels", type=int, default=4, help="pixels the naive sampler is timed on")
-    p.add_argument("--full-frame-batches", type=int, nargs="*", default=[1, 64],
-                   help="batch sizes to also time the cached sampler on a whole frame")
+    p.add_argument(
+        "--full-frame-batches",
+        type=int,
+        nargs="*",
+        default=[1, 64],
+        help="batch sizes to also time the cached sampler on a whole frame",
+    )
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
@@ -122,7 +146,12 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     out = Path(args.out or f"benchmarks/results/sample_{device.type}.json")
 
-    results: dict[str, Any] = {"benchmark": "sample", "environment": environment(device), "args": vars(args), "rows": []}
+    results: dict[str, Any] = {
+        "benchmark": "sample",
+        "environment": environment(device),
+        "args": vars(args),
+        "rows": [],
+    }
     results["cached_vs_naive_max_abs_logit_diff"] = {}
     for decoder in args.decoders:
         torch.manual_seed(0)
@@ -137,13 +166,24 @@ def main(argv: list[str] | None = None) -> int:
             write_json(results, out)  # after every batch size, so a long run leaves what it has measured
 
     target = TARGET_AT_64.get(device.type)
-    print(f"\n{results['environment']['device']}: {args.preset} at {args.size}x{args.size}, greyscale; naive timed on "
-          f"{args.naive_pixels} px, cached on {args.pixels} px (setup included); medians of {args.repeats} interleaved repeats")
-    columns = ["decoder", "batch", "naive_pixels_per_s", "cached_pixels_per_s", "speedup", "cached_full_frame_pixels_per_s"]
+    print(
+        f"\n{results['environment']['device']}: {args.preset} at {args.size}x{args.size}, greyscale; naive timed on "
+        f"{args.naive_pixels} px, cached on {args.pixels} px (setup included); medians of {args.repeats} interleaved repeats"
+    )
+    columns = [
+        "decoder",
+        "batch",
+        "naive_pixels_per_s",
+        "cached_pixels_per_s",
+        "speedup",
+        "cached_full_frame_pixels_per_s",
+    ]
     print(markdown_table(results["rows"], columns))
     for row in results["rows"]:
         if row["batch"] == 64 and target is not None:
-            print(f"\n{row['decoder']}: target at batch 64 on {device.type}: >= {target:g}x; measured {row['speedup']:.0f}x")
+            print(
+                f"\n{row['decoder']}: target at batch 64 on {device.type}: >= {target:g}x; measured {row['speedup']:.0f}x"
+            )
     print(f"\nwrote {out}")
     return 0
 

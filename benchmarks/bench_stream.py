@@ -37,13 +37,17 @@ UTILISATION = 0.4
 
 def consumption(preset: str, size: int, seq_len: int) -> float:
     """Sequences/s one H100 trains on at 40% of its bf16 peak (forward + backward = 3 x forward)."""
-    flops_per_sequence = 3 * count_flops_per_frame(VPNConfig.preset(preset, output="bernoulli"), size, size) * (seq_len - 1)
+    flops_per_sequence = (
+        3 * count_flops_per_frame(VPNConfig.preset(preset, output="bernoulli"), size, size) * (seq_len - 1)
+    )
     return UTILISATION * H100_BF16_PEAK / flops_per_sequence
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--data", default="data/moving_mnist", help="the data stage's folder (train_digits.npy, train.npy)")
+    parser.add_argument(
+        "--data", default="data/moving_mnist", help="the data stage's folder (train_digits.npy, train.npy)"
+    )
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--batches-per-repeat", type=int, default=10)
@@ -76,24 +80,39 @@ def main(argv: list[str] | None = None) -> int:
             torch.stack([fixed[int(i)] for i in rng.integers(0, len(fixed), b)])
 
     device = torch.device("cpu")
-    times = interleaved({"stream": streamed, "per_sequence": per_sequence, "fixed_read": fixed_read}, device, args.repeats)
+    times = interleaved(
+        {"stream": streamed, "per_sequence": per_sequence, "fixed_read": fixed_read}, device, args.repeats
+    )
     per_core = b * k / median(times["stream"])
     rows = [
         {"source": name, "sequences/s (1 core)": b * k / median(t), "ms per batch": 1e3 * median(t) / k}
         for name, t in times.items()
     ]
-    print(f"Moving MNIST {spec.frame_size}x{spec.frame_size}, {spec.seq_len} frames, {spec.digits} digits, batch {b}, 1 thread")
+    print(
+        f"Moving MNIST {spec.frame_size}x{spec.frame_size}, {spec.seq_len} frames, {spec.digits} digits, batch {b}, 1 thread"
+    )
     print(markdown_table(rows, ["source", "sequences/s (1 core)", "ms per batch"]))
-    print(f"\nstream vs per-sequence: {paired_ratio(times['per_sequence'], times['stream']):.2f}x; "
-          f"stream vs fixed read: {paired_ratio(times['fixed_read'], times['stream']):.2f}x (below 1: slower than reading)")
+    print(
+        f"\nstream vs per-sequence: {paired_ratio(times['per_sequence'], times['stream']):.2f}x; "
+        f"stream vs fixed read: {paired_ratio(times['fixed_read'], times['stream']):.2f}x (below 1: slower than reading)"
+    )
     needs = []
     for preset in ("full", "mini", "micro"):
         rate = consumption(preset, spec.frame_size, spec.seq_len)
         needs.append({"preset": preset, "H100 consumes (seq/s at 40% bf16)": rate, "cores to keep up": rate / per_core})
     print()
     print(markdown_table(needs, ["preset", "H100 consumes (seq/s at 40% bf16)", "cores to keep up"]))
-    write_json({"environment": environment(device), "batch": b, "spec": spec.__dict__, "times_s": times,
-                "rows": rows, "needs": needs}, Path(args.out))
+    write_json(
+        {
+            "environment": environment(device),
+            "batch": b,
+            "spec": spec.__dict__,
+            "times_s": times,
+            "rows": rows,
+            "needs": needs,
+        },
+        Path(args.out),
+    )
     return 0
 
 

@@ -38,8 +38,8 @@ from vpn.train import TrainConfig, Trainer, prepare
 log = logging.getLogger("bench_tracking")
 
 # The cpu profile of sweeps/depth_width.yaml (train section) and its best and slowest configs.
-CPU_TRAIN = dict(steps=200, batch_size=8, lr=1e-3, seq_len=6, context=3, downsample=4, log_every=10,
-                 val_every=50, val_batches=4, ckpt_every=100, device="cpu")  # fmt: skip
+CPU_TRAIN = {"steps": 200, "batch_size": 8, "lr": 1e-3, "seq_len": 6, "context": 3, "downsample": 4, "log_every": 10,
+                 "val_every": 50, "val_batches": 4, "ckpt_every": 100, "device": "cpu"}  # fmt: skip
 CONFIGS = {"e1-d3-f0.0625": (1, 3, 0.0625), "e4-d6-f0.0625": (4, 6, 0.0625)}
 
 
@@ -89,9 +89,13 @@ def bench_reconstruction(args: argparse.Namespace, client, run_id: str) -> dict[
 
     def picture() -> None:
         step["n"] += 1
-        tracking.log_image(client, run_id, pictures.reconstruction_strip(trainer.model, seq), pictures.RECONSTRUCTION_KEY, step["n"])
+        tracking.log_image(
+            client, run_id, pictures.reconstruction_strip(trainer.model, seq), pictures.RECONSTRUCTION_KEY, step["n"]
+        )
 
-    times = interleaved({"overfit_step": lambda: trainer.train_step(seq[None]), "picture": picture}, torch.device("cpu"), args.repeats)
+    times = interleaved(
+        {"overfit_step": lambda: trainer.train_step(seq[None]), "picture": picture}, torch.device("cpu"), args.repeats
+    )
     t_step, t_pic = median(times["overfit_step"]), median(times["picture"])
     return {"config": "mini x 0.125 (overfit)", "step_s": t_step, "picture_s": t_pic,
             "picture_share_per_500_steps": t_pic / (500 * t_step + t_pic), "times_s": times}  # fmt: skip
@@ -130,7 +134,9 @@ def bench_system_metrics(args: argparse.Namespace, client, uri: str, run_id: str
             start = time.process_time()  # CPU seconds of this process, every thread: what the monitor adds
             watcher = None
             if interval is not None:
-                watcher = SystemMetricsMonitor(run_id, sampling_interval=interval, resume_logging=True, tracking_uri=uri)
+                watcher = SystemMetricsMonitor(
+                    run_id, sampling_interval=interval, resume_logging=True, tracking_uri=uri
+                )
                 watcher.start()
             try:
                 for _ in range(steps):
@@ -158,7 +164,9 @@ def bench_system_metrics(args: argparse.Namespace, client, uri: str, run_id: str
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    p.add_argument("--sample-frames", type=int, default=1, help="frames drawn per picture (the sweeps' run.sample_frames)")
+    p.add_argument(
+        "--sample-frames", type=int, default=1, help="frames drawn per picture (the sweeps' run.sample_frames)"
+    )
     p.add_argument("--repeats", type=int, default=7)
     p.add_argument("--system-repeats", type=int, default=3, help="training windows per variant for the system metrics")
     p.add_argument("--window-s", type=float, default=20.0, help="seconds of training per window")
@@ -178,16 +186,27 @@ def main(argv: list[str] | None = None) -> int:
         system = bench_system_metrics(args, client, uri, run_id)
     env = environment(device)
     print(f"\n{env['device']}; one thread, SQLite store\n")
-    print(markdown_table(samples, ["config", "frames_sampled", "step_s", "validation_s", "picture_s", "picture_share_of_trial"]))
-    print(f"\nreconstruction: {recon['picture_s']:.3f} s a picture, overfit step {recon['step_s']:.4f} s: "
-          f"{recon['picture_share_per_500_steps']:.2%} of 500 steps")
-    print(f"\nsystem metrics: one sample {system['collect_s'] * 1e3:.1f} ms + publish {system['publish_s'] * 1e3:.1f} ms "
-          f"= {system['share_of_10s_interval']:.3%} of its 10 s interval ({', '.join(system['monitors'])}); "
-          f"{system['window_steps']} steps a window: {system['window_s']['off']:.1f} s off, {system['window_s']['every_10s']:.1f} s "
-          f"sampling every 10 s ({system['slowdown_every_10s'] - 1:+.1%}), {system['window_s']['every_1s']:.1f} s every 1 s "
-          f"({system['slowdown_every_1s'] - 1:+.1%}); CPU time of the process: {system['cpu_ratio_every_10s'] - 1:+.1%} "
-          f"(every 10 s), {system['cpu_ratio_every_1s'] - 1:+.1%} (every 1 s)")
-    write_json({"environment": env, "args": vars(args), "samples": samples, "reconstruction": recon, "system_metrics": system}, Path(args.out))
+    print(
+        markdown_table(
+            samples, ["config", "frames_sampled", "step_s", "validation_s", "picture_s", "picture_share_of_trial"]
+        )
+    )
+    print(
+        f"\nreconstruction: {recon['picture_s']:.3f} s a picture, overfit step {recon['step_s']:.4f} s: "
+        f"{recon['picture_share_per_500_steps']:.2%} of 500 steps"
+    )
+    print(
+        f"\nsystem metrics: one sample {system['collect_s'] * 1e3:.1f} ms + publish {system['publish_s'] * 1e3:.1f} ms "
+        f"= {system['share_of_10s_interval']:.3%} of its 10 s interval ({', '.join(system['monitors'])}); "
+        f"{system['window_steps']} steps a window: {system['window_s']['off']:.1f} s off, {system['window_s']['every_10s']:.1f} s "
+        f"sampling every 10 s ({system['slowdown_every_10s'] - 1:+.1%}), {system['window_s']['every_1s']:.1f} s every 1 s "
+        f"({system['slowdown_every_1s'] - 1:+.1%}); CPU time of the process: {system['cpu_ratio_every_10s'] - 1:+.1%} "
+        f"(every 10 s), {system['cpu_ratio_every_1s'] - 1:+.1%} (every 1 s)"
+    )
+    write_json(
+        {"environment": env, "args": vars(args), "samples": samples, "reconstruction": recon, "system_metrics": system},
+        Path(args.out),
+    )
     print(f"\nwrote {args.out}")
     return 0
 

@@ -40,12 +40,14 @@ import logging
 import os
 import tempfile
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
 
+import vpn.train
 from benchmarks.common import (
     environment,
     interleaved,
@@ -57,7 +59,6 @@ from benchmarks.common import (
     write_json,
 )
 from benchmarks.reference import reference_model
-import vpn.train
 from vpn import VPNConfig
 from vpn.train import TrainConfig, Trainer, cpu_has_native_bf16
 
@@ -145,18 +146,26 @@ def loader_rate(batch: int, size: int, batches: int, num_workers: int) -> float:
 def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
     cfg = VPNConfig.preset(preset)
     gen = torch.Generator().manual_seed(0)
-    frames = torch.randint(0, 256, (args.batch, args.seq_len, 1, args.size, args.size), generator=gen, dtype=torch.uint8)
+    frames = torch.randint(
+        0, 256, (args.batch, args.seq_len, 1, args.size, args.size), generator=gen, dtype=torch.uint8
+    )
     frames = frames.to(device)
     base = TrainConfig(batch_size=args.batch, device=str(device), context=1)
     variants = [v for v in args.variants if not ("bf16" in v and device.type != "cpu")]
     if device.type == "cpu" and not (cpu_has_native_bf16() or args.force_cpu_bf16):
         skipped = [v for v in variants if "bf16" in v]
         if skipped:
-            log.info("%s: skipping %s: this CPU has no native bf16 (--force-cpu-bf16 times it emulated)", preset, ", ".join(skipped))
+            log.info(
+                "%s: skipping %s: this CPU has no native bf16 (--force-cpu-bf16 times it emulated)",
+                preset,
+                ", ".join(skipped),
+            )
         variants = [v for v in variants if v not in skipped]
 
     # Every Trainer seeds its model's initialisation with TrainConfig.seed: all start from the same weights.
-    trainers = {name: Trainer(cfg, base.replace(**OPTIONS[name]), frames[:1].cpu()) for name in variants if name != "reference"}
+    trainers = {
+        name: Trainer(cfg, base.replace(**OPTIONS[name]), frames[:1].cpu()) for name in variants if name != "reference"
+    }
     first = next(iter(trainers.values()))
     steps: dict[str, Callable[[], Any]] = {}
     diff = None
@@ -229,15 +238,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=2, help="sequences per step")
     p.add_argument("--seq-len", type=int, default=4, help="frames per sequence (T-1 are predicted)")
     p.add_argument("--repeats", type=int, default=5, help="timed steps per variant (median reported)")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps per variant first (>= 1: the first is always untimed)")
+    p.add_argument(
+        "--warmup", type=int, default=1, help="untimed steps per variant first (>= 1: the first is always untimed)"
+    )
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     p.add_argument("--loader-batches", type=int, default=50, help="batches to time the data loader on (0: skip)")
-    p.add_argument("--warm-compile-cache", action="store_true",
-                   help="reuse torch.compile's on-disk cache (default: a fresh one, so compile_s is a cold compile)")
-    p.add_argument("--force-cpu-bf16", action="store_true",
-                   help="time the bf16 variants on a CPU without native bf16 too (emulated: slow)")
+    p.add_argument(
+        "--warm-compile-cache",
+        action="store_true",
+        help="reuse torch.compile's on-disk cache (default: a fresh one, so compile_s is a cold compile)",
+    )
+    p.add_argument(
+        "--force-cpu-bf16",
+        action="store_true",
+        help="time the bf16 variants on a CPU without native bf16 too (emulated: slow)",
+    )
     p.add_argument("--out", default=None, help="JSON file (default benchmarks/results/train_<device>.json)")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
@@ -273,13 +290,17 @@ def run(args: argparse.Namespace, device: torch.device, out: Path) -> int:
     if any("fraction_of_bf16_peak" in r for r in rows):
         columns.append("fraction_of_bf16_peak")
     columns.append("compile_s")
-    print(f"\n{results['environment']['device']}: batch {args.batch}, {args.seq_len} frames, {args.size}x{args.size}, "
-          f"median of {args.repeats} interleaved repeats; model FLOP/s = 3 x counted forward FLOPs")
+    print(
+        f"\n{results['environment']['device']}: batch {args.batch}, {args.seq_len} frames, {args.size}x{args.size}, "
+        f"median of {args.repeats} interleaved repeats; model FLOP/s = 3 x counted forward FLOPs"
+    )
     print(markdown_table(rows, columns))
     if "loader_batches_per_s" in results:
         fastest = max(r["frames_per_s"] for r in rows) / (args.batch * (args.seq_len - 1))
-        print(f"\ndata loader: {results['loader_batches_per_s']:.1f} batches/s "
-              f"(fastest step above: {fastest:.2f} steps/s)")
+        print(
+            f"\ndata loader: {results['loader_batches_per_s']:.1f} batches/s "
+            f"(fastest step above: {fastest:.2f} steps/s)"
+        )
     print(f"\nwrote {out}")
     return 0
 

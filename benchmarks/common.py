@@ -14,8 +14,9 @@ import os
 import platform
 import statistics
 import time
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -24,7 +25,7 @@ from vpn.train import cpu_has_native_bf16
 
 
 def resolve_device(name: str) -> torch.device:
-    """"auto" (CUDA if present, else CPU), "cpu" or "cuda[:N]" -> torch.device."""
+    """ "auto" (CUDA if present, else CPU), "cpu" or "cuda[:N]" -> torch.device."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
@@ -103,7 +104,19 @@ def cpu_flags() -> list[str]:
 
 
 # avx512_bf16 / amx_bf16 (x86) or bf16 (Arm) are what make cpu_amp fast; the rest say which SIMD.
-SPEED_FLAGS = {"avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_fp16", "bf16", "asimd", "sve"}
+SPEED_FLAGS = {
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_fp16",
+    "bf16",
+    "asimd",
+    "sve",
+}
 
 
 def environment(device: torch.device) -> dict[str, Any]:

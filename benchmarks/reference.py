@@ -19,9 +19,8 @@ from __future__ import annotations
 import copy
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vpn.layers import ConvLSTM, MaskedConv2d, MultiplicativeUnit
 from vpn.model import VideoPixelNetwork
@@ -36,8 +35,14 @@ class PlainMaskedConv2d(nn.Conv2d):
     def __init__(self, conv: MaskedConv2d, rows: slice = slice(None)) -> None:
         weight = conv.weight[rows]
         super().__init__(
-            weight.shape[1], weight.shape[0], conv.kernel_size, padding=conv.padding,
-            dilation=conv.dilation, bias=conv.bias is not None, device=weight.device, dtype=weight.dtype,
+            weight.shape[1],
+            weight.shape[0],
+            conv.kernel_size,
+            padding=conv.padding,
+            dilation=conv.dilation,
+            bias=conv.bias is not None,
+            device=weight.device,
+            dtype=weight.dtype,
         )
         with torch.no_grad():
             self.weight.copy_(weight)
@@ -59,8 +64,14 @@ def _split(conv: nn.Module, rows: slice) -> nn.Module:
         raise TypeError(f"expected a MaskedConv2d or a plain Conv2d, got {type(conv).__name__}")
     weight = conv.weight[rows]
     part = nn.Conv2d(
-        weight.shape[1], weight.shape[0], conv.kernel_size, padding=conv.padding,
-        dilation=conv.dilation, bias=conv.bias is not None, device=weight.device, dtype=weight.dtype,
+        weight.shape[1],
+        weight.shape[0],
+        conv.kernel_size,
+        padding=conv.padding,
+        dilation=conv.dilation,
+        bias=conv.bias is not None,
+        device=weight.device,
+        dtype=weight.dtype,
     )
     with torch.no_grad():
         part.weight.copy_(weight)

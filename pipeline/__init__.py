@@ -16,4 +16,4 @@ except ModuleNotFoundError as err:  # the usual cause: `dvc repro` run with anot
         name=err.name,
     ) from err
 
-from vpn.files import atomic_path as atomic_output  # noqa: E402, F401  (the stages' name for it)
+from vpn.files import atomic_path as atomic_output  # noqa: F401  (the stages' name for it)

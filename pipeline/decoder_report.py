@@ -84,25 +84,29 @@ def match_pairs(summary: pd.DataFrame, reference: str = REFERENCE, tolerance: fl
         partner = same.iloc[int(np.lexsort((~same_size, distance))[0])]  # nearest; the same size on a tie
         ratio = float(trial["parameters"]) / float(partner["parameters"])
         speed = trial.get("steps_per_second"), partner.get("steps_per_second")
-        rows.append({
-            "size": size_label(trial),
-            "reference_size": size_label(partner),
-            "decoder": trial["decoder"],
-            "reference": reference,
-            "parameters": int(trial["parameters"]),
-            "reference_parameters": int(partner["parameters"]),
-            "parameter_ratio": ratio,
-            "flops_ratio": float(trial["flops_per_frame"]) / float(partner["flops_per_frame"]),
-            "steps_per_second": speed[0],
-            "reference_steps_per_second": speed[1],
-            "speed_ratio": (float(speed[0]) / float(speed[1])) if all(pd.notna(s) and s for s in speed) else math.nan,
-            "nll": float(trial["score"]),
-            "reference_nll": float(partner["score"]),
-            "nll_difference": float(trial["score"]) - float(partner["score"]),
-            "matched": abs(ratio - 1) <= tolerance,
-            "run_id": trial["run_id"],
-            "reference_run_id": partner["run_id"],
-        })
+        rows.append(
+            {
+                "size": size_label(trial),
+                "reference_size": size_label(partner),
+                "decoder": trial["decoder"],
+                "reference": reference,
+                "parameters": int(trial["parameters"]),
+                "reference_parameters": int(partner["parameters"]),
+                "parameter_ratio": ratio,
+                "flops_ratio": float(trial["flops_per_frame"]) / float(partner["flops_per_frame"]),
+                "steps_per_second": speed[0],
+                "reference_steps_per_second": speed[1],
+                "speed_ratio": (float(speed[0]) / float(speed[1]))
+                if all(pd.notna(s) and s for s in speed)
+                else math.nan,
+                "nll": float(trial["score"]),
+                "reference_nll": float(partner["score"]),
+                "nll_difference": float(trial["score"]) - float(partner["score"]),
+                "matched": abs(ratio - 1) <= tolerance,
+                "run_id": trial["run_id"],
+                "reference_run_id": partner["run_id"],
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -137,7 +141,10 @@ def verdict(pairs: pd.DataFrame, noise: float | None, score: str = "final NLL") 
         f"{reference}'s mean)."
     )
     if noise is None:
-        return text + " One seed per config: no noise estimate, so this is a single measurement, not a significant difference."
+        return (
+            text
+            + " One seed per config: no noise estimate, so this is a single measurement, not a significant difference."
+        )
     if abs(diff.mean()) <= 2 * noise:
         return text + f" Seed-to-seed spread up to {noise:.2f} nats/frame: **no clear difference**."
     gain = f"**{name} {'gains' if diff.mean() < 0 else 'loses'}**"
@@ -181,8 +188,18 @@ def plot_decoders(summary: pd.DataFrame, pairs: pd.DataFrame, out: Path) -> Path
         for _, pair in pairs[pairs["matched"]].iterrows() if len(pairs) else []:
             a, b = by_run.loc[pair["reference_run_id"]], by_run.loc[pair["run_id"]]
             ax.plot([a[cost], b[cost]], [a["score"], b["score"]], color="0.6", lw=1, zorder=1)
-        sns.scatterplot(data=ok, x=cost, y="score", hue="decoder", hue_order=decoders, style="decoder",
-                        style_order=decoders, s=70, ax=ax, zorder=2)
+        sns.scatterplot(
+            data=ok,
+            x=cost,
+            y="score",
+            hue="decoder",
+            hue_order=decoders,
+            style="decoder",
+            style_order=decoders,
+            s=70,
+            ax=ax,
+            zorder=2,
+        )
         if log_x:
             ax.set_xscale("log")
         ax.set_xlabel(label)
@@ -206,14 +223,19 @@ def decoder_comparison(
         return lines + ["The trials all use one decoder: nothing to compare.", ""], []
     pairs = match_pairs(summary, reference, tolerance)
     if pairs.empty:
-        return lines + [f"No finished trial of another decoder has a finished `{reference}` partner run under the same conditions.", ""], []
+        return lines + [
+            f"No finished trial of another decoder has a finished `{reference}` partner run under the same conditions.",
+            "",
+        ], []
     noise = seed_noise(summary)
     _, score = with_score(summary)
     matched = pairs[pairs["matched"]]
     lines += [
-        f"Each trial of another decoder is paired with the `{reference}` trial (the paper's masked decoder) of "
-        f"nearest parameter count run under the same conditions; pairs within {tolerance:.0%} in parameters "
-        f"are matched ({len(matched)} of {len(pairs)}). Negative NLL differences favour the other decoder.",
+        (
+            f"Each trial of another decoder is paired with the `{reference}` trial (the paper's masked decoder) of "
+            f"nearest parameter count run under the same conditions; pairs within {tolerance:.0%} in parameters "
+            f"are matched ({len(matched)} of {len(pairs)}). Negative NLL differences favour the other decoder."
+        ),
         "",
     ]
     for name, own in pairs.groupby("decoder", sort=True):
@@ -227,11 +249,18 @@ def decoder_comparison(
             )
     lines += [
         "",
-        "Counted FLOPs include the masked decoder's always-masked taps, which no pass executes; steps/s is what "
-        "runs (trials that share a machine slow each other).",
+        (
+            "Counted FLOPs include the masked decoder's always-masked taps, which no pass executes; steps/s is what "
+            "runs (trials that share a machine slow each other)."
+        ),
         "",
     ]
-    table = pairs.assign(pair=[f"{r['size']}" + ("" if r["size"] == r["reference_size"] else f" vs {r['reference_size']}") for _, r in pairs.iterrows()])
+    table = pairs.assign(
+        pair=[
+            f"{r['size']}" + ("" if r["size"] == r["reference_size"] else f" vs {r['reference_size']}")
+            for _, r in pairs.iterrows()
+        ]
+    )
     columns = {"pair": "size (vs reference's)", "decoder": "decoder"}
     if "seed" in summary.columns and summary["seed"].nunique() > 1:
         table = table.assign(seed=table["run_id"].map(summary.set_index("run_id")["seed"]))

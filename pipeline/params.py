@@ -66,9 +66,7 @@ def _check_type(value: Any, allowed: tuple[type, ...], where: str) -> Any:
         return value
     elif isinstance(value, (int, float)) and float in allowed:
         return float(value)
-    elif value is None and type(None) in allowed:
-        return value
-    elif isinstance(value, str) and str in allowed:
+    elif value is None and type(None) in allowed or isinstance(value, str) and str in allowed:
         return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
     raise ParamsError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")

@@ -25,8 +25,8 @@ import contextlib
 import logging
 import os
 import tempfile
-from pathlib import Path
-from typing import Any, Iterator, Mapping
+from collections.abc import Iterator, Mapping
+from typing import Any
 
 from pipeline import tracking
 from pipeline.spec import repo_root
@@ -109,7 +109,9 @@ def register_best(client, uri: str, sweep: str, summary: Mapping[str, Any]) -> s
         try:
             path = client.download_artifacts(run.info.run_id, tracking.CHECKPOINT_ARTIFACT, d)
         except Exception as e:  # an unreachable artifact store must not fail the sweep
-            log.warning("sweep %s: best trial %s has no readable checkpoint, no model registered: %s", sweep, best["trial"], e)
+            log.warning(
+                "sweep %s: best trial %s has no readable checkpoint, no model registered: %s", sweep, best["trial"], e
+            )
             return None
         model = load_model(path)
         params = run.data.params

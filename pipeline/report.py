@@ -254,7 +254,7 @@ def summarise(trials: pd.DataFrame, curves: pd.DataFrame, params: ReportParams) 
                 "final_nll": final,
                 "iterations_to_converge": converge,
                 "plateaus": plateaus,
-                "logged_steps": int(len(steps)),
+                "logged_steps": len(steps),
             }
         )
     return pd.DataFrame(rows)
@@ -270,7 +270,11 @@ def _orders(summary: pd.DataFrame) -> dict[str, Any]:
 
     # Rows keep the spec's order (the trials come in grid order); depths sort by depth.
     has_rows = "row" in summary and summary["row"].notna().any()
-    by_depth = summary if has_rows else summary.sort_values(["enc_blocks", "dec_blocks"] + (["decoder"] if "decoder" in summary else []))
+    by_depth = (
+        summary
+        if has_rows
+        else summary.sort_values(["enc_blocks", "dec_blocks"] + (["decoder"] if "decoder" in summary else []))
+    )
     depths = list(dict.fromkeys(by_depth["series"]))
     widths = list(dict.fromkeys(summary.sort_values("filter_fraction")["width"]))
     palette = dict(zip(depths, sns.color_palette("tab10" if len(depths) <= 10 else "husl", len(depths))))
@@ -319,8 +323,15 @@ def plot_curves(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path:
     fig, axes = plt.subplots(1, len(splits), figsize=(6.5 * len(splits), 4.5), squeeze=False)
     for ax, split in zip(axes[0], splits):
         sns.lineplot(
-            data=long[long["split"] == split], x="step", y="nats_per_frame", hue="series", style="width",
-            units="run_id", estimator=None, ax=ax, **orders,
+            data=long[long["split"] == split],
+            x="step",
+            y="nats_per_frame",
+            hue="series",
+            style="width",
+            units="run_id",
+            estimator=None,
+            ax=ax,
+            **orders,
         )
         ax.set_yscale("log")
         ax.set_title(f"{split} NLL (nats/frame)")
@@ -357,7 +368,10 @@ def plot_pareto(summary: pd.DataFrame, out: Path) -> Path:
     ok = summary[(summary["status"] == "FINISHED") & summary["final_nll"].notna()]
     orders = _orders(ok) if len(ok) else {}
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.5))
-    for ax, cost, label in ((axes[0], "parameters", "parameters"), (axes[1], "flops_per_frame", "FLOPs per frame (forward, at the trained size)")):
+    for ax, cost, label in (
+        (axes[0], "parameters", "parameters"),
+        (axes[1], "flops_per_frame", "FLOPs per frame (forward, at the trained size)"),
+    ):
         if ok.empty or cost not in ok:
             ax.set_axis_off()
             continue
@@ -377,13 +391,23 @@ def plot_speed(summary: pd.DataFrame, out: Path) -> Path:
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    ok = summary[summary["steps_per_second"].notna()].sort_values("steps_per_second") if "steps_per_second" in summary else summary.iloc[:0]
+    ok = (
+        summary[summary["steps_per_second"].notna()].sort_values("steps_per_second")
+        if "steps_per_second" in summary
+        else summary.iloc[:0]
+    )
     fig, ax = plt.subplots(figsize=(7, 0.35 * max(len(ok), 3) + 1))
     if len(ok):
         orders = _orders(ok)
         sns.barplot(
-            data=ok, y="config", x="steps_per_second", hue="series", dodge=False, ax=ax,
-            hue_order=orders["hue_order"], palette=orders["palette"],
+            data=ok,
+            y="config",
+            x="steps_per_second",
+            hue="series",
+            dodge=False,
+            ax=ax,
+            hue_order=orders["hue_order"],
+            palette=orders["palette"],
         )
     ax.set_xlabel("training steps per second")
     ax.set_ylabel("")
@@ -415,23 +439,27 @@ def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
     rows = []
     for _, r in summary.iterrows():
         paper = paper_row(r)
-        rows.append({
-            "row": r["row"] if isinstance(r.get("row"), str) else r["config"],
-            "paper's row": paper[0] if paper else "-",
-            "status": r["status"],
-            "test NLL": r.get("test_nats_per_frame", math.nan),
-            "floor": r.get("test_floor_nats_per_frame", math.nan),
-            "excess": r.get("excess", math.nan),
-            "paper NLL": paper[1] if paper else math.nan,
-            "paper excess": paper[1] - PAPER_LOWER_BOUND if paper else math.nan,
-        })
+        rows.append(
+            {
+                "row": r["row"] if isinstance(r.get("row"), str) else r["config"],
+                "paper's row": paper[0] if paper else "-",
+                "status": r["status"],
+                "test NLL": r.get("test_nats_per_frame", math.nan),
+                "floor": r.get("test_floor_nats_per_frame", math.nan),
+                "excess": r.get("excess", math.nan),
+                "paper NLL": paper[1] if paper else math.nan,
+                "paper excess": paper[1] - PAPER_LOWER_BOUND if paper else math.nan,
+            }
+        )
     return pd.DataFrame(rows)
 
 
 def scale_statement(summary: pd.DataFrame) -> str:
     """The scale the trials ran at, in the paper's terms, from the trials' own configs."""
     parts = []
-    for _, r in summary.drop_duplicates(["frame_height", "seq_len", "context", "steps", "batch_size", "filter_fraction"]).iterrows():
+    for _, r in summary.drop_duplicates(
+        ["frame_height", "seq_len", "context", "steps", "batch_size", "filter_fraction"]
+    ).iterrows():
         frames = f"{int(r['frame_height'])}x{int(r['frame_width'])}" if pd.notna(r.get("frame_height")) else "?"
         clip = int(r["seq_len"]) if pd.notna(r.get("seq_len")) else None
         seen = int(r["step_budget"]) * int(r["batch_size"]) if pd.notna(r.get("step_budget")) else None
@@ -477,13 +505,15 @@ def overfit_table(summary: pd.DataFrame) -> pd.DataFrame:
     for _, r in summary.iterrows():
         name = _preset_name(r)
         post = BLOG_PLATEAU.get(name)
-        rows.append({
-            "preset": name,
-            "iterations": r["iterations_to_converge"],
-            "iterations (post)": BLOG_OVERFIT_ITERATIONS.get(name),
-            "plateau": ", ".join(f"{a}-{b}" for a, b in r["plateaus"]) or "no",
-            "plateau (post)": "-" if post is None else ("yes" if post else "no"),
-        })
+        rows.append(
+            {
+                "preset": name,
+                "iterations": r["iterations_to_converge"],
+                "iterations (post)": BLOG_OVERFIT_ITERATIONS.get(name),
+                "plateau": ", ".join(f"{a}-{b}" for a, b in r["plateaus"]) or "no",
+                "plateau (post)": "-" if post is None else ("yes" if post else "no"),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -495,12 +525,17 @@ def plot_overfit(summary: pd.DataFrame, curves: pd.DataFrame, out: Path) -> Path
     fig, (bar_ax, curve_ax) = plt.subplots(1, 2, figsize=(14, 4.5))
     table = overfit_table(summary)
     sources = {"iterations": "this run", "iterations (post)": "blog post (TF, 64x64)"}
-    bars = table.rename(columns=sources).melt(id_vars="preset", value_vars=list(sources.values()), var_name="source", value_name="iterations")
+    bars = table.rename(columns=sources).melt(
+        id_vars="preset", value_vars=list(sources.values()), var_name="source", value_name="iterations"
+    )
     bars["iterations"] = pd.to_numeric(bars["iterations"], errors="coerce")
     sns.barplot(data=bars, x="preset", y="iterations", hue="source", order=list(table["preset"]), ax=bar_ax)
     bar_ax.set_title("iterations to converge on one sequence")
     # under each preset: did it sit on a plateau, here and in the post
-    ticks = [f"{r['preset']}\nplateau: {'no' if r['plateau'] == 'no' else 'yes'} (post: {r['plateau (post)']})" for _, r in table.iterrows()]
+    ticks = [
+        f"{r['preset']}\nplateau: {'no' if r['plateau'] == 'no' else 'yes'} (post: {r['plateau (post)']})"
+        for _, r in table.iterrows()
+    ]
     bar_ax.set_xticks(range(len(ticks)), ticks)
     for _, r in summary.iterrows():
         curve = curves[curves["run_id"] == r["run_id"]].sort_values("step")
@@ -555,7 +590,9 @@ def sample_frames(best: pd.Series, params: ReportParams, repo: Path):
         model = load_model(path)
     # Clip length and pooling as the trial trained (its row; an overfit trial's checkpoint holds the
     # already-prepared sequence's config). An overfit run is shown on the sequence it memorised.
-    prep = {f: int(best[f]) if f in best and not pd.isna(best[f]) else getattr(tcfg, f) for f in ("seq_len", "downsample")}
+    prep = {
+        f: int(best[f]) if f in best and not pd.isna(best[f]) else getattr(tcfg, f) for f in ("seq_len", "downsample")
+    }
     tcfg = TrainConfig(context=1, **prep)  # prepare() reads only these two fields
     split, index = params.sample_split, params.sample_index
     if isinstance(best.get("overfit_split"), str) and not pd.isna(best.get("overfit_index")):
@@ -583,7 +620,9 @@ def plot_samples(truth, sampled, context: int, label: str, out: Path) -> Path:
         for t in range(n_t):
             ax = axes[r, t]
             image = np.transpose(row[t], (1, 2, 0))
-            ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255, interpolation="nearest")
+            ax.imshow(
+                image[..., 0] if image.shape[-1] == 1 else image, cmap="gray", vmin=0, vmax=255, interpolation="nearest"
+            )
             ax.set_xticks([])
             ax.set_yticks([])
             for spine in ax.spines.values():  # frames the model drew get a red border
@@ -600,9 +639,21 @@ def plot_samples(truth, sampled, context: int, label: str, out: Path) -> Path:
 
 # -- the report ---------------------------------------------------------------------------------------
 TABLE_COLUMNS = [
-    "config", "status", "parameters", "flops_per_frame", "steps", "step_budget", "final_nll",
-    "test_nats_per_frame", "test_floor_nats_per_frame", "excess",
-    "iterations_to_converge", "plateaus", "steps_per_second", "error", "run_id",
+    "config",
+    "status",
+    "parameters",
+    "flops_per_frame",
+    "steps",
+    "step_budget",
+    "final_nll",
+    "test_nats_per_frame",
+    "test_floor_nats_per_frame",
+    "excess",
+    "iterations_to_converge",
+    "plateaus",
+    "steps_per_second",
+    "error",
+    "run_id",
 ]
 
 
@@ -642,7 +693,7 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
     out.mkdir(parents=True, exist_ok=True)
     trials, curves = load_results(repo / params.results_dir, sweep)
     lines = [f"# Sweep report: {sweep}", ""]
-    metrics: dict[str, Any] = {"sweep": sweep, "trials": int(len(trials))}
+    metrics: dict[str, Any] = {"sweep": sweep, "trials": len(trials)}
 
     if trials.empty:
         lines += ["**This sweep has no runs.** MLflow holds no trial for it: run the sweep stage first.", ""]
@@ -653,7 +704,7 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
     summary = summarise(trials, curves, params)
     finished = summary[summary["status"] == "FINISHED"]
     failed = summary[summary["status"] != "FINISHED"]
-    metrics.update(finished=int(len(finished)), failed=int(len(failed)))
+    metrics.update(finished=len(finished), failed=len(failed))
     lines += [
         f"{len(summary)} trials: {len(finished)} finished, {len(failed)} did not"
         + (" (marked in bold in the table)." if len(failed) else "."),
@@ -663,14 +714,29 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         lines += [f"Profile: {', '.join(sorted(summary['profile'].dropna().astype(str).unique()))}.", ""]
     if "sweep_id" in summary and summary["sweep_id"].notna().any():
         ids = ", ".join(f"`{i}`" for i in sorted(summary["sweep_id"].dropna().astype(str).unique()))
-        lines += [f"MLflow: experiment `{sweep}`, runs tagged `sweep_id` = {ids} (run ids in the last column below).", ""]
+        lines += [
+            f"MLflow: experiment `{sweep}`, runs tagged `sweep_id` = {ids} (run ids in the last column below).",
+            "",
+        ]
     if {"frame_height", "frame_width"} <= set(summary) and summary["frame_height"].notna().any():
-        sizes = sorted({f"{int(h)}x{int(w)}" for h, w in zip(summary["frame_height"], summary["frame_width"]) if pd.notna(h) and pd.notna(w)})
-        lines += [f"Frames trained on: {', '.join(sizes)}; NLLs are nats per frame of that size, FLOPs per frame at that size.", ""]
+        sizes = sorted(
+            {
+                f"{int(h)}x{int(w)}"
+                for h, w in zip(summary["frame_height"], summary["frame_width"])
+                if pd.notna(h) and pd.notna(w)
+            }
+        )
+        lines += [
+            f"Frames trained on: {', '.join(sizes)}; NLLs are nats per frame of that size, FLOPs per frame at that size.",
+            "",
+        ]
     if len(failed):
         lines += ["## Trials that did not finish", ""]
         for _, r in failed.iterrows():
-            lines.append(f"- **{r['config']}**: {r['status']}" + (f" ({r['error']})" if isinstance(r.get("error"), str) and r["error"] else ""))
+            lines.append(
+                f"- **{r['config']}**: {r['status']}"
+                + (f" ({r['error']})" if isinstance(r.get("error"), str) and r["error"] else "")
+            )
         lines.append("")
 
     figures: list[tuple[str, str]] = []
@@ -689,10 +755,12 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
                 best_excess_nats_per_frame=float(best["excess"]),
             )
             lines += [
-                f"Best: **{best['config']}**, test NLL **{best['test_nats_per_frame']:.2f} nats/frame** against a "
-                f"floor of {best['test_floor_nats_per_frame']:.2f}: **{best['excess']:.2f} nats/frame above the floor** "
-                f"(the paper's best VPN: {87.6 - PAPER_LOWER_BOUND:.1f}, at {PAPER_SCALE.split(',')[0]}). Final validation NLL "
-                f"{best['final_nll']:.2f}.",
+                (
+                    f"Best: **{best['config']}**, test NLL **{best['test_nats_per_frame']:.2f} nats/frame** against a "
+                    f"floor of {best['test_floor_nats_per_frame']:.2f}: **{best['excess']:.2f} nats/frame above the floor** "
+                    f"(the paper's best VPN: {87.6 - PAPER_LOWER_BOUND:.1f}, at {PAPER_SCALE.split(',')[0]}). Final validation NLL "
+                    f"{best['final_nll']:.2f}."
+                ),
                 "",
             ]
         else:
@@ -706,25 +774,47 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
             lines += [
                 "## The paper's rows",
                 "",
-                f"This sweep ran at: {scale_statement(summary)}. The paper's numbers are at: {PAPER_SCALE}. "
-                "Test NLLs at different frame sizes do not compare; the excess over each one's own floor is "
-                f"the closest comparison (the paper's lower bound is {PAPER_LOWER_BOUND}).",
+                (
+                    f"This sweep ran at: {scale_statement(summary)}. The paper's numbers are at: {PAPER_SCALE}. "
+                    "Test NLLs at different frame sizes do not compare; the excess over each one's own floor is "
+                    f"the closest comparison (the paper's lower bound is {PAPER_LOWER_BOUND})."
+                ),
                 "",
                 markdown_table(table, list(table.columns)),
                 "",
             ]
-            figures.append(("The paper's rows: excess over the floor, ours beside the paper's", plot_ablation(table, out / "ablation.png").name))
+            figures.append(
+                (
+                    "The paper's rows: excess over the floor, ours beside the paper's",
+                    plot_ablation(table, out / "ablation.png").name,
+                )
+            )
             metrics["rows"] = {
-                r["row"]: {"test_nats_per_frame": _json_number(r["test NLL"]), "floor": _json_number(r["floor"]), "excess": _json_number(r["excess"]), "paper_nats_per_frame": _json_number(r["paper NLL"])}
+                r["row"]: {
+                    "test_nats_per_frame": _json_number(r["test NLL"]),
+                    "floor": _json_number(r["floor"]),
+                    "excess": _json_number(r["excess"]),
+                    "paper_nats_per_frame": _json_number(r["paper NLL"]),
+                }
                 for _, r in table.iterrows()
             }
         colour = series_name(summary)
-        figures.append((f"Convergence curves (colour: {colour}, style: width)", plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name))
+        figures.append(
+            (
+                f"Convergence curves (colour: {colour}, style: width)",
+                plot_curves(summary, curves[curves["run_id"].isin(finished["run_id"])], out / "curves.png").name,
+            )
+        )
         best_curve = curves[curves["run_id"] == best["run_id"]].sort_values("step")
         cols = [c for c in ("step", "train_nats_per_frame", "val_nats_per_frame") if c in best_curve]
         write_text(out / "best_curve.csv", best_curve[cols].to_csv(index=False))
         if is_overfit_sweep(trials):
-            figures.append(("Overfitting one sequence: the blog post's figure", plot_overfit(summary, curves, out / "overfit.png").name))
+            figures.append(
+                (
+                    "Overfitting one sequence: the blog post's figure",
+                    plot_overfit(summary, curves, out / "overfit.png").name,
+                )
+            )
             metrics["plateau"] = {r["config"]: bool(len(r["plateaus"])) for _, r in summary.iterrows()}
             lines += ["Overfitting one sequence, against the blog post (64x64, the presets' full widths):", ""]
             table = overfit_table(summary)
@@ -746,7 +836,12 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         if strip_path is None and not any("No sample strip" in line for line in lines):
             lines += [f"_No sample strip: the best run ({best['config']}) logged no checkpoint._", ""]
         if strip_path is not None:
-            figures.append((f"Samples of the best run ({best['config']}): ground truth above, context + sampled frames below", strip_path.name))
+            figures.append(
+                (
+                    f"Samples of the best run ({best['config']}): ground truth above, context + sampled frames below",
+                    strip_path.name,
+                )
+            )
     else:
         metrics["best_nll"] = None
         lines += ["No trial finished, so there are no curves to compare.", ""]
@@ -758,18 +853,26 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
     lines += [
         "## Definitions",
         "",
-        "- NLL: nats per frame (sum over pixels), as in Kalchbrenner et al. 2016; final NLL is the last "
-        "validation value (train where no validation ran).",
-        "- test NLL (test_nats_per_frame): the test split scored at the end of the trial with the trial's own frame "
-        "preparation, frames context..T-1 given the ones before; floor (test_floor_nats_per_frame): the entropy of "
-        "exactly those frames' grey levels, the least any model can score; excess: test NLL minus floor. Trials "
-        "are ranked by the excess.",
-        f"- iterations to converge: first step with L(s) - L_end <= {params.converge_fraction} (L_0 - L_end) "
-        "on the train curve; for overfit sweeps, the step at which the NLL came within tolerance of the "
-        "sequence's floor.",
-        f"- plateau: a stretch of >= {params.plateau_min_fraction:.0%} of the steps before convergence in which "
-        f"the smoothed train NLL falls by < {params.plateau_progress:.0%} of the drop still to come after it, "
-        "away from the first and last 5% of the total drop.",
+        (
+            "- NLL: nats per frame (sum over pixels), as in Kalchbrenner et al. 2016; final NLL is the last "
+            "validation value (train where no validation ran)."
+        ),
+        (
+            "- test NLL (test_nats_per_frame): the test split scored at the end of the trial with the trial's own frame "
+            "preparation, frames context..T-1 given the ones before; floor (test_floor_nats_per_frame): the entropy of "
+            "exactly those frames' grey levels, the least any model can score; excess: test NLL minus floor. Trials "
+            "are ranked by the excess."
+        ),
+        (
+            f"- iterations to converge: first step with L(s) - L_end <= {params.converge_fraction} (L_0 - L_end) "
+            "on the train curve; for overfit sweeps, the step at which the NLL came within tolerance of the "
+            "sequence's floor."
+        ),
+        (
+            f"- plateau: a stretch of >= {params.plateau_min_fraction:.0%} of the steps before convergence in which "
+            f"the smoothed train NLL falls by < {params.plateau_progress:.0%} of the drop still to come after it, "
+            "away from the first and last 5% of the total drop."
+        ),
         "",
     ]
     _finish(out, lines, metrics)
@@ -788,7 +891,10 @@ def _finish(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
     body = markdown.markdown(text, extensions=["tables"])
     style = "body{font-family:sans-serif;max-width:1100px;margin:2em auto}img{max-width:100%}table{border-collapse:collapse;font-size:12px}td,th{border:1px solid #ccc;padding:3px 6px}"
     title = html.escape(lines[0].lstrip("# "))
-    write_text(out / "report.html", f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>")
+    write_text(
+        out / "report.html",
+        f"<!doctype html><html><head><meta charset='utf-8'><title>{title}</title><style>{style}</style></head><body>{body}</body></html>",
+    )
     write_text(out / "metrics.json", json.dumps(metrics, indent=2, default=str))
 
 
@@ -805,7 +911,9 @@ def main(argv: list[str] | None = None) -> int:
     repo = Path(args.params).resolve().parent
     for sweep in params.sweeps:
         metrics = build_report(sweep, params, repo)
-        print(f"report {sweep}: {params.out_dir}/{sweep}/report.md ({json.dumps({k: metrics.get(k) for k in ('trials', 'finished', 'failed', 'best_nll')})})")
+        print(
+            f"report {sweep}: {params.out_dir}/{sweep}/report.md ({json.dumps({k: metrics.get(k) for k in ('trials', 'finished', 'failed', 'best_nll')})})"
+        )
     return 0
 
 

@@ -26,8 +26,9 @@ import logging
 import math
 import sys
 import typing
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import pandas as pd
 
@@ -148,7 +149,9 @@ def tables(client, runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
             "converged_step": int(converged) if converged is not None else None,
             "floor_nats_per_frame": _parse(tags.get("floor_nats_per_frame")),
             "tol_nats_per_frame": _parse(tags.get("tol_nats_per_frame")),
-            "checkpoint_uri": f"runs:/{run_id}/{tracking.CHECKPOINT_ARTIFACT}" if _has_checkpoint(client, run_id) else None,
+            "checkpoint_uri": f"runs:/{run_id}/{tracking.CHECKPOINT_ARTIFACT}"
+            if _has_checkpoint(client, run_id)
+            else None,
             "artifact_uri": info.artifact_uri,
             "start_time": pd.Timestamp(started, unit="ms", tz="UTC") if started else None,
             "end_time": pd.Timestamp(info.end_time, unit="ms", tz="UTC") if info.end_time else None,
@@ -207,9 +210,7 @@ def _number(value: Any) -> float | None:
     return None if pd.isna(value) else float(value)
 
 
-def write_results(
-    client, name: str, profile: str, sweep_id: str, mode: str, out_dir: Path | None = None
-) -> Path:
+def write_results(client, name: str, profile: str, sweep_id: str, mode: str, out_dir: Path | None = None) -> Path:
     """Write trials.parquet, curves.parquet and metrics.json for one sweep id; returns the folder."""
     exp = client.get_experiment_by_name(name)
     if exp is None:

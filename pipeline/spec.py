@@ -62,9 +62,10 @@ import itertools
 import json
 import math
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import yaml
 
@@ -466,9 +467,15 @@ def _build(
         for section, values in (("model", row.model), ("train", row.train)):
             for key in values:
                 if key in (search.model if section == "model" else search.train):
-                    raise fail(f"search.rows[{k}].{section}.{key}", f"row {row.name!r} sets a field that search.{section}.{key} also searches")
+                    raise fail(
+                        f"search.rows[{k}].{section}.{key}",
+                        f"row {row.name!r} sets a field that search.{section}.{key} also searches",
+                    )
         if search.preset and any(f in row.model for f in PRESET_FIELDS):
-            raise fail(f"search.rows[{k}].model", "a row may not set enc_blocks, dec_blocks or filter_fraction next to search.preset")
+            raise fail(
+                f"search.rows[{k}].model",
+                "a row may not set enc_blocks, dec_blocks or filter_fraction next to search.preset",
+            )
         _model_config({**model, **row.model}, fail, f"search.rows[{k}].model")
         _train_config({**train, **row.train}, fail, f"search.rows[{k}].train")
     for path, values in search.axes():

@@ -44,9 +44,10 @@ import json
 import logging
 import os
 import sys
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 from pipeline.spec import Point, SpecError, Sweep, SweepSpec, load_spec, repo_root
 
@@ -212,7 +213,11 @@ def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, data_in
     frame_hw = data_info["shape"][3:]
     code = tracking.git_tags(repo_root())
     streamed = sweep.mode == "train" and any(p.train.data == "stream" for p in sweep.points)
-    profile = {"splits": data_info.get("shapes", {}), "identity_of": data_info.get("identity_of"), "train.data": "stream" if streamed else "fixed"}
+    profile = {
+        "splits": data_info.get("shapes", {}),
+        "identity_of": data_info.get("identity_of"),
+        "train.data": "stream" if streamed else "fixed",
+    }
     dataset = tracking.dataset_input(sweep.data, data_info["identity"], profile)
     run_ids = []
     for p in sweep.points:
@@ -348,7 +353,7 @@ def choose_profile(spec: SweepSpec, requested: str, cluster: Mapping[str, float]
     if requested != "auto":
         return requested
     has_gpu = bool(cluster and cluster.get("GPU", 0))
-    for name in (("gpu", "cpu") if has_gpu else ("cpu",)):
+    for name in ("gpu", "cpu") if has_gpu else ("cpu",):
         if name in spec.profiles:
             return name
     return spec.profiles[0]
@@ -384,10 +389,12 @@ def run_sweep(
 
     started = connect_ray()
     try:
-        wait_s = float(os.environ.get(WAIT_ENV, 0))
+        wait_s = float(os.environ.get(WAIT_ENV, "0"))
         if sweep is None:
             gpu = spec.resolve("gpu", data) if "gpu" in spec.profiles else None
-            cluster = wait_for_nodes(ray, {"GPU": gpu.run.worker_gpus * gpu.run.workers_per_trial} if gpu else {}, wait_s)
+            cluster = wait_for_nodes(
+                ray, {"GPU": gpu.run.worker_gpus * gpu.run.workers_per_trial} if gpu else {}, wait_s
+            )
             sweep = spec.resolve(choose_profile(spec, profile, cluster), data)
             data_info = check_data(sweep)
         n, worker = sweep.run.workers_per_trial, {"CPU": sweep.run.worker_cpus, "GPU": sweep.run.worker_gpus}
@@ -468,7 +475,9 @@ def run_sweep(
         if r.info.status == "RUNNING":  # its trial was stopped mid-run: honest in the UI until resumed
             tracking.retrying(client.set_terminated, r.info.run_id, status="KILLED")
     if unfinished:
-        log.warning("sweep %s interrupted: %d trial(s) unfinished; rerun the command to resume", sweep_id, len(unfinished))
+        log.warning(
+            "sweep %s interrupted: %d trial(s) unfinished; rerun the command to resume", sweep_id, len(unfinished)
+        )
     out = None
     if write_tables:
         out_dir = Path(results_dir) if results_dir else None
@@ -539,7 +548,9 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", default="auto", help="a profile of the spec (cpu, gpu); auto: gpu on a cluster with GPUs, else cpu"
     )
     parser.add_argument("--data", help="moving_mnist folder, replacing the spec's data (relative: to the repo)")
-    parser.add_argument("--storage", help=f"Ray storage path (default: ${STORAGE_ENV}, the profile's, <repo>/ray_results)")
+    parser.add_argument(
+        "--storage", help=f"Ray storage path (default: ${STORAGE_ENV}, the profile's, <repo>/ray_results)"
+    )
     parser.add_argument("--retry-errored", action="store_true", help="on resume, retry errored trials too")
     parser.add_argument("--results-dir", help="where the tables go (default: results/<sweep name>)")
     args = parser.parse_args(argv)

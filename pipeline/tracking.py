@@ -28,15 +28,16 @@ import math
 import os
 import subprocess
 import time
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, TypeVar
+from typing import Any, TypeVar
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType  # noqa: E402
-from mlflow.tracking import MlflowClient  # noqa: E402
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
+from mlflow.tracking import MlflowClient
 
-from pipeline.spec import repo_root  # noqa: E402
+from pipeline.spec import repo_root
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,11 @@ EXPERIMENT_LATEST = "latest_sweep_id.{profile}"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 # MLflow's own tags: the runs table's Source column and a run's Source (script, branch, commit) read them.
 TAG_SOURCE_NAME, TAG_SOURCE_TYPE = "mlflow.source.name", "mlflow.source.type"
-TAG_GIT_COMMIT, TAG_GIT_BRANCH, TAG_GIT_DIRTY = "mlflow.source.git.commit", "mlflow.source.git.branch", "mlflow.source.git.dirty"
+TAG_GIT_COMMIT, TAG_GIT_BRANCH, TAG_GIT_DIRTY = (
+    "mlflow.source.git.commit",
+    "mlflow.source.git.branch",
+    "mlflow.source.git.dirty",
+)
 TAG_PRECISION = "precision"  # what the trial's forward pass ran in: bf16 or fp32 (vpn.train.Trainer.precision)
 
 T = TypeVar("T")
@@ -228,7 +233,9 @@ def git_tags(root: Path) -> dict[str, str]:
     runs). Empty when root is not a git checkout (an uploaded working directory has no .git)."""
 
     def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30).stdout.strip()
+        return subprocess.run(
+            ["git", *args], cwd=root, capture_output=True, text=True, check=True, timeout=30
+        ).stdout.strip()
 
     try:
         commit = git("rev-parse", "HEAD")

@@ -45,8 +45,9 @@ import os
 import signal
 import tempfile
 import time
+from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -183,7 +184,13 @@ class _Reporter:
     """
 
     def __init__(
-        self, cfg: Mapping[str, Any], trainer: Trainer, client, buffer: tracking.MetricBuffer | None, tune, frame: Tensor
+        self,
+        cfg: Mapping[str, Any],
+        trainer: Trainer,
+        client,
+        buffer: tracking.MetricBuffer | None,
+        tune,
+        frame: Tensor,
     ) -> None:
         """frame: one prepared frame (C, H, W), the size the NLLs are per."""
         self.cfg, self.trainer, self.client, self.buffer, self.tune = cfg, trainer, client, buffer, tune
@@ -369,7 +376,9 @@ def _overfit(cfg, model_cfg: VPNConfig, train_cfg: TrainConfig, client, buffer, 
         client,
         cfg["run_id"],
     )
-    tracking.set_tags(client, cfg["run_id"], {"floor_nats_per_frame": f"{floor:.6f}", "tol_nats_per_frame": f"{tol:.6f}"})
+    tracking.set_tags(
+        client, cfg["run_id"], {"floor_nats_per_frame": f"{floor:.6f}", "tol_nats_per_frame": f"{tol:.6f}"}
+    )
     rep = _Reporter(cfg, trainer, client, buffer, tune, seq[0])
     if meta is not None and meta.get("final"):  # restored from its final checkpoint: only bookkeeping left
         _finish_overfit(rep, client, cfg["run_id"], trainer.step, meta.get("converged_step"))

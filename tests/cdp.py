@@ -17,7 +17,7 @@ import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Self
 
 CANDIDATES = ("chromium", "chromium-headless-shell", "chromium-browser", "google-chrome")
 
@@ -83,10 +83,10 @@ class Chromium:
         self._next_id = 0
         self._events: list[dict[str, Any]] = []
 
-    def __enter__(self) -> "Chromium":
+    def __enter__(self) -> Self:
         return self
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -159,15 +159,23 @@ class Chromium:
         since = len(self._events)
         self.wait_for("Page.loadEventFired", session, since)
         time.sleep(settle_s)  # late console messages
-        found = json.loads(self.call("Runtime.evaluate", {"expression": INSPECT, "returnByValue": True}, session=session)["result"]["value"])
+        found = json.loads(
+            self.call("Runtime.evaluate", {"expression": INSPECT, "returnByValue": True}, session=session)["result"][
+                "value"
+            ]
+        )
         page = Page(images=found["images"], tables=found["tables"])
         for e in (e for e in self._events[since:] if e.get("sessionId") == session):
             p = e.get("params", {})
             if e["method"] == "Runtime.consoleAPICalled" and p.get("type") in ("error", "assert"):
-                page.errors.append("console: " + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", [])))
+                page.errors.append(
+                    "console: " + " ".join(str(a.get("value", a.get("description", ""))) for a in p.get("args", []))
+                )
             elif e["method"] == "Runtime.exceptionThrown":
                 details = p.get("exceptionDetails", {})
-                page.errors.append("exception: " + str(details.get("exception", {}).get("description", details.get("text"))))
+                page.errors.append(
+                    "exception: " + str(details.get("exception", {}).get("description", details.get("text")))
+                )
             elif e["method"] == "Log.entryAdded" and p.get("entry", {}).get("level") == "error":
                 entry = p["entry"]
                 page.errors.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}".strip())

@@ -14,16 +14,16 @@ import zlib
 import pytest
 import torch
 
-from vpn import VPNConfig, VideoPixelNetwork
+from vpn import VideoPixelNetwork, VPNConfig
 from vpn.layers import causal_mask, colour_groups
 
 T, H, W = 3, 6, 6
 
 # Shrunken versions of every preset: the preset's depths, a small width (c = 4).
 SHRUNK = [
-    ("full", dict(enc_blocks=8, dec_blocks=12)),
-    ("mini", dict(enc_blocks=4, dec_blocks=6)),
-    ("micro", dict(enc_blocks=2, dec_blocks=3)),
+    ("full", {"enc_blocks": 8, "dec_blocks": 12}),
+    ("mini", {"enc_blocks": 4, "dec_blocks": 6}),
+    ("micro", {"enc_blocks": 2, "dec_blocks": 3}),
 ]
 
 
@@ -58,19 +58,25 @@ def build(
 ) -> VideoPixelNetwork:
     torch.manual_seed(seed)
     cfg = VPNConfig.preset(
-        name, filter_fraction=width / 128, image_channels=colours, output=output, dilation=dilation, **overrides, **options
+        name,
+        filter_fraction=width / 128,
+        image_channels=colours,
+        output=output,
+        dilation=dilation,
+        **overrides,
+        **options,
     )
     return VideoPixelNetwork(cfg).double().eval()
 
 
 # Every architecture option beyond the presets' depths: each joins the causality tests.
 OPTIONS = [
-    ("rmb", dict()),
-    ("relu", dict(block="relu")),
-    ("baseline", dict(decoder="baseline")),
-    ("baseline-relu", dict(decoder="baseline", block="relu")),
-    ("stacks", dict(decoder="stacks")),
-    ("stacks-relu", dict(decoder="stacks", block="relu")),
+    ("rmb", {}),
+    ("relu", {"block": "relu"}),
+    ("baseline", {"decoder": "baseline"}),
+    ("baseline-relu", {"decoder": "baseline", "block": "relu"}),
+    ("stacks", {"decoder": "stacks"}),
+    ("stacks-relu", {"decoder": "stacks", "block": "relu"}),
 ]
 
 
@@ -141,7 +147,7 @@ def test_baseline_frame_t_never_reaches_its_own_logits(colours, block):
     for t, c, i, j in [(1, 0, 0, 0), (1, colours - 1, H - 1, W - 1), (1, 0, 2, 3), (0, 0, 3, 1)]:
         diff = logit_change(model, frames, 0, t, c, i, j)[0]  # (T-1, C, H, W): index k predicts frame k+1
         if t >= 1:
-            assert peak(diff[: t]) < 1e-10, f"pixel (t={t}, c={c}, i={i}, j={j}) reached frame {t}'s logits"
+            assert peak(diff[:t]) < 1e-10, f"pixel (t={t}, c={c}, i={i}, j={j}) reached frame {t}'s logits"
         assert diff[t].max() > 1e-6, "a pixel of frame t did not reach frame t+1"
 
 

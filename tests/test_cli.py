@@ -49,17 +49,55 @@ def test_info_prints_every_preset():
 
 def test_train_eval_sample(tmp_path, data_dir, capsys):
     out = tmp_path / "run"
-    rc = main(["train", "--preset", "micro", "--filter-fraction", "0.0625", "--output", "bernoulli", "--data", str(data_dir),
-               "--steps", "4", "--batch-size", "2", "--out", str(out), "--quiet",
-               "--set", "context=2", "--set", "val_every=2", "--set", "log_every=2"])
+    rc = main(
+        [
+            "train",
+            "--preset",
+            "micro",
+            "--filter-fraction",
+            "0.0625",
+            "--output",
+            "bernoulli",
+            "--data",
+            str(data_dir),
+            "--steps",
+            "4",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+            "--quiet",
+            "--set",
+            "context=2",
+            "--set",
+            "val_every=2",
+            "--set",
+            "log_every=2",
+        ]
+    )
     assert rc == 0
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["step"] for m in lines] == [2, 4] and "val_nats_per_frame" in lines[-1]
     capsys.readouterr()
 
     # resume for two more steps from the checkpoint
-    assert main(["train", "--data", str(data_dir), "--resume", str(out / "checkpoint.pt"), "--steps", "6",
-                 "--out", str(out), "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--data",
+                str(data_dir),
+                "--resume",
+                str(out / "checkpoint.pt"),
+                "--steps",
+                "6",
+                "--out",
+                str(out),
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["step"] == 6
 
     assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "2"]) == 0
@@ -67,8 +105,22 @@ def test_train_eval_sample(tmp_path, data_dir, capsys):
     assert result["sequences"] == 3 and result["nats_per_frame"] > result["lower_bound_nats_per_frame"] >= 0
     # the printed numbers are the checkpoint's model's NLL and the bound at the --context asked for
     # (3, not the 2 it trained with), over every test sequence, in batches of 2 (the last one short)
-    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "3",
-                 "--batch-size", "2"]) == 0
+    assert (
+        main(
+            [
+                "eval",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--data",
+                str(data_dir),
+                "--context",
+                "3",
+                "--batch-size",
+                "2",
+            ]
+        )
+        == 0
+    )
     result = json.loads(capsys.readouterr().out)
     test = torch.from_numpy(np.load(data_dir / "test.npy"))
     model = load_model(out / "checkpoint.pt")
@@ -77,11 +129,31 @@ def test_train_eval_sample(tmp_path, data_dir, capsys):
     assert result["context"] == 3 and result["sequences"] == 3
     assert result["nats_per_frame"] == pytest.approx(expected[3], rel=1e-5)
     assert expected[2] != pytest.approx(expected[3], rel=1e-5)  # so a --context ignored would show
-    assert result["lower_bound_nats_per_frame"] == pytest.approx(bernoulli_lower_bound(test, context=3).mean().item(), rel=1e-5)
+    assert result["lower_bound_nats_per_frame"] == pytest.approx(
+        bernoulli_lower_bound(test, context=3).mean().item(), rel=1e-5
+    )
 
     samples = tmp_path / "samples"
-    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "2",
-                 "--frames", "3", "--batch", "2", "--out", str(samples)]) == 0
+    assert (
+        main(
+            [
+                "sample",
+                "--checkpoint",
+                str(out / "checkpoint.pt"),
+                "--data",
+                str(data_dir),
+                "--context",
+                "2",
+                "--frames",
+                "3",
+                "--batch",
+                "2",
+                "--out",
+                str(samples),
+            ]
+        )
+        == 0
+    )
     png = Image.open(samples / "sample.png")
     png.verify()
     gif = Image.open(samples / "sample.gif")
@@ -91,8 +163,27 @@ def test_train_eval_sample(tmp_path, data_dir, capsys):
 
 
 def test_overfit_cli(tmp_path, data_dir, capsys):
-    rc = main(["train", "--preset", "micro", "--filter-fraction", "0.0625", "--output", "bernoulli", "--data", str(data_dir),
-               "--overfit", "--steps", "400", "--lr", "3e-3", "--out", str(tmp_path / "o"), "--quiet"])
+    rc = main(
+        [
+            "train",
+            "--preset",
+            "micro",
+            "--filter-fraction",
+            "0.0625",
+            "--output",
+            "bernoulli",
+            "--data",
+            str(data_dir),
+            "--overfit",
+            "--steps",
+            "400",
+            "--lr",
+            "3e-3",
+            "--out",
+            str(tmp_path / "o"),
+            "--quiet",
+        ]
+    )
     assert rc == 0
     summary = json.loads((tmp_path / "o" / "overfit.json").read_text())
     assert summary["converged_step"] == summary["steps_run"] <= 400

@@ -46,7 +46,11 @@ MODEL = {"output": "bernoulli", "dec_blocks": 1, "filter_fraction": 0.03125}
 TRAIN = {"steps": 40, "batch_size": 4, "log_every": 5, "val_every": 10, "val_batches": 1, "ckpt_every": 10,
          "context": 3, "device": "cpu", "test_sequences": 4}  # fmt: skip
 # Node deaths noticed in about 3 s instead of Ray's default of 30 or more.
-FAST_FAILURE_DETECTION = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 1000, "health_check_failure_threshold": 3}
+FAST_FAILURE_DETECTION = {
+    "health_check_initial_delay_ms": 0,
+    "health_check_period_ms": 1000,
+    "health_check_failure_threshold": 3,
+}
 
 
 def free_port() -> int:
@@ -211,7 +215,9 @@ def uninterrupted(data: Path, enc_blocks: int, **train) -> tuple[dict[int, dict[
     torch.set_num_threads(1)
     try:
         cfg = TrainConfig.from_dict({**TRAIN, **train})
-        trainer = Trainer(VPNConfig(enc_blocks=enc_blocks, **MODEL), cfg, MovingMNIST(data, "train"), MovingMNIST(data, "val"))
+        trainer = Trainer(
+            VPNConfig(enc_blocks=enc_blocks, **MODEL), cfg, MovingMNIST(data, "train"), MovingMNIST(data, "val")
+        )
         logged: dict[int, dict[str, float]] = {}
         trainer.fit(on_log=lambda step, m: logged.__setitem__(step, m), progress=False)
         return logged, trainer.score(MovingMNIST(data, "test"), cfg.test_sequences).nats_per_frame
@@ -262,7 +268,9 @@ def test_data_parallel_trial_survives_a_lost_node(cluster):
     note = wait_for("rank 1 to reach step 25", lambda: marker_note(marker), driver, log)
 
     def step_20_registered() -> bool:  # Ray Train registers a reported checkpoint when it polls the workers
-        snapshots = glob.glob(str(cluster["root"] / "ray" / "ddp_lost_node-*" / "*" / "train" / "checkpoint_manager_snapshot.json"))
+        snapshots = glob.glob(
+            str(cluster["root"] / "ray" / "ddp_lost_node-*" / "*" / "train" / "checkpoint_manager_snapshot.json")
+        )
         latest = json.loads(Path(snapshots[0]).read_text())["latest_checkpoint_result"] if snapshots else None
         return bool(latest) and latest["metrics"]["step"] == 20
 
@@ -288,7 +296,13 @@ def test_data_parallel_sweep_recovers_dead_workers_and_drivers_stops_early_and_f
     search = {"model": {"enc_blocks": [1]}, "train": {"lr": [1e-3, 1e-7, 1e30]}}
     spec = write_spec(cluster, "ddp_faults", search, {"workers_per_trial": 2, "asha": asha})
     markers = cluster["root"] / "ddp_worker.marker", cluster["root"] / "ddp_driver.marker"
-    fault = {"kill_at_step": 25, "rank": 1, "marker": str(markers[0]), "kill_driver_at_step": 35, "driver_marker": str(markers[1])}
+    fault = {
+        "kill_at_step": 25,
+        "rank": 1,
+        "marker": str(markers[0]),
+        "kill_driver_at_step": 35,
+        "driver_marker": str(markers[1]),
+    }
     driver, log = start_sweep(cluster, spec, fault)
     finish(driver, log)
     assert [m.read_text() for m in markers] == ["25", "35"]  # both were killed
@@ -315,8 +329,17 @@ def test_data_parallel_sweep_recovers_dead_workers_and_drivers_stops_early_and_f
     # A valid spec (batch 4 splits 4 ways) that the cluster's two one-CPU workers can never hold.
     too_big = write_spec(cluster, "ddp_too_big", {"model": {"enc_blocks": [1]}}, {"workers_per_trial": 4})
     env = {**os.environ, "RAY_ADDRESS": cluster["ray"].address, "MLFLOW_TRACKING_URI": cluster["uri"]}
-    command = [sys.executable, "-m", "pipeline.sweep", str(too_big), "--profile", "cpu", "--storage", str(cluster["root"] / "ray")]
-    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    command = [
+        sys.executable,
+        "-m",
+        "pipeline.sweep",
+        str(too_big),
+        "--profile",
+        "cpu",
+        "--storage",
+        str(cluster["root"] / "ray"),
+    ]
+    done = subprocess.run(command, cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=120)
     assert done.returncode == 2, done.stderr[-3000:]
     assert "run.workers_per_trial=4 workers of {'CPU': 1.0} each (run.cpus_per_trial=1" in done.stderr
     assert "ddp_too_big" not in {e.name for e in client.search_experiments()}  # nothing was started

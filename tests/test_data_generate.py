@@ -17,10 +17,10 @@ import torch
 
 from pipeline import generate as gen
 from pipeline.generate import GenerateConfig, bounce, generate, plan_split, render
-from vpn.moving_mnist import TRAIN_DIGITS_FILE
 from pipeline.params import ParamsError, section_from_mapping
 from vpn.data import SPLITS, load_split, meta_path, read_stats
 from vpn.metrics import bernoulli_lower_bound
+from vpn.moving_mnist import TRAIN_DIGITS_FILE
 
 TINY = GenerateConfig(
     seed=3, n_train=7, n_val=4, n_test=5, val_digits=20, seq_len=12, frame_size=40, digit_size=12, context=4
@@ -86,7 +86,7 @@ def test_speed_is_constant_between_bounces():
 
 
 def test_a_bounce_reverses_only_the_component_that_hit_the_edge():
-    start, velocity, pos, vel = random_walks()
+    _start, velocity, pos, vel = random_walks()
     prev_vel = np.concatenate([velocity[:, None], vel[:, :-1]], axis=1)  # (M, T, 2)
     flipped = vel != prev_vel
     assert flipped.any()
@@ -134,7 +134,11 @@ def test_offsets_follow_each_digits_own_trajectory_frame_by_frame():
     plan = plan_split(np.random.default_rng(2), 40, 50, np.zeros(50, np.uint8), cfg)
     n, d = plan.digit_index.shape
     reference = np.array(
-        [reference_trajectory(plan.start[i, k], plan.theta[i, k], cfg.seq_len, cfg.step) for i in range(n) for k in range(d)]
+        [
+            reference_trajectory(plan.start[i, k], plan.theta[i, k], cfg.seq_len, cfg.step)
+            for i in range(n)
+            for k in range(d)
+        ]
     ).reshape(n, d, cfg.seq_len, 2)
     assert np.isin(reference, (0.0, 1.0)).any()  # bounces happen, so they are checked too
     # the generator rounds sin and cos to multiples of 2^-30: each step may differ by step * 2^-30

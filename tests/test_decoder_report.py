@@ -11,12 +11,25 @@ from pipeline.decoder_report import decoder_comparison, match_pairs, seed_noise,
 from pipeline.report import ReportParams, build_report
 
 
-def trial(k: int, decoder: str, dec: int, frac: float, params: int, nll: float, seed: int = 0, status: str = "FINISHED") -> dict:
-    return dict(
-        run_id=f"r{k}", status=status, decoder=decoder, enc_blocks=1, dec_blocks=dec, filter_fraction=frac,
-        block="rmb", output="bernoulli", seed=seed, step_budget=200, parameters=params,
-        flops_per_frame=params * 512, steps_per_second=10.0 if decoder == "pixelcnn" else 8.0, final_nll=nll,
-    )
+def trial(
+    k: int, decoder: str, dec: int, frac: float, params: int, nll: float, seed: int = 0, status: str = "FINISHED"
+) -> dict:
+    return {
+        "run_id": f"r{k}",
+        "status": status,
+        "decoder": decoder,
+        "enc_blocks": 1,
+        "dec_blocks": dec,
+        "filter_fraction": frac,
+        "block": "rmb",
+        "output": "bernoulli",
+        "seed": seed,
+        "step_budget": 200,
+        "parameters": params,
+        "flops_per_frame": params * 512,
+        "steps_per_second": 10.0 if decoder == "pixelcnn" else 8.0,
+        "final_nll": nll,
+    }
 
 
 def crossed(gain: float, seeds: int = 1) -> pd.DataFrame:
@@ -40,7 +53,9 @@ def test_pairs_join_the_same_size_and_conditions():
     assert pairs["speed_ratio"].tolist() == pytest.approx([0.8] * 4)
     # each stacks trial's partner ran with its own seed
     by_run = summary.set_index("run_id")
-    assert all(by_run.loc[a, "seed"] == by_run.loc[b, "seed"] for a, b in zip(pairs["run_id"], pairs["reference_run_id"]))
+    assert all(
+        by_run.loc[a, "seed"] == by_run.loc[b, "seed"] for a, b in zip(pairs["run_id"], pairs["reference_run_id"])
+    )
 
 
 def test_nearest_parameters_when_the_same_size_is_not_matched():
@@ -76,12 +91,16 @@ def test_comparison_lines_and_figure(tmp_path):
     assert "| size (vs reference's) |" in text and text.count("| stacks |") == 2
     assert "-1.5" in text and "parameters x1.030" in text and "steps/s x0.80" in text
     # a third decoder gets its own verdict
-    three = pd.concat([crossed(gain=1.5), crossed(gain=-3.0).query("decoder == 'stacks'").assign(
-        decoder="other", run_id=lambda d: d["run_id"] + "x")])
+    three = pd.concat(
+        [
+            crossed(gain=1.5),
+            crossed(gain=-3.0).query("decoder == 'stacks'").assign(decoder="other", run_id=lambda d: d["run_id"] + "x"),
+        ]
+    )
     text = "\n".join(decoder_comparison(three, tmp_path)[0])
     assert "- **other**: At matched parameters other has the lower final NLL in 0 of 2" in text
     assert "- **stacks**: At matched parameters stacks has the lower final NLL in 2 of 2" in text
-    [(title, name)] = figures
+    [(_title, name)] = figures
     with Image.open(tmp_path / name) as image:
         image.verify()
     # one decoder only: said, no figure
@@ -92,13 +111,32 @@ def test_comparison_lines_and_figure(tmp_path):
 def test_build_report_adds_the_comparison_for_a_decoder_sweep(tmp_path):
     """pipeline.report.build_report calls it when the trials differ in `decoder`."""
     trials, curves = [], []
-    for k, (decoder, dec, frac) in enumerate([(d, dec, f) for d in ("pixelcnn", "stacks") for dec in (1, 3) for f in (1 / 32, 1 / 16)]):
-        trials.append(dict(
-            run_id=f"r{k}", trial=f"t{k}", sweep="dec", profile="cpu", status="FINISHED", error=None, preset=None,
-            decoder=decoder, enc_blocks=1, dec_blocks=dec, filter_fraction=frac, seed=0, block="rmb",
-            parameters=1000 * dec * (2 if frac > 0.04 else 1) * (1.04 if decoder == "stacks" else 1),
-            flops_per_frame=10**6 * dec, steps=200, steps_per_second=5.0, converged_step=None, checkpoint=None,
-        ))
+    for k, (decoder, dec, frac) in enumerate(
+        [(d, dec, f) for d in ("pixelcnn", "stacks") for dec in (1, 3) for f in (1 / 32, 1 / 16)]
+    ):
+        trials.append(
+            {
+                "run_id": f"r{k}",
+                "trial": f"t{k}",
+                "sweep": "dec",
+                "profile": "cpu",
+                "status": "FINISHED",
+                "error": None,
+                "preset": None,
+                "decoder": decoder,
+                "enc_blocks": 1,
+                "dec_blocks": dec,
+                "filter_fraction": frac,
+                "seed": 0,
+                "block": "rmb",
+                "parameters": 1000 * dec * (2 if frac > 0.04 else 1) * (1.04 if decoder == "stacks" else 1),
+                "flops_per_frame": 10**6 * dec,
+                "steps": 200,
+                "steps_per_second": 5.0,
+                "converged_step": None,
+                "checkpoint": None,
+            }
+        )
         for step in range(10, 210, 10):
             loss = 100 - k + 300 * np.exp(-step / 30)
             curves.append((f"r{k}", step, loss, loss + 1 if step % 50 == 0 else np.nan, 5.0))

@@ -23,7 +23,9 @@ from vpn import VPNConfig
 from vpn.train import TrainConfig, Trainer, batch_indices, shard, stream_indices
 
 TINY = VPNConfig.preset("micro", filter_fraction=8 / 128, output="bernoulli")
-CFG = TrainConfig(steps=6, batch_size=4, log_every=1, val_every=3, val_batches=1, ckpt_every=3, context=2, seed=3, device="cpu")
+CFG = TrainConfig(
+    steps=6, batch_size=4, log_every=1, val_every=3, val_batches=1, ckpt_every=3, context=2, seed=3, device="cpu"
+)
 
 
 def moving_digits(n: int, t: int = 5, size: int = 8, seed: int = 0) -> torch.Tensor:
@@ -148,10 +150,28 @@ def resolve(tmp_path, run: dict, train: dict | None = None, **top):
 @pytest.mark.parametrize(
     "run, train, top, field, message",
     [
-        ({"workers_per_trial": 3}, None, {}, "train.batch_size", "train.batch_size=4 (point e1) is the global batch: it must be a multiple of run.workers_per_trial=3"),
+        (
+            {"workers_per_trial": 3},
+            None,
+            {},
+            "train.batch_size",
+            "train.batch_size=4 (point e1) is the global batch: it must be a multiple of run.workers_per_trial=3",
+        ),
         ({"workers_per_trial": 0}, None, {}, "run.workers_per_trial", "workers_per_trial must be an integer >= 1"),
-        ({"workers_per_trial": 2, "gpus_per_worker": 0.5}, None, {}, "run.gpus_per_worker", "must be 0 (CPU workers, gloo) or 1"),
-        ({"workers_per_trial": 2, "gpus_per_trial": 2}, None, {}, "run.gpus_per_trial", "must be 0 (CPU workers, gloo) or 1"),
+        (
+            {"workers_per_trial": 2, "gpus_per_worker": 0.5},
+            None,
+            {},
+            "run.gpus_per_worker",
+            "must be 0 (CPU workers, gloo) or 1",
+        ),
+        (
+            {"workers_per_trial": 2, "gpus_per_trial": 2},
+            None,
+            {},
+            "run.gpus_per_trial",
+            "must be 0 (CPU workers, gloo) or 1",
+        ),
         ({"workers_per_trial": 2, "cpus_per_worker": 0}, None, {}, "run.cpus_per_worker", "must be > 0"),
         ({"workers_per_trial": 2}, None, {"mode": "overfit"}, "run.workers_per_trial", "runs one worker"),
     ],
@@ -183,8 +203,11 @@ def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog
     assert p.max_concurrent == 2  # 4 workers per node (CPUs bind first): 8 workers, 2 trials
     # 8 GPUs per node but 16 CPUs: only 4 workers of 4 CPUs fit a node; 9 workers fit nowhere
     run = resolve(tmp_path, {"workers_per_trial": 9, "cpus_per_worker": 4, "gpus_per_worker": 1}, {"batch_size": 9}).run
-    with pytest.raises(ValueError, match=r"run.workers_per_trial=9 workers of \{'CPU': 4.0, 'GPU': 1.0\} each "
-                                         r"\(run.cpus_per_worker=4, run.gpus_per_worker=1\) cannot be placed.* hold 8 such"):
+    with pytest.raises(
+        ValueError,
+        match=r"run.workers_per_trial=9 workers of \{'CPU': 4.0, 'GPU': 1.0\} each "
+        r"\(run.cpus_per_worker=4, run.gpus_per_worker=1\) cannot be placed.* hold 8 such",
+    ):
         plan(run, gpu_nodes)
     # more GPUs than the cluster has
     run = resolve(tmp_path, {"workers_per_trial": 4, "gpus_per_trial": 1}).run

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
-from vpn import VPNConfig, VideoPixelNetwork
+from vpn import VideoPixelNetwork, VPNConfig
 from vpn.metrics import bernoulli_cross_entropy, bernoulli_lower_bound, grey_targets
 
 
@@ -59,7 +61,8 @@ def test_parameter_count_matches_hand_count(preset, colours, output):
 
 
 @pytest.mark.parametrize(
-    "block,decoder", [("relu", "pixelcnn"), ("rmb", "baseline"), ("relu", "baseline"), ("rmb", "stacks"), ("relu", "stacks")]
+    "block,decoder",
+    [("relu", "pixelcnn"), ("rmb", "baseline"), ("relu", "baseline"), ("rmb", "stacks"), ("relu", "stacks")],
 )
 @pytest.mark.parametrize("preset", ["full", "micro"])
 @pytest.mark.parametrize("colours,output", [(1, "bernoulli"), (3, "categorical")])
@@ -79,7 +82,11 @@ def test_relu_block_is_pixelcnns_residual_block():
     from vpn.layers import ResidualReLUBlock
 
     torch.manual_seed(0)
-    block = ResidualReLUBlock(8, lambda i, o, k: torch.nn.Conv2d(i, o, k, padding=k // 2), lambda i, o, k: torch.nn.Conv2d(i, o, k, padding=k // 2))
+    block = ResidualReLUBlock(
+        8,
+        lambda i, o, k: torch.nn.Conv2d(i, o, k, padding=k // 2),
+        lambda i, o, k: torch.nn.Conv2d(i, o, k, padding=k // 2),
+    )
     x = torch.randn(2, 8, 5, 5)
     h = F.conv2d(F.relu(x), block.down.weight, block.down.bias)
     h = F.conv2d(F.relu(h), block.spatial.weight, block.spatial.bias, padding=1)
@@ -90,7 +97,13 @@ def test_relu_block_is_pixelcnns_residual_block():
 
 def test_preset_widths_follow_the_blog_post():
     full, mini, micro = (VPNConfig.preset(n) for n in ("full", "mini", "micro"))
-    assert (full.enc_blocks, full.dec_blocks, full.mu_channels, full.residual_channels, full.lstm_channels) == (8, 12, 128, 256, 256)
+    assert (full.enc_blocks, full.dec_blocks, full.mu_channels, full.residual_channels, full.lstm_channels) == (
+        8,
+        12,
+        128,
+        256,
+        256,
+    )
     assert (mini.enc_blocks, mini.dec_blocks, mini.mu_channels, mini.lstm_channels) == (4, 6, 32, 64)
     assert (micro.enc_blocks, micro.dec_blocks, micro.mu_channels, micro.lstm_channels) == (2, 3, 32, 64)
     assert full.matching_preset() == "full" and VPNConfig(enc_blocks=5).matching_preset() is None
@@ -114,18 +127,18 @@ def test_full_model_costs_about_200_gflop_per_frame():
 @pytest.mark.parametrize(
     "overrides,field",
     [
-        (dict(enc_blocks=0), "enc_blocks"),
-        (dict(dec_blocks=0), "dec_blocks"),
-        (dict(dec_blocks=2.5), "dec_blocks"),
-        (dict(filter_fraction=0.0), "filter_fraction"),
-        (dict(filter_fraction=1.5), "filter_fraction"),
-        (dict(filter_fraction=float("nan")), "filter_fraction"),
-        (dict(image_channels=2), "image_channels"),
-        (dict(output="gaussian"), "output"),
-        (dict(block="gated"), "block"),
-        (dict(decoder="transformer"), "decoder"),
-        (dict(filter_fraction=0.001), "filter_fraction"),  # c = 0
-        (dict(filter_fraction=2 / 128, image_channels=3), "filter_fraction"),  # c = 2 < 3 colours
+        ({"enc_blocks": 0}, "enc_blocks"),
+        ({"dec_blocks": 0}, "dec_blocks"),
+        ({"dec_blocks": 2.5}, "dec_blocks"),
+        ({"filter_fraction": 0.0}, "filter_fraction"),
+        ({"filter_fraction": 1.5}, "filter_fraction"),
+        ({"filter_fraction": float("nan")}, "filter_fraction"),
+        ({"image_channels": 2}, "image_channels"),
+        ({"output": "gaussian"}, "output"),
+        ({"block": "gated"}, "block"),
+        ({"decoder": "transformer"}, "decoder"),
+        ({"filter_fraction": 0.001}, "filter_fraction"),  # c = 0
+        ({"filter_fraction": 2 / 128, "image_channels": 3}, "filter_fraction"),  # c = 2 < 3 colours
     ],
 )
 def test_impossible_values_name_the_field(overrides, field):
@@ -144,7 +157,7 @@ def test_unknown_keys_and_presets_are_rejected():
 
 def test_config_is_frozen_and_round_trips():
     cfg = VPNConfig.preset("mini", output="bernoulli", dilation=True)
-    with pytest.raises(Exception):
+    with pytest.raises(dataclasses.FrozenInstanceError):
         cfg.enc_blocks = 3  # type: ignore[misc]
     assert VPNConfig.from_dict(cfg.to_dict()) == cfg
     assert cfg.encoder_dilations() == (1, 2, 4, 8)
@@ -249,7 +262,12 @@ def test_lower_bound_context_range_and_default():
     z = frames.double() / 255
     per_frame = -(torch.xlogy(z, z) + torch.xlogy(1 - z, 1 - z)).sum(dim=(2, 3, 4))  # (B, T)
     for context in (0, 1, 10, 19):
-        torch.testing.assert_close(bernoulli_lower_bound(frames, context=context).double(), per_frame[:, context:].mean(dim=1), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            bernoulli_lower_bound(frames, context=context).double(),
+            per_frame[:, context:].mean(dim=1),
+            rtol=1e-5,
+            atol=1e-5,
+        )
     assert torch.equal(bernoulli_lower_bound(frames), bernoulli_lower_bound(frames, context=10))
     for context in (20, -1):
         with pytest.raises(ValueError, match=rf"context={context} must be in \[0, T\) for T=20"):

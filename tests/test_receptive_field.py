@@ -20,7 +20,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vpn import VPNConfig, VideoPixelNetwork
+from vpn import VideoPixelNetwork, VPNConfig
 
 CONVS_PER_BLOCK = {"rmb": 2, "relu": 1}
 
@@ -36,7 +36,9 @@ def decoder_field(model: VideoPixelNetwork, h: int, w: int, i: int, j: int, g: i
     return frame.grad.abs().sum(dim=0) > 0  # (C, H, W)
 
 
-def expected_field(decoder: str, block: str, blocks: int, colours: int, h: int, w: int, i: int, j: int, g: int) -> torch.Tensor:
+def expected_field(
+    decoder: str, block: str, blocks: int, colours: int, h: int, w: int, i: int, j: int, g: int
+) -> torch.Tensor:
     """The field from the footprints (module docstring): (C, H, W) bool."""
     b = CONVS_PER_BLOCK[block]
     rows = torch.arange(h)[:, None]
@@ -59,8 +61,13 @@ def expected_field(decoder: str, block: str, blocks: int, colours: int, h: int, 
 def build(decoder: str, block: str, blocks: int, colours: int, seed: int = 0) -> VideoPixelNetwork:
     torch.manual_seed(seed)
     cfg = VPNConfig(
-        enc_blocks=1, dec_blocks=blocks, filter_fraction=8 / 128, image_channels=colours,
-        output="categorical", block=block, decoder=decoder,
+        enc_blocks=1,
+        dec_blocks=blocks,
+        filter_fraction=8 / 128,
+        image_channels=colours,
+        output="categorical",
+        block=block,
+        decoder=decoder,
     )
     return VideoPixelNetwork(cfg).double().eval()
 

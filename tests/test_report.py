@@ -25,7 +25,9 @@ def write_tables(root, sweep, trials, curves):
     folder = root / "results" / sweep
     folder.mkdir(parents=True, exist_ok=True)
     pd.DataFrame(trials).to_parquet(folder / "trials.parquet")
-    pd.DataFrame(curves, columns=["run_id", "step", "train_nats_per_frame", "val_nats_per_frame", "steps_per_second"]).to_parquet(folder / "curves.parquet")
+    pd.DataFrame(
+        curves, columns=["run_id", "step", "train_nats_per_frame", "val_nats_per_frame", "steps_per_second"]
+    ).to_parquet(folder / "curves.parquet")
 
 
 def synthetic(n_failed: int = 1):
@@ -36,13 +38,26 @@ def synthetic(n_failed: int = 1):
             for frac in (1 / 32, 1 / 16):
                 k += 1
                 status = "FAILED" if k <= n_failed else "FINISHED"
-                trials.append(dict(
-                    run_id=f"r{k}", trial=f"t{k}", sweep="demo", profile="cpu", status=status,
-                    error="training loss is nan (non-finite) at step 40" if status == "FAILED" else None,
-                    preset=None, enc_blocks=enc, dec_blocks=dec, filter_fraction=frac,
-                    parameters=1000 * k, flops_per_frame=10**6 * k, steps=200, steps_per_second=5.0 + k,
-                    converged_step=None, checkpoint=None,
-                ))
+                trials.append(
+                    {
+                        "run_id": f"r{k}",
+                        "trial": f"t{k}",
+                        "sweep": "demo",
+                        "profile": "cpu",
+                        "status": status,
+                        "error": "training loss is nan (non-finite) at step 40" if status == "FAILED" else None,
+                        "preset": None,
+                        "enc_blocks": enc,
+                        "dec_blocks": dec,
+                        "filter_fraction": frac,
+                        "parameters": 1000 * k,
+                        "flops_per_frame": 10**6 * k,
+                        "steps": 200,
+                        "steps_per_second": 5.0 + k,
+                        "converged_step": None,
+                        "checkpoint": None,
+                    }
+                )
                 end = 100.0 - 3 * k
                 for step in range(10, 210, 10):
                     loss = end + 300 * np.exp(-step / (10 * k))
@@ -79,7 +94,7 @@ def test_report_figures_table_and_numbers(tmp_path):
 def test_curves_figure_plots_the_tables_curves(tmp_path, monkeypatch):
     """The curves figure draws, per split panel, one line per finished trial whose points are that
     trial's (step, value) rows of curves.parquet (val: the logged ones); one colour per depth."""
-    import pipeline.report as report
+    from pipeline import report
 
     figures = {}
     save = report._save
@@ -107,7 +122,10 @@ def test_curves_figure_plots_the_tables_curves(tmp_path, monkeypatch):
             if run_id in depth
         }
         lines = [line for line in ax.lines if len(line.get_xdata())]  # (the legend's entries are empty)
-        drawn = {(tuple(line.get_xdata()), tuple(line.get_ydata())): matplotlib.colors.to_hex(line.get_color()) for line in lines}
+        drawn = {
+            (tuple(line.get_xdata()), tuple(line.get_ydata())): matplotlib.colors.to_hex(line.get_color())
+            for line in lines
+        }
         assert len(lines) == len(expected) == 8 and set(drawn) == set(expected.values()), split
         colours = {depth[run_id]: set() for run_id in expected}
         for run_id, xy in expected.items():
@@ -196,11 +214,22 @@ def test_samples_use_the_trials_preparation_and_the_overfit_sequence(tmp_path):
     for name, array in splits.items():
         np.save(data / f"{name}.npy", array)
     model = VPNConfig.preset("micro", filter_fraction=4 / 128, output="bernoulli")
-    ckpt = Trainer(model, TrainConfig(steps=1, batch_size=1, seq_len=None, downsample=1), torch.zeros(1, 4, 1, 4, 4, dtype=torch.uint8)).save(tmp_path / "ckpt.pt")
-    best = pd.Series(dict(
-        checkpoint=ckpt.as_uri(), config="micro", output="bernoulli", seq_len=5, downsample=4,
-        overfit_split="train", overfit_index=2,
-    ))
+    ckpt = Trainer(
+        model,
+        TrainConfig(steps=1, batch_size=1, seq_len=None, downsample=1),
+        torch.zeros(1, 4, 1, 4, 4, dtype=torch.uint8),
+    ).save(tmp_path / "ckpt.pt")
+    best = pd.Series(
+        {
+            "checkpoint": ckpt.as_uri(),
+            "config": "micro",
+            "output": "bernoulli",
+            "seq_len": 5,
+            "downsample": 4,
+            "overfit_split": "train",
+            "overfit_index": 2,
+        }
+    )
     params = ReportParams(data="data", sample_context=2, sample_frames=3)
     truth, sampled, context, label = sample_frames(best, params, tmp_path)
     expected = prepare(torch.from_numpy(splits["train"][2:3]), TrainConfig(seq_len=5, downsample=4, context=1))[0]
@@ -208,7 +237,9 @@ def test_samples_use_the_trials_preparation_and_the_overfit_sequence(tmp_path):
     assert sampled.shape == (3, 1, 4, 4) and context == 2 and "train sequence 2" in label
     # a train sweep's row (no overfit sequence) samples params.sample_split / sample_index
     truth, *_ = sample_frames(best.drop(["overfit_split", "overfit_index"]), params, tmp_path)
-    assert torch.equal(truth, prepare(torch.from_numpy(splits["test"][0:1]), TrainConfig(seq_len=5, downsample=4, context=1))[0])
+    assert torch.equal(
+        truth, prepare(torch.from_numpy(splits["test"][0:1]), TrainConfig(seq_len=5, downsample=4, context=1))[0]
+    )
 
 
 def test_overfit_report_shows_the_blog_posts_figure(tmp_path):
@@ -216,15 +247,33 @@ def test_overfit_report_shows_the_blog_posts_figure(tmp_path):
     trials, curves = [], []
     shapes = {  # preset: (converged step, curve)
         "full": (120, lambda s: 10 + 90 * np.exp(-s / 20.0)),
-        "mini": (300, lambda s: np.where(s < 60, 100 - 0.6 * s, np.where(s < 180, 64.0, np.maximum(64 - 0.45 * (s - 180), 10)))),
+        "mini": (
+            300,
+            lambda s: np.where(s < 60, 100 - 0.6 * s, np.where(s < 180, 64.0, np.maximum(64 - 0.45 * (s - 180), 10))),
+        ),
     }
     for k, (preset, (converged, curve)) in enumerate(shapes.items()):
-        trials.append(dict(
-            run_id=f"o{k}", trial=f"t{k}", sweep="ovf", profile="cpu", status="FINISHED", error=None, mode="overfit",
-            preset=preset, enc_blocks=2 + k, dec_blocks=3 + k, filter_fraction=0.125, parameters=100 * (k + 1),
-            flops_per_frame=10**5 * (k + 1), steps=converged, steps_per_second=20.0, converged_step=converged,
-            checkpoint=None,
-        ))
+        trials.append(
+            {
+                "run_id": f"o{k}",
+                "trial": f"t{k}",
+                "sweep": "ovf",
+                "profile": "cpu",
+                "status": "FINISHED",
+                "error": None,
+                "mode": "overfit",
+                "preset": preset,
+                "enc_blocks": 2 + k,
+                "dec_blocks": 3 + k,
+                "filter_fraction": 0.125,
+                "parameters": 100 * (k + 1),
+                "flops_per_frame": 10**5 * (k + 1),
+                "steps": converged,
+                "steps_per_second": 20.0,
+                "converged_step": converged,
+                "checkpoint": None,
+            }
+        )
         for step in range(1, converged + 1):
             curves.append((f"o{k}", step, float(curve(np.float64(step))), np.nan, 20.0))
     write_tables(tmp_path, "ovf", trials, curves)
@@ -232,12 +281,23 @@ def test_overfit_report_shows_the_blog_posts_figure(tmp_path):
     out = tmp_path / "reports" / "ovf"
     with Image.open(out / "overfit.png") as image:
         image.verify()
-    assert metrics["iterations_to_converge"] == {"full (enc 2 / dec 3 / f 0.125)": 120, "mini (enc 3 / dec 4 / f 0.125)": 300}
+    assert metrics["iterations_to_converge"] == {
+        "full (enc 2 / dec 3 / f 0.125)": 120,
+        "mini (enc 3 / dec 4 / f 0.125)": 300,
+    }
     assert metrics["plateau"] == {"full (enc 2 / dec 3 / f 0.125)": False, "mini (enc 3 / dec 4 / f 0.125)": True}
     text = (out / "report.md").read_text()
-    cells = {line.split(" | ")[0]: [c.strip(" |") for c in line.split(" | ")[1:]] for line in text.splitlines() if line.startswith(("| full |", "| mini |"))}
+    cells = {
+        line.split(" | ")[0]: [c.strip(" |") for c in line.split(" | ")[1:]]
+        for line in text.splitlines()
+        if line.startswith(("| full |", "| mini |"))
+    }
     assert cells["| full"] == ["120", "600", "no", "no"]
-    assert cells["| mini"][:2] == ["300", "5,000"] and re.fullmatch(r"\d+-\d+", cells["| mini"][2]) and cells["| mini"][3] == "yes"
+    assert (
+        cells["| mini"][:2] == ["300", "5,000"]
+        and re.fullmatch(r"\d+-\d+", cells["| mini"][2])
+        and cells["| mini"][3] == "yes"
+    )
 
 
 def test_report_from_a_real_mlflow_store_with_a_failed_trial_and_an_empty_experiment(tmp_path):
@@ -253,12 +313,26 @@ def test_report_from_a_real_mlflow_store_with_a_failed_trial_and_an_empty_experi
     exp = client.create_experiment("real", artifact_location=(tmp_path / "art").as_uri())
     expected = {}
     for k, (status, enc) in enumerate([("FINISHED", 1), ("FINISHED", 2), ("FAILED", 3)]):
-        run = client.create_run(exp, run_name=f"e{enc}", tags={
-            tracking.TAG_SWEEP_ID: "real-cpu-0", tracking.TAG_PROFILE: "cpu", tracking.TAG_MODE: "train",
-            tracking.TAG_LABEL: f"e{enc}", **({tracking.TAG_ERROR: "training loss is nan (non-finite) at step 20"} if status == "FAILED" else {}),
-        })
+        run = client.create_run(
+            exp,
+            run_name=f"e{enc}",
+            tags={
+                tracking.TAG_SWEEP_ID: "real-cpu-0",
+                tracking.TAG_PROFILE: "cpu",
+                tracking.TAG_MODE: "train",
+                tracking.TAG_LABEL: f"e{enc}",
+                **({tracking.TAG_ERROR: "training loss is nan (non-finite) at step 20"} if status == "FAILED" else {}),
+            },
+        )
         rid = run.info.run_id
-        for key, value in dict(enc_blocks=enc, dec_blocks=3, filter_fraction=0.0625, parameters=1000 * enc, flops_per_frame=10**6 * enc, steps=40).items():
+        for key, value in {
+            "enc_blocks": enc,
+            "dec_blocks": 3,
+            "filter_fraction": 0.0625,
+            "parameters": 1000 * enc,
+            "flops_per_frame": 10**6 * enc,
+            "steps": 40,
+        }.items():
             client.log_param(rid, key, value)
         steps = range(10, 50, 10) if status == "FINISHED" else range(10, 30, 10)
         metrics = [Metric("train_nats_per_frame", 100.0 / (s * enc), 0, s) for s in steps]
@@ -294,14 +368,42 @@ def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_pat
     ]
     trials, curves = [], []
     for k, (name, decoder, block, dilation, test, floor) in enumerate(rows):
-        trials.append(dict(
-            run_id=f"r{k}", trial=name, row=name, point=k, sweep="abl", profile="cpu", status="FINISHED", error=None,
-            preset=None, enc_blocks=4, dec_blocks=3, filter_fraction=0.0625, decoder=decoder, block=block,
-            dilation=dilation, parameters=1000, flops_per_frame=10**6, steps=500, step_budget=500, batch_size=8,
-            seq_len=6, context=3, frame_height=16, frame_width=16, data="stream", steps_per_second=5.0,
-            test_nats_per_frame=test, test_floor_nats_per_frame=floor, test_excess_nats_per_frame=test - floor,
-            test_sequences_scored=1000, converged_step=None, checkpoint=None,
-        ))
+        trials.append(
+            {
+                "run_id": f"r{k}",
+                "trial": name,
+                "row": name,
+                "point": k,
+                "sweep": "abl",
+                "profile": "cpu",
+                "status": "FINISHED",
+                "error": None,
+                "preset": None,
+                "enc_blocks": 4,
+                "dec_blocks": 3,
+                "filter_fraction": 0.0625,
+                "decoder": decoder,
+                "block": block,
+                "dilation": dilation,
+                "parameters": 1000,
+                "flops_per_frame": 10**6,
+                "steps": 500,
+                "step_budget": 500,
+                "batch_size": 8,
+                "seq_len": 6,
+                "context": 3,
+                "frame_height": 16,
+                "frame_width": 16,
+                "data": "stream",
+                "steps_per_second": 5.0,
+                "test_nats_per_frame": test,
+                "test_floor_nats_per_frame": floor,
+                "test_excess_nats_per_frame": test - floor,
+                "test_sequences_scored": 1000,
+                "converged_step": None,
+                "checkpoint": None,
+            }
+        )
         for step in range(10, 110, 10):
             curves.append((f"r{k}", step, test + 100 / step, test + 1 + 100 / step if step % 50 == 0 else np.nan, 5.0))
     write_tables(tmp_path, "abl", trials, curves)
@@ -311,11 +413,18 @@ def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_pat
         image.verify()
     assert metrics["best_config"].startswith("rmb_dilated")  # excess 6.0, the least
     assert metrics["best_excess_nats_per_frame"] == pytest.approx(6.0)
-    assert metrics["rows"]["baseline"] == {"test_nats_per_frame": 60.0, "floor": 20.0, "excess": 40.0, "paper_nats_per_frame": 110.1}
+    assert metrics["rows"]["baseline"] == {
+        "test_nats_per_frame": 60.0,
+        "floor": 20.0,
+        "excess": 40.0,
+        "paper_nats_per_frame": 110.1,
+    }
     assert metrics["rows"]["relu_dilated"]["paper_nats_per_frame"] == 87.7
     text = (out / "report.md").read_text()
     table = text.split("## The paper's rows")[1]
-    assert "16x16 frames" in table and "4,000 training sequences (streamed)" in table and "1,000 test sequences" in table
+    assert (
+        "16x16 frames" in table and "4,000 training sequences (streamed)" in table and "1,000 test sequences" in table
+    )
     line = next(x for x in table.splitlines() if x.startswith("| rmb_dilated |"))
     assert "VPN, RMB, dilation" in line and "| 26 | 20 | 6 | 87.6 | 1.3 |" in line
     # the table of every trial is sorted by excess
@@ -345,7 +454,9 @@ def test_report_html_in_a_real_browser(tmp_path):
     build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
     report = tmp_path / "reports" / "demo" / "report.html"
     broken = tmp_path / "broken.html"
-    broken.write_text("<!doctype html><html><body><img src='missing.png'><table><tr><td>x</td></tr></table></body></html>")
+    broken.write_text(
+        "<!doctype html><html><body><img src='missing.png'><table><tr><td>x</td></tr></table></body></html>"
+    )
 
     with Chromium(executable) as browser:
         page = browser.open(report.as_uri())
@@ -355,7 +466,9 @@ def test_report_html_in_a_real_browser(tmp_path):
     assert names >= {"curves.png", "converge_heatmaps.png", "pareto.png", "speed.png"}, page.images
     assert all(i["complete"] and i["width"] > 0 for i in page.images), page.images
     assert len(page.tables) == 1  # the table of every trial: a header row and one row per trial, on screen
-    assert page.tables[0]["rows"] == 1 + len(trials) and page.tables[0]["columns"] >= 10 and page.tables[0]["height"] > 0
+    assert (
+        page.tables[0]["rows"] == 1 + len(trials) and page.tables[0]["columns"] >= 10 and page.tables[0]["height"] > 0
+    )
     assert page.errors == []
     # the control page: the missing image is seen as such, with the console error the browser logged
     assert control.images == [{"src": "missing.png", "complete": True, "width": 0}]

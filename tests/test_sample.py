@@ -6,13 +6,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vpn import VPNConfig, VideoPixelNetwork
+from vpn import VideoPixelNetwork, VPNConfig
 from vpn.sample import draw, sample_video
 
 
 def tiny(colours: int = 1, output: str = "categorical", seed: int = 0, **kw) -> VideoPixelNetwork:
     torch.manual_seed(seed)
-    return VideoPixelNetwork(VPNConfig.preset("micro", filter_fraction=8 / 128, image_channels=colours, output=output, **kw)).eval()
+    return VideoPixelNetwork(
+        VPNConfig.preset("micro", filter_fraction=8 / 128, image_channels=colours, output=output, **kw)
+    ).eval()
 
 
 def known_sequence(colours: int = 1, t: int = 4, size: int = 6) -> torch.Tensor:
@@ -49,7 +51,9 @@ def test_sample_shape_dtype_and_seed(colours, output):
 def test_cached_sampler_equals_naive_reference(colours, output, dilation, block, decoder):
     """Same context and seed: the same logits at every drawn position, so the same video."""
     model = tiny(colours, output, seed=3, dilation=dilation, block=block, decoder=decoder)
-    context = torch.randint(0, 256, (2, 2, colours, 5, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    context = torch.randint(
+        0, 256, (2, 2, colours, 5, 6), generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     fast_logits, slow_logits = [], []
     fast = sample_video(model, context, 2, torch.Generator().manual_seed(1), method="cached", record_logits=fast_logits)
     slow = sample_video(model, context, 2, torch.Generator().manual_seed(1), method="naive", record_logits=slow_logits)
@@ -131,7 +135,9 @@ def test_cold_samples_are_the_teacher_forced_argmax(colours, output):
     with torch.no_grad():  # at init the argmax frame is nearly constant; x3 makes it follow the inputs
         for p in model.parameters():
             p.mul_(3)
-    context = torch.randint(0, 256, (2, 2, colours, 5, 4), generator=torch.Generator().manual_seed(6), dtype=torch.uint8)
+    context = torch.randint(
+        0, 256, (2, 2, colours, 5, 4), generator=torch.Generator().manual_seed(6), dtype=torch.uint8
+    )
     video = model.sample(context, 3, generator=torch.Generator().manual_seed(0), temperature=1e-6)
     with torch.no_grad():
         logits = model(torch.cat([context, video], dim=1))[:, -3:]  # the 3 sampled frames' logits
@@ -180,7 +186,9 @@ def test_sample_passes_the_temperature_on(output, temperature):
     5 binomial standard deviations per value over 4000 sequences of 1x1 frames."""
     model = tiny(1, output, seed=12)
     with torch.no_grad():  # logits of order 1, so that T visibly reshapes the distribution
-        model.decoder.head_out.bias.copy_(torch.randn(model.decoder.head_out.bias.shape, generator=torch.Generator().manual_seed(3)) * 1.5)
+        model.decoder.head_out.bias.copy_(
+            torch.randn(model.decoder.head_out.bias.shape, generator=torch.Generator().manual_seed(3)) * 1.5
+        )
     n = 4000
     context = known_sequence(size=1)[:, :2].repeat(n, 1, 1, 1, 1)  # (n, 2, 1, 1, 1)
     video = model.sample(context, 1, generator=torch.Generator().manual_seed(0), temperature=temperature)

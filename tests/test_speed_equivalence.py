@@ -12,7 +12,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.reference import PlainConvLSTM, PlainMaskedConv2d, SeparateMultiplicativeUnit, reference_model
-from vpn import VPNConfig, VideoPixelNetwork
+from vpn import VideoPixelNetwork, VPNConfig
 from vpn.layers import MaskedConv2d, MultiplicativeUnit
 from vpn.sample import draw
 from vpn.train import TrainConfig, Trainer
@@ -46,14 +46,18 @@ def reference_grads_as_fused(ref: VideoPixelNetwork) -> dict[str, torch.Tensor]:
     return out
 
 
-@pytest.mark.parametrize("colours,output,dilation", [(1, "categorical", False), (3, "categorical", True), (1, "bernoulli", False)])
+@pytest.mark.parametrize(
+    "colours,output,dilation", [(1, "categorical", False), (3, "categorical", True), (1, "bernoulli", False)]
+)
 def test_reference_model_is_plain_and_computes_the_same_function(colours, output, dilation):
     torch.manual_seed(0)
     model = VideoPixelNetwork(tiny_cfg(image_channels=colours, output=output, dilation=dilation)).double()
     ref = reference_model(model, dtype=torch.float64)
     # The reference really is the plain model: no fused MU, no row-skipping masked conv, plain LSTM.
     assert not any(isinstance(m, (MultiplicativeUnit, MaskedConv2d)) for m in ref.modules())
-    assert sum(isinstance(m, SeparateMultiplicativeUnit) for m in ref.modules()) == 2 * (model.cfg.enc_blocks + model.cfg.dec_blocks)
+    assert sum(isinstance(m, SeparateMultiplicativeUnit) for m in ref.modules()) == 2 * (
+        model.cfg.enc_blocks + model.cfg.dec_blocks
+    )
     assert any(isinstance(m, PlainMaskedConv2d) for m in ref.modules()) and isinstance(ref.lstm, PlainConvLSTM)
     assert sum(p.numel() for p in ref.parameters()) == model.num_parameters()
     x = frames(colours)
@@ -105,11 +109,15 @@ def test_trainer_puts_its_weights_in_the_memory_format_asked_for(fmt):
     trainer = Trainer(tiny_cfg(), TrainConfig(batch_size=2, context=1, device="cpu", memory_format=fmt), data)
     want = torch.channels_last if fmt == "channels_last" else torch.contiguous_format
     for stage in ("built", "trained"):
-        weights = {n: p for n, p in trainer.model.named_parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1}
+        weights = {
+            n: p for n, p in trainer.model.named_parameters() if p.ndim == 4 and p.shape[1] > 1 and p.shape[-1] > 1
+        }
         assert len(weights) >= 10  # the encoder's, LSTM's and decoder's 3x3 convs
         for name, weight in weights.items():
             assert weight.is_contiguous(memory_format=want), (stage, name, weight.stride())
-            assert not weight.is_contiguous(memory_format=torch.channels_last if want == torch.contiguous_format else torch.contiguous_format), (stage, name)
+            assert not weight.is_contiguous(
+                memory_format=torch.channels_last if want == torch.contiguous_format else torch.contiguous_format
+            ), (stage, name)
         trainer.train_step(data[:2])
 
 
@@ -150,7 +158,9 @@ def test_inductor_compiled_training_step_matches_eager():
         losses[compile_] = [float(trainer.train_step(data)) for _ in range(3)]
     # inductor made the forward and the backward graph (compiled now, or loaded from its own cache)
     inductor = counters["inductor"]
-    assert inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_bypass"] >= 2, dict(inductor)
+    assert inductor["fxgraph_cache_miss"] + inductor["fxgraph_cache_hit"] + inductor["fxgraph_cache_bypass"] >= 2, dict(
+        inductor
+    )
     assert losses[True] == pytest.approx(losses[False], rel=1e-4)
     assert losses[False][2] < losses[False][0]  # the weights moved: steps 2 and 3 test the updated ones
 
@@ -164,20 +174,23 @@ def test_bf16_cpu_training_tracks_fp32(monkeypatch):
     data = torch.zeros(8, 3, 1, 8, 8, dtype=torch.uint8)  # a bright square moving right: learnable
     for i in range(8):
         for t in range(3):
-            data[i, t, 0, i % 5:i % 5 + 3, t + i % 3:t + i % 3 + 3] = 255
+            data[i, t, 0, i % 5 : i % 5 + 3, t + i % 3 : t + i % 3 + 3] = 255
     curves = {}
     for amp in (False, True):
         torch.manual_seed(0)
         trainer = Trainer(cfg, TrainConfig(batch_size=4, context=1, lr=3e-3, device="cpu", cpu_amp=amp), data)
-        curves[amp] = [float(trainer.train_step(data[(4 * s) % 8:(4 * s) % 8 + 4])) for s in range(40)]
+        curves[amp] = [float(trainer.train_step(data[(4 * s) % 8 : (4 * s) % 8 + 4])) for s in range(40)]
     fp32, bf16 = curves[False], curves[True]
     assert bf16[0] != fp32[0] and bf16[0] == pytest.approx(fp32[0], rel=1e-2)
     assert sum(fp32[-4:]) < 0.1 * sum(fp32[:4])  # it learned something to compare
     assert sum(bf16[5:15]) == pytest.approx(sum(fp32[5:15]), rel=0.03)  # (measured: 48 -> 0.27 nats,
-    assert sum(bf16[-4:]) == pytest.approx(sum(fp32[-4:]), rel=0.1)    # the two within 2% throughout)
+    assert sum(bf16[-4:]) == pytest.approx(sum(fp32[-4:]), rel=0.1)  # the two within 2% throughout)
 
 
-@pytest.mark.parametrize("overrides,field", [(dict(memory_format="nhwc"), "memory_format"), (dict(compile="yes"), "compile"), (dict(cpu_amp=1), "cpu_amp")])
+@pytest.mark.parametrize(
+    "overrides,field",
+    [({"memory_format": "nhwc"}, "memory_format"), ({"compile": "yes"}, "compile"), ({"cpu_amp": 1}, "cpu_amp")],
+)
 def test_speed_options_are_validated(overrides, field):
     with pytest.raises(ValueError, match=field):
         TrainConfig(**overrides)

@@ -17,7 +17,7 @@ import torch
 
 from pipeline.generate import DataError, GenerateConfig, generate
 from tests.test_data_generate import TINY, make_fake_mnist, naive_render
-from vpn import VPNConfig, VideoPixelNetwork
+from vpn import VideoPixelNetwork, VPNConfig
 from vpn.data import MovingMNIST, read_stats, training_source
 from vpn.metrics import bernoulli_lower_bound
 from vpn.moving_mnist import STREAM_KEY, TRAIN_DIGITS_FILE, MovingMNISTStream, digit_images, plan_split
@@ -84,7 +84,18 @@ def tiny_model() -> VPNConfig:
 
 
 def test_training_on_the_stream_resumes_exactly(data, tmp_path):
-    cfg = TrainConfig(steps=6, batch_size=2, log_every=1, val_every=3, val_batches=1, seq_len=5, context=2, device="cpu", data="stream", ckpt_every=3)
+    cfg = TrainConfig(
+        steps=6,
+        batch_size=2,
+        log_every=1,
+        val_every=3,
+        val_batches=1,
+        seq_len=5,
+        context=2,
+        device="cpu",
+        data="stream",
+        ckpt_every=3,
+    )
     val = MovingMNIST(data, "val")
     whole = Trainer(tiny_model(), cfg, training_source(data, "stream", cfg.seed), val)
     losses: dict[int, float] = {}
@@ -129,7 +140,9 @@ def test_score_is_model_nll_and_its_floor_the_lower_bound(data):
         by_hand = model.nll(frames, context=2).double().mean()
     assert result.sequences == 4
     assert result.nats_per_frame == pytest.approx(float(by_hand), rel=1e-6)
-    assert result.floor_nats_per_frame == pytest.approx(float(bernoulli_lower_bound(frames, 2).double().mean()), rel=1e-6)
+    assert result.floor_nats_per_frame == pytest.approx(
+        float(bernoulli_lower_bound(frames, 2).double().mean()), rel=1e-6
+    )
     assert result.excess_nats_per_frame == pytest.approx(result.nats_per_frame - result.floor_nats_per_frame)
     assert result.nats_per_frame > result.floor_nats_per_frame  # a cross-entropy is never below its floor
 
@@ -139,7 +152,9 @@ def test_floor_at_the_data_stages_framing_is_stats_json(data):
     cfg = TrainConfig(batch_size=2, context=TINY.context, device="cpu")
     result = score(VideoPixelNetwork(tiny_model()), MovingMNIST(data, "test"), cfg)
     assert result.sequences == TINY.n_test
-    assert round(result.floor_nats_per_frame, 4) == pytest.approx(read_stats(data)["lower_bound_nats_per_frame"], abs=1e-4)
+    assert round(result.floor_nats_per_frame, 4) == pytest.approx(
+        read_stats(data)["lower_bound_nats_per_frame"], abs=1e-4
+    )
 
 
 def test_categorical_scores_have_no_bernoulli_floor(data):
@@ -152,7 +167,9 @@ def test_categorical_scores_have_no_bernoulli_floor(data):
 def test_standard_test_file_becomes_the_test_split(tmp_path, mnist):
     """A file of mnist_test_seq.npy's layout (frames first, (T, N, H, W) uint8) is the test split."""
     cfg = dataclasses.replace(TINY, n_test=3)
-    frames_first = np.random.default_rng(0).integers(0, 256, size=(cfg.seq_len, 3, cfg.frame_size, cfg.frame_size), dtype=np.uint8)
+    frames_first = np.random.default_rng(0).integers(
+        0, 256, size=(cfg.seq_len, 3, cfg.frame_size, cfg.frame_size), dtype=np.uint8
+    )
     path = tmp_path / "mnist_test_seq.npy"
     np.save(path, frames_first)
     stats = generate(dataclasses.replace(cfg, test_file=path.name), mnist, tmp_path / "out", base_dir=tmp_path)

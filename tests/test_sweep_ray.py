@@ -26,8 +26,8 @@ from pipeline.spec import load_spec
 from pipeline.sweep import QUIET_ENV, run_sweep
 from vpn.config import VPNConfig
 from vpn.data import MovingMNIST
-from vpn.model import VideoPixelNetwork, count_flops_per_frame
 from vpn.metrics import bernoulli_lower_bound
+from vpn.model import VideoPixelNetwork, count_flops_per_frame
 from vpn.train import TrainConfig, Trainer, load_model
 
 pytestmark = [
@@ -36,7 +36,15 @@ pytestmark = [
 ]
 
 REPO = Path(__file__).resolve().parents[1]
-TRAIN = {"batch_size": 4, "log_every": 5, "val_every": 10, "val_batches": 1, "ckpt_every": 10, "context": 3, "device": "cpu"}
+TRAIN = {
+    "batch_size": 4,
+    "log_every": 5,
+    "val_every": 10,
+    "val_batches": 1,
+    "ckpt_every": 10,
+    "context": 3,
+    "device": "cpu",
+}
 
 
 @pytest.fixture(scope="module")
@@ -104,7 +112,9 @@ def all_runs(client, name: str):
 
 # -- one full sweep: exactly what MLflow holds -------------------------------------------------------
 def test_sweep_through_ray_records_every_trial_in_mlflow(env):
-    spec_path = make_spec(env, "full_sweep", {"model": {"enc_blocks": [1, 2]}, "train": {"lr": [1e-3, 1e30]}}, {"steps": 20})
+    spec_path = make_spec(
+        env, "full_sweep", {"model": {"enc_blocks": [1, 2]}, "train": {"lr": [1e-3, 1e30]}}, {"steps": 20}
+    )
     out = env["root"] / "results_full"
     outcome = run_sweep(load_spec(spec_path), "cpu", storage=str(env["root"] / "ray"), results_dir=out)
 
@@ -162,7 +172,9 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
             logged = {k for k in run.data.metrics if not k.startswith("system/")}  # MLflow's system metrics aside
             assert logged == {*tracking.CURVE_KEYS, *test_keys}
             assert steps_of(client, run.info.run_id, tracking.TEST_KEY) == [20]  # once, at the end
-            artifact = client.download_artifacts(run.info.run_id, tracking.CHECKPOINT_ARTIFACT, str(env["root"] / label))
+            artifact = client.download_artifacts(
+                run.info.run_id, tracking.CHECKPOINT_ARTIFACT, str(env["root"] / label)
+            )
             state = torch.load(artifact, weights_only=True)
             assert state["step"] == 20 and state["model_config"] == model.to_dict()
             # the test score, recomputed independently: model.nll of the final weights on the whole
@@ -198,10 +210,14 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     for _, row in finished.iterrows():  # the test score and its excess, as MLflow holds them
         metrics_of = runs[row["trial"]].data.metrics
         assert row["test_nats_per_frame"] == metrics_of[tracking.TEST_KEY]
-        assert row["test_excess_nats_per_frame"] == pytest.approx(metrics_of[tracking.TEST_KEY] - metrics_of[tracking.TEST_FLOOR_KEY])
+        assert row["test_excess_nats_per_frame"] == pytest.approx(
+            metrics_of[tracking.TEST_KEY] - metrics_of[tracking.TEST_FLOOR_KEY]
+        )
     assert trials.loc[trials["status"] == "FAILED", "test_nats_per_frame"].isna().all()
     assert len(curves) == 8 and set(curves["trial"]) == {"e1-lr=0.001", "e2-lr=0.001"}
-    assert curves.groupby("trial")["step"].apply(list).to_dict() == {l: [5, 10, 15, 20] for l in ("e1-lr=0.001", "e2-lr=0.001")}
+    assert curves.groupby("trial")["step"].apply(list).to_dict() == {
+        l: [5, 10, 15, 20] for l in ("e1-lr=0.001", "e2-lr=0.001")
+    }
     assert curves["val_nats_per_frame"].isna().tolist() == [True, False, True, False] * 2
     metrics = json.loads((out / "metrics.json").read_text())
     assert (metrics["trials"], metrics["finished"], metrics["failed"]) == (4, 2, 2)
@@ -298,7 +314,9 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(env):
     e2_logged = steps_of(client, before["e2"].info.run_id, tracking.TRAIN_KEY)
 
     # The restart: same command, so the same sweep id; it resumes in this process.
-    outcome = run_sweep(load_spec(spec_path), "cpu", storage=str(storage), results_dir=env["root"] / "results_interrupted")
+    outcome = run_sweep(
+        load_spec(spec_path), "cpu", storage=str(storage), results_dir=env["root"] / "results_interrupted"
+    )
     assert outcome.statuses == {"e1": "FINISHED", "e2": "FINISHED", "e3": "FINISHED"}
     after = {r.info.run_name: r for r in all_runs(client, "interrupted")}
     assert {k: r.info.run_id for k, r in after.items()} == {k: r.info.run_id for k, r in before.items()}

@@ -109,7 +109,9 @@ def test_decoders_spec_pairs_the_decoders_at_matched_parameters():
         sizes = {}
         for p in sweep.points:
             with torch.device("meta"):
-                sizes[(p.model.decoder, p.model.replace(decoder="pixelcnn"))] = VideoPixelNetwork(p.model).num_parameters()
+                sizes[(p.model.decoder, p.model.replace(decoder="pixelcnn"))] = VideoPixelNetwork(
+                    p.model
+                ).num_parameters()
         plain = {cfg: n for (d, cfg), n in sizes.items() if d == "pixelcnn"}
         stacks = {cfg: n for (d, cfg), n in sizes.items() if d == "stacks"}
         assert set(plain) == set(stacks) and len(plain) == len(sweep.points) // 2
@@ -130,7 +132,10 @@ def test_decoders_spec_pairs_the_decoders_at_matched_parameters():
 def test_grid_points_labels_presets_and_samples(tmp_path):
     spec = with_(
         BASE,
-        search={"model": {"enc_blocks": [2, 4], "dec_blocks": [3, 6], "filter_fraction": [0.25]}, "train": {"lr": [1e-3]}},
+        search={
+            "model": {"enc_blocks": [2, 4], "dec_blocks": [3, 6], "filter_fraction": [0.25]},
+            "train": {"lr": [1e-3]},
+        },
         run={"num_samples": 2},
         train={**BASE["train"], "seed": 7},
     )
@@ -154,7 +159,11 @@ def test_profile_overrides_merge_and_remove_axes(tmp_path):
         search={"model": {"enc_blocks": [1, 2], "dec_blocks": [1, 2]}},
         run={"asha": {"enabled": True, "grace_steps": 5}},
         profiles={
-            "cpu": {"train": {"steps": 4}, "search": {"model": {"dec_blocks": None}}, "run": {"asha": {"grace_steps": 2}}},
+            "cpu": {
+                "train": {"steps": 4},
+                "search": {"model": {"dec_blocks": None}},
+                "run": {"asha": {"grace_steps": 2}},
+            },
             "gpu": {"model": {"filter_fraction": 0.5}, "data": "/elsewhere"},
         },
     )
@@ -179,7 +188,9 @@ def test_presets_with_width_scale(tmp_path):
 
 def test_fingerprint_follows_what_is_computed(tmp_path):
     a = load_spec(write_spec(tmp_path, BASE, "a.yaml"), root=tmp_path).resolve("cpu")
-    b = load_spec(write_spec(tmp_path, with_(BASE, description="words", run={"max_failures": 5}), "b.yaml"), root=tmp_path)
+    b = load_spec(
+        write_spec(tmp_path, with_(BASE, description="words", run={"max_failures": 5}), "b.yaml"), root=tmp_path
+    )
     c = load_spec(write_spec(tmp_path, with_(BASE, train={**BASE["train"], "steps": 11}), "c.yaml"), root=tmp_path)
     assert a.fingerprint("d") == b.resolve("cpu").fingerprint("d")  # words and retries change nothing
     assert a.fingerprint("d") != c.resolve("cpu").fingerprint("d")
@@ -296,7 +307,9 @@ def test_cli_bad_spec_fails_before_ray(tmp_path):
         """
     )
     env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}", "RAY_ADDRESS": "127.0.0.1:1"}
-    proc = subprocess.run([sys.executable, "-c", probe], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", probe], cwd=REPO, env=env, check=False, capture_output=True, text=True, timeout=120
+    )
     assert proc.returncode == 2, proc.stderr
     assert f"{spec}: search.model.filter_fraction" in proc.stderr
     assert "(0, 1], got 7.0" in proc.stderr
@@ -333,7 +346,10 @@ def test_gpus_are_requested_only_where_the_cluster_has_them(tmp_path, caplog):
     from pipeline.sweep import choose_profile, trial_resources
 
     spec = load_spec(
-        write_spec(tmp_path, with_(BASE, run={"gpus_per_trial": 0.5}, profiles={"cpu": {"run": {"gpus_per_trial": 0}}, "gpu": {}})),
+        write_spec(
+            tmp_path,
+            with_(BASE, run={"gpus_per_trial": 0.5}, profiles={"cpu": {"run": {"gpus_per_trial": 0}}, "gpu": {}}),
+        ),
         root=tmp_path,
     )
     gpu = spec.resolve("gpu")
@@ -344,7 +360,9 @@ def test_gpus_are_requested_only_where_the_cluster_has_them(tmp_path, caplog):
     assert trial_resources(spec.resolve("cpu"), {"CPU": 2.0, "GPU": 4.0}) == {"cpu": 1.0, "gpu": 0.0}
     with pytest.raises(DataError, match="cpus_per_trial=1 but the cluster has 0 CPU"):
         trial_resources(gpu, {"GPU": 1.0})
-    two = load_spec(write_spec(tmp_path, with_(BASE, run={"gpus_per_trial": 2}), "two.yaml"), root=tmp_path).resolve("cpu")
+    two = load_spec(write_spec(tmp_path, with_(BASE, run={"gpus_per_trial": 2}), "two.yaml"), root=tmp_path).resolve(
+        "cpu"
+    )
     with pytest.raises(DataError, match="gpus_per_trial=2 but the cluster has only 1 GPU"):
         trial_resources(two, {"CPU": 8.0, "GPU": 1.0})
     # --profile auto: gpu where the cluster has GPUs, else cpu.

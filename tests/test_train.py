@@ -49,7 +49,9 @@ def test_resume_continues_exactly(tmp_path):
     data, val = moving_digits(8), moving_digits(4, seed=1)
     cfg = TrainConfig(steps=6, batch_size=2, log_every=1, val_every=3, context=2, seed=4)
     straight: dict[int, float] = {}
-    Trainer(TINY, cfg, data, val).fit(on_log=lambda s, m: straight.update({s: m["train_nats_per_frame"]}), progress=False)
+    Trainer(TINY, cfg, data, val).fit(
+        on_log=lambda s, m: straight.update({s: m["train_nats_per_frame"]}), progress=False
+    )
 
     first = Trainer(TINY, cfg, data, val)
     first.fit(until=3, progress=False)
@@ -115,7 +117,9 @@ def test_non_finite_loss_stops_training():
 def test_validation_is_logged_and_finite():
     logged = []
     cfg = TrainConfig(steps=4, batch_size=2, log_every=2, val_every=4, val_batches=1, context=2)
-    Trainer(TINY, cfg, moving_digits(4), moving_digits(2, seed=3)).fit(on_log=lambda s, m: logged.append((s, m)), progress=False)
+    Trainer(TINY, cfg, moving_digits(4), moving_digits(2, seed=3)).fit(
+        on_log=lambda s, m: logged.append((s, m)), progress=False
+    )
     assert [s for s, _ in logged] == [2, 4]
     assert "val_nats_per_frame" in logged[-1][1] and math.isfinite(logged[-1][1]["val_nats_per_frame"])
     assert "val_nats_per_frame" not in logged[0][1]
@@ -152,8 +156,14 @@ def test_seq_len_keeps_the_first_frames():
 
 @pytest.mark.parametrize(
     "overrides,field",
-    [(dict(steps=0), "steps"), (dict(lr=-1.0), "lr"), (dict(seq_len=1), "seq_len"), (dict(context=5, seq_len=4), "context"),
-     (dict(device="tpu"), "device"), (dict(rmsprop_alpha=1.0), "rmsprop_alpha")],
+    [
+        ({"steps": 0}, "steps"),
+        ({"lr": -1.0}, "lr"),
+        ({"seq_len": 1}, "seq_len"),
+        ({"context": 5, "seq_len": 4}, "context"),
+        ({"device": "tpu"}, "device"),
+        ({"rmsprop_alpha": 1.0}, "rmsprop_alpha"),
+    ],
 )
 def test_train_config_rejects_impossible_values(overrides, field):
     with pytest.raises(ValueError, match=field):
@@ -178,7 +188,11 @@ class _HostSyncs(torch.utils._python_dispatch.TorchDispatchMode):
     """Counts the ops that copy a tensor's value to the host: `.item()`, `float(t)`, `bool(t)`,
     `torch.equal`. On a GPU each one waits for the queued work, so a step must make none."""
 
-    SYNCS = (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default, torch.ops.aten.equal.default)
+    SYNCS = (
+        torch.ops.aten._local_scalar_dense.default,
+        torch.ops.aten.is_nonzero.default,
+        torch.ops.aten.equal.default,
+    )
 
     def __init__(self):
         super().__init__()
@@ -196,7 +210,7 @@ def test_training_makes_host_syncs_only_when_it_logs():
     trainer.train_step(data[:2])  # first call: lazy optimizer state, outside the count
     with _HostSyncs() as syncs:
         for k in range(3):
-            trainer.train_step(data[2 * k:2 * k + 2])
+            trainer.train_step(data[2 * k : 2 * k + 2])
     assert syncs.count == 0
     # the loop: one sync per log (steps 5 and 10), none per step. The DataLoader itself draws its
     # base seed with .item() on a CPU generator, once per loader: a host op that never waits on a GPU.

@@ -38,7 +38,9 @@ def test_foreign_checkpoint_names_what_it_holds_and_runs_nothing(tmp_path):
     with pytest.raises(ValueError) as err:
         load_checkpoint(foreign)
     message = str(err.value)
-    assert message.startswith(f"checkpoint {foreign} is not a VPN checkpoint: it stores Python objects (torch.nn.modules.linear.Linear)")
+    assert message.startswith(
+        f"checkpoint {foreign} is not a VPN checkpoint: it stores Python objects (torch.nn.modules.linear.Linear)"
+    )
     assert err.value.__cause__ is None and err.value.__suppress_context__
     _one_sentence(message)
     plain = tmp_path / "state_dict.pt"
@@ -94,7 +96,9 @@ def test_native_bf16_probe_matches_the_cpu_flags():
     cpuinfo = Path("/proc/cpuinfo")
     if not cpuinfo.is_file() or "flags" not in cpuinfo.read_text():
         pytest.skip("no x86 /proc/cpuinfo here")
-    flags = set(next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split(":", 1)[1].split())
+    flags = set(
+        next(line for line in cpuinfo.read_text().splitlines() if line.startswith("flags")).split(":", 1)[1].split()
+    )
     assert cpu_has_native_bf16() == bool(flags & {"avx512_bf16", "amx_bf16"})
 
 
@@ -113,7 +117,7 @@ def test_trials_silence_rays_per_checkpoint_lines():
     trial's worker, for every checkpoint (29 of the 970 lines of a default `dvc repro`)."""
     import inspect
 
-    import ray.train._internal.storage as storage
+    from ray.train._internal import storage
 
     from pipeline.trainable import quiet_framework_logs
 

@@ -1,10 +1,10 @@
 """Command line: python -m vpn info | train | eval | sample.
 
-    python -m vpn info --preset full
-    python -m vpn train --preset micro --data data/moving_mnist --steps 2000 --out runs/micro
-    python -m vpn train --preset micro --data data/moving_mnist --overfit --steps 5000
-    python -m vpn eval --checkpoint runs/micro/checkpoint.pt --data data/moving_mnist --split test
-    python -m vpn sample --checkpoint runs/micro/checkpoint.pt --data data/moving_mnist --out runs/micro/samples
+python -m vpn info --preset full
+python -m vpn train --preset micro --data data/moving_mnist --steps 2000 --out runs/micro
+python -m vpn train --preset micro --data data/moving_mnist --overfit --steps 5000
+python -m vpn eval --checkpoint runs/micro/checkpoint.pt --data data/moving_mnist --split test
+python -m vpn sample --checkpoint runs/micro/checkpoint.pt --data data/moving_mnist --out runs/micro/samples
 """
 
 from __future__ import annotations
@@ -45,13 +45,26 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--output", choices=("categorical", "bernoulli"))
     g.add_argument("--dilation", action=argparse.BooleanOptionalAction, default=None)
     g.add_argument("--block", choices=BLOCKS, help="residual block: rmb (the VPN's) or relu (PixelCNN's)")
-    g.add_argument("--decoder", choices=DECODERS, help="pixelcnn (the VPN's), baseline (no dependency within a frame) or stacks (no blind spot)")
+    g.add_argument(
+        "--decoder",
+        choices=DECODERS,
+        help="pixelcnn (the VPN's), baseline (no dependency within a frame) or stacks (no blind spot)",
+    )
 
 
 def _model_config(args: argparse.Namespace, image_channels: int | None = None) -> VPNConfig:
     overrides = {
         k: getattr(args, k)
-        for k in ("enc_blocks", "dec_blocks", "filter_fraction", "image_channels", "output", "dilation", "block", "decoder")
+        for k in (
+            "enc_blocks",
+            "dec_blocks",
+            "filter_fraction",
+            "image_channels",
+            "output",
+            "dilation",
+            "block",
+            "decoder",
+        )
         if getattr(args, k) is not None
     }
     if image_channels is not None:
@@ -109,7 +122,9 @@ def cmd_info(args: argparse.Namespace) -> int:
                 "decoder": cfg.decoder,
                 "dilation": cfg.dilation,
                 "parameters": model.num_parameters(),
-                f"gflops_per_frame_{args.height}x{args.width}": round(model.flops_per_frame(args.height, args.width) / 1e9, 3),
+                f"gflops_per_frame_{args.height}x{args.width}": round(
+                    model.flops_per_frame(args.height, args.width) / 1e9, 3
+                ),
             }
         )
     if args.json:
@@ -127,7 +142,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag in ("steps", "batch_size", "lr", "seed", "device"):
         if getattr(args, flag) is not None:
             sets[flag] = getattr(args, flag)
-    resumed = TrainConfig.from_dict(load_checkpoint(args.resume)["train_config"]) if args.resume and not args.overfit else None
+    resumed = (
+        TrainConfig.from_dict(load_checkpoint(args.resume)["train_config"])
+        if args.resume and not args.overfit
+        else None
+    )
     source = {k: sets.get(k, getattr(resumed or TrainConfig(), k)) for k in ("data", "seed")}
     train_data = training_source(args.data, "fixed" if args.overfit else source["data"], source["seed"])
     image_channels = train_data[0].shape[1]
@@ -180,7 +199,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
     model = load_model(args.checkpoint, device)
     data = _dataset(args.data, args.split)
     result = score(model, data, tcfg, args.limit, context=args.context, batch_size=args.batch_size)
-    out = {"split": args.split, "sequences": result.sequences, "context": args.context, "nats_per_frame": result.nats_per_frame}
+    out = {
+        "split": args.split,
+        "sequences": result.sequences,
+        "context": args.context,
+        "nats_per_frame": result.nats_per_frame,
+    }
     if result.floor_nats_per_frame is not None:
         out["lower_bound_nats_per_frame"] = result.floor_nats_per_frame
         out["excess_nats_per_frame"] = result.excess_nats_per_frame
@@ -282,7 +306,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return args.func(args)
     except (ValueError, FileNotFoundError, TypeError) as err:

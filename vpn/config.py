@@ -16,17 +16,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Mapping
+from typing import Any
 
 # Widths of the paper's (and the TF code's "full") model, that filter_fraction scales.
 FULL_MU_CHANNELS = 128
 FULL_LSTM_CHANNELS = 256
 
 PRESETS: dict[str, dict[str, Any]] = {
-    "full": dict(enc_blocks=8, dec_blocks=12, filter_fraction=1.0),
-    "mini": dict(enc_blocks=4, dec_blocks=6, filter_fraction=0.25),
-    "micro": dict(enc_blocks=2, dec_blocks=3, filter_fraction=0.25),
+    "full": {"enc_blocks": 8, "dec_blocks": 12, "filter_fraction": 1.0},
+    "mini": {"enc_blocks": 4, "dec_blocks": 6, "filter_fraction": 0.25},
+    "micro": {"enc_blocks": 2, "dec_blocks": 3, "filter_fraction": 0.25},
 }
 
 OUTPUTS = ("categorical", "bernoulli")
@@ -139,7 +140,7 @@ class VPNConfig:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "VPNConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> VPNConfig:
         """Build from a mapping, rejecting keys that are not fields (a typo must not pass silently)."""
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
@@ -148,7 +149,7 @@ class VPNConfig:
         return cls(**dict(d))
 
     @classmethod
-    def preset(cls, name: str, **overrides: Any) -> "VPNConfig":
+    def preset(cls, name: str, **overrides: Any) -> VPNConfig:
         """A preset ("full", "mini", "micro"), with keyword overrides of any field."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
@@ -157,5 +158,5 @@ class VPNConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "VPNConfig":
+    def replace(self, **changes: Any) -> VPNConfig:
         return self.from_dict({**self.to_dict(), **changes})

@@ -16,12 +16,11 @@ of the same group, so the invariant carries through the gates.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 ConvFactory = Callable[[int, int, int], nn.Module]
 """(in_channels, out_channels, kernel_size) -> a resolution-preserving conv module."""
@@ -36,9 +35,7 @@ def colour_groups(channels: int, colours: int) -> Tensor:
     return torch.arange(channels) * colours // channels
 
 
-def causal_mask(
-    kernel_size: int, mask_type: str, in_groups: Tensor, out_groups: Tensor
-) -> Tensor:
+def causal_mask(kernel_size: int, mask_type: str, in_groups: Tensor, out_groups: Tensor) -> Tensor:
     """The PixelCNN mask for a kernel_size x kernel_size kernel: (out, in, k, k) float of 0/1.
 
     For one colour (in and out groups all 0) and k = 3:

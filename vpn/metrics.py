@@ -28,9 +28,7 @@ def grey_targets(frames: Tensor) -> Tensor:
     return frames.float() / 255.0
 
 
-def bernoulli_cross_entropy(
-    z: Tensor, *, logits: Tensor | None = None, probs: Tensor | None = None
-) -> Tensor:
+def bernoulli_cross_entropy(z: Tensor, *, logits: Tensor | None = None, probs: Tensor | None = None) -> Tensor:
     """Elementwise - [z log y + (1 - z) log(1 - y)] in nats, for y given as logits or as probs.
 
     z: float targets in [0, 1], any shape. Exactly one of `logits` or `probs` (same shape as z).

@@ -20,9 +20,8 @@ in frame t, earlier colours of pixel (i, j)).
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vpn.config import VPNConfig
 from vpn.layers import (
@@ -207,8 +206,7 @@ class StacksDecoder(nn.Module):
         # Biases of both stacks' input layers and of each block: v's n+1 chunks, then h's n+1.
         self.context_in = nn.Conv2d(cfg.lstm_channels, 2 * width * (cfg.dec_blocks + 1), 1)
         self.v_blocks = nn.ModuleList(
-            residual_block(cfg.block, width, _plain_conv, VerticalConv2d, VerticalConv2d)
-            for _ in range(cfg.dec_blocks)
+            residual_block(cfg.block, width, _plain_conv, VerticalConv2d, VerticalConv2d) for _ in range(cfg.dec_blocks)
         )
         self.h_blocks = nn.ModuleList(
             residual_block(cfg.block, width, masked_b, horizontal, horizontal_gates) for _ in range(cfg.dec_blocks)
@@ -234,7 +232,11 @@ class StacksDecoder(nn.Module):
         return self.head_out(F.relu(self.head_hidden(F.relu(h))))
 
 
-DECODER_CLASSES: dict[str, type[nn.Module]] = {"pixelcnn": Decoder, "baseline": BaselineDecoder, "stacks": StacksDecoder}
+DECODER_CLASSES: dict[str, type[nn.Module]] = {
+    "pixelcnn": Decoder,
+    "baseline": BaselineDecoder,
+    "stacks": StacksDecoder,
+}
 
 
 class VideoPixelNetwork(nn.Module):
@@ -342,9 +344,7 @@ class VideoPixelNetwork(nn.Module):
         if frames.dtype != torch.uint8:
             raise TypeError(f"frames must be uint8 intensities, got {frames.dtype}")
         if frames.ndim != 5 or frames.shape[2] != self.cfg.image_channels:
-            raise ValueError(
-                f"frames must be (B, T, {self.cfg.image_channels}, H, W), got {tuple(frames.shape)}"
-            )
+            raise ValueError(f"frames must be (B, T, {self.cfg.image_channels}, H, W), got {tuple(frames.shape)}")
         if frames.shape[1] < min_frames:
             raise ValueError(f"need at least {min_frames} frames, got T={frames.shape[1]}")
 

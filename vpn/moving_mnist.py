@@ -154,7 +154,9 @@ def make_plan(choices: dict[str, Any], labels: np.ndarray | None, spec: Sequence
     return SplitPlan(digit_index, label, start, theta, position, velocity, offset, choices["colour"])
 
 
-def plan_split(rng: np.random.Generator, n: int, pool_size: int, labels: np.ndarray | None, spec: SequenceSpec) -> SplitPlan:
+def plan_split(
+    rng: np.random.Generator, n: int, pool_size: int, labels: np.ndarray | None, spec: SequenceSpec
+) -> SplitPlan:
     """Draw every random choice of `n` sequences from one generator `rng` (see SplitPlan).
 
     labels: uint8 (pool_size,) labels of the pool, or None.
@@ -226,7 +228,7 @@ class MovingMNISTStream(Dataset):
         self.pool, self.spec, self.seed = pool, spec, int(seed)
 
     @classmethod
-    def from_folder(cls, root: str | Path, seed: int = 0) -> "MovingMNISTStream":
+    def from_folder(cls, root: str | Path, seed: int = 0) -> MovingMNISTStream:
         """The stream of a data stage's folder: its train_digits.npy and the protocol in stats.json."""
         root = Path(root)
         path = root / TRAIN_DIGITS_FILE
@@ -240,7 +242,9 @@ class MovingMNISTStream(Dataset):
         if not stats_path.is_file():
             raise FileNotFoundError(f"{stats_path}: no stats file; run `dvc repro generate`")
         params = json.loads(stats_path.read_text()).get("params", {})
-        fields = {k: params[k] for k in ("frame_size", "digit_size", "digits", "seq_len", "step", "colour") if k in params}
+        fields = {
+            k: params[k] for k in ("frame_size", "digit_size", "digits", "seq_len", "step", "colour") if k in params
+        }
         return cls(pool, SequenceSpec(**fields), seed)
 
     def __len__(self) -> int:

@@ -29,9 +29,8 @@ because no output at p ever reads p's last colour (mask A excludes it, and B's o
 from __future__ import annotations
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
-from torch import Tensor
+from torch import Tensor, nn
 
 from vpn.layers import (
     HorizontalConv2d,
@@ -55,7 +54,9 @@ def draw(logits: Tensor, output: str, temperature: float, generator: torch.Gener
     """
     scaled = logits.float() / temperature
     # One uniform per row, from the generator on its own device (a CPU generator may drive a CUDA model).
-    u = torch.rand(len(scaled), 1, generator=generator, device=generator.device if generator is not None else scaled.device)
+    u = torch.rand(
+        len(scaled), 1, generator=generator, device=generator.device if generator is not None else scaled.device
+    )
     u = u.to(scaled.device)  # (B, 1) in [0, 1)
     if output == "categorical":
         cdf = F.softmax(scaled, dim=-1).cumsum(dim=-1)  # (B, K), non-decreasing, last ~ 1
@@ -271,24 +272,38 @@ def _decode_cached(model, context, generator, temperature, record_logits, n_pixe
         i, j = divmod(p, w)
         if j == 0:  # row i-1 is final: the top taps of all of row i at once
             top_in = lin.frame_in.row(pixels, i) + cond[0][:, i]  # (B, W, 2c)
-            tops = [tuple(conv.row(c, i) for conv, c in zip(convs, cs)) for (_, _, convs, _), cs in zip(lin.blocks, caches)]
+            tops = [
+                tuple(conv.row(c, i) for conv, c in zip(convs, cs)) for (_, _, convs, _), cs in zip(lin.blocks, caches)
+            ]
             row_shifts = [cond[n + 1][:, i] + up_biases[n] for n in range(cfg.dec_blocks)]  # (B, W, 2c) each
         for colour in range(colours):
-            x = torch.addmm(top_in[:, j], pixels[:, i + 1, j : j + 2].reshape(b, -1), lin.frame_in.left_centre)  # (B, 2c)
+            x = torch.addmm(
+                top_in[:, j], pixels[:, i + 1, j : j + 2].reshape(b, -1), lin.frame_in.left_centre
+            )  # (B, 2c)
             for (is_rmb, down, convs, up), cs, top, shift in zip(lin.blocks, caches, tops, row_shifts):
                 x = x + shift[:, j]
                 if is_rmb:
                     d = torch.addmm(down[1], x, down[0])  # (B, c)
                     cs[0][:, i + 1, j + 1] = d
-                    m = _mu_gate(torch.addmm(top[0][:, j], cs[0][:, i + 1, j : j + 2].reshape(b, -1), convs[0].left_centre), d)
+                    m = _mu_gate(
+                        torch.addmm(top[0][:, j], cs[0][:, i + 1, j : j + 2].reshape(b, -1), convs[0].left_centre), d
+                    )
                     cs[1][:, i + 1, j + 1] = m
-                    m = _mu_gate(torch.addmm(top[1][:, j], cs[1][:, i + 1, j : j + 2].reshape(b, -1), convs[1].left_centre), m)
+                    m = _mu_gate(
+                        torch.addmm(top[1][:, j], cs[1][:, i + 1, j : j + 2].reshape(b, -1), convs[1].left_centre), m
+                    )
                 else:  # ReLU block: relu, 1x1 down, relu (cached: the 3x3's input), 3x3, relu
                     cs[0][:, i + 1, j + 1] = F.relu(torch.addmm(down[1], F.relu(x), down[0]))
-                    m = F.relu(torch.addmm(top[0][:, j], cs[0][:, i + 1, j : j + 2].reshape(b, -1), convs[0].left_centre))
+                    m = F.relu(
+                        torch.addmm(top[0][:, j], cs[0][:, i + 1, j : j + 2].reshape(b, -1), convs[0].left_centre)
+                    )
                 x = torch.addmm(x, m, up[0])  # up's bias is in the next shift (the last one: below)
             x = F.relu(x + up_biases[-1])
-            logits = torch.addmm(lin.head_out[colour][1], F.relu(torch.addmm(lin.head_hidden[1], x, lin.head_hidden[0])), lin.head_out[colour][0])  # (B, K)
+            logits = torch.addmm(
+                lin.head_out[colour][1],
+                F.relu(torch.addmm(lin.head_hidden[1], x, lin.head_hidden[0])),
+                lin.head_out[colour][0],
+            )  # (B, K)
             if record_logits is not None:
                 record_logits.append(logits.float().cpu())
             value = draw(logits, cfg.output, temperature, generator)

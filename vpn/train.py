@@ -36,9 +36,10 @@ import platform
 import random
 import re
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import numpy as np
 import torch
@@ -148,7 +149,7 @@ class TrainConfig:
             raise ValueError(f"test_sequences must be an integer >= 1 or null (the whole split), got {t!r}")
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> "TrainConfig":
+    def from_dict(cls, d: Mapping[str, Any]) -> TrainConfig:
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -158,7 +159,7 @@ class TrainConfig:
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> "TrainConfig":
+    def replace(self, **changes: Any) -> TrainConfig:
         return self.from_dict({**self.to_dict(), **changes})
 
 
@@ -423,7 +424,7 @@ class Trainer:
 
     @property
     def precision(self) -> str:
-        """"bf16" (autocast) or "fp32": what the forward pass actually runs in on this device."""
+        """ "bf16" (autocast) or "fp32": what the forward pass actually runs in on this device."""
         return "bf16" if (self.cfg.amp if self.device.type == "cuda" else self.cpu_bf16) else "fp32"
 
     def _autocast(self):
@@ -583,7 +584,7 @@ class Trainer:
         train_data: Dataset | Tensor,
         val_data: Dataset | Tensor | None = None,
         **train_overrides: Any,
-    ) -> "Trainer":
+    ) -> Trainer:
         """Rebuild the architecture and trainer from a checkpoint's own configs, then load its state."""
         state = load_checkpoint(path)
         train_cfg = TrainConfig.from_dict(state["train_config"]).replace(**train_overrides)
