@@ -60,7 +60,8 @@ from benchmarks.common import (
 )
 from benchmarks.reference import reference_model
 from vpn import VPNConfig
-from vpn.train import TrainConfig, Trainer, cpu_has_native_bf16
+from vpn.config import TrainConfig
+from vpn.train import Trainer, cpu_has_native_bf16
 
 log = logging.getLogger("bench_train")
 

@@ -1,4 +1,4 @@
-"""Pipeline stages (one module per DVC stage, `python -m pipeline.<stage>`) and the glue they share.
+"""The pipeline around the model: the data stages (data/), the sweep machinery (sweep/), the reports (report/).
 
 The model library `vpn` knows nothing of DVC, Ray or MLflow; everything that does lives here.
 """
@@ -15,5 +15,3 @@ except ModuleNotFoundError as err:  # the usual cause: `dvc repro` run with anot
         "activate the project's environment first (`. .venv/bin/activate`, then `dvc repro`).",
         name=err.name,
     ) from err
-
-from vpn.files import atomic_path as atomic_output  # noqa: F401  (the stages' name for it)

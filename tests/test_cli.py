@@ -11,11 +11,11 @@ import pytest
 import torch
 from PIL import Image
 
+from vpn.checkpoint import load_model
 from vpn.cli import main
 from vpn.config import VPNConfig
 from vpn.metrics import bernoulli_lower_bound
 from vpn.model import VideoPixelNetwork
-from vpn.train import load_model
 
 
 @pytest.fixture

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pipeline import fetch as fe
-from pipeline.fetch import FetchConfig, FetchError, fetch
+from pipeline.data import fetch as fe
+from pipeline.data.fetch import FetchConfig, FetchError, fetch
 from pipeline.params import ParamsError, section_from_mapping
 
 IDX_CODES = {np.dtype(np.uint8): 0x08, np.dtype(np.int32): 0x0C, np.dtype(np.float32): 0x0D}

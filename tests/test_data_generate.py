@@ -15,8 +15,8 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline import generate as gen
-from pipeline.generate import GenerateConfig, bounce, generate, plan_split, render
+from pipeline.data import generate as gen
+from pipeline.data.generate import GenerateConfig, bounce, generate, plan_split, render
 from pipeline.params import ParamsError, section_from_mapping
 from vpn.data import SPLITS, load_split, meta_path, read_stats
 from vpn.metrics import bernoulli_lower_bound

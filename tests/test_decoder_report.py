@@ -1,4 +1,4 @@
-"""The decoder comparison (pipeline/decoder_report.py) on tiny synthetic summaries."""
+"""The decoder comparison (pipeline/report/decoders.py) on tiny synthetic summaries."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.decoder_report import decoder_comparison, match_pairs, seed_noise, verdict
-from pipeline.report import ReportParams, build_report
+from pipeline.report.build import ReportParams, build_report
+from pipeline.report.decoders import decoder_comparison, match_pairs, seed_noise, verdict
 
 
 def trial(

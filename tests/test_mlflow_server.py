@@ -17,9 +17,9 @@ import pytest
 import torch
 import yaml
 
-from pipeline import tracking
-from pipeline.spec import load_spec
-from pipeline.sweep import QUIET_ENV, run_sweep
+from pipeline.sweep import tracking
+from pipeline.sweep.driver import QUIET_ENV, run_sweep
+from pipeline.sweep.spec import load_spec
 
 pytestmark = [
     pytest.mark.slow,

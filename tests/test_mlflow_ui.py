@@ -20,10 +20,10 @@ import torch
 import yaml
 from PIL import Image
 
-from pipeline import pictures, registry, tracking
-from pipeline.spec import load_spec
-from pipeline.sweep import QUIET_ENV, run_sweep
-from vpn.train import load_model
+from pipeline.sweep import pictures, registry, tracking
+from pipeline.sweep.driver import QUIET_ENV, run_sweep
+from pipeline.sweep.spec import load_spec
+from vpn.checkpoint import load_model
 
 pytestmark = [
     pytest.mark.slow,
@@ -143,7 +143,7 @@ def test_train_sweep_as_the_ui_shows_it(env):
         # the code: the Source and Version columns
         tags = run.data.tags
         assert tags[tracking.TAG_GIT_COMMIT] == commit and tags[tracking.TAG_GIT_DIRTY] == str(dirty).lower()
-        assert tags[tracking.TAG_SOURCE_NAME] == "pipeline/sweep.py" and tags[tracking.TAG_PRECISION] == "fp32"
+        assert tags[tracking.TAG_SOURCE_NAME] == "pipeline/sweep/driver.py" and tags[tracking.TAG_PRECISION] == "fp32"
     # bits per sub-pixel beside nats per frame, for the categorical head only: nats / (C*H*W ln 2)
     cat, bern = runs["cat"].data.metrics, runs["bern"].data.metrics
     for split in ("train", "val", "test"):

@@ -11,7 +11,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.report import (
+from pipeline.report.build import (
     ReportParams,
     ResultsError,
     build_report,
@@ -94,7 +94,7 @@ def test_report_figures_table_and_numbers(tmp_path):
 def test_curves_figure_plots_the_tables_curves(tmp_path, monkeypatch):
     """The curves figure draws, per split panel, one line per finished trial whose points are that
     trial's (step, value) rows of curves.parquet (val: the logged ones); one colour per depth."""
-    from pipeline import report
+    from pipeline.report import build as report
 
     figures = {}
     save = report._save
@@ -203,9 +203,11 @@ def test_samples_use_the_trials_preparation_and_the_overfit_sequence(tmp_path):
     report must pool as the trial did (its row) and sample the sequence it memorised."""
     import torch
 
-    from pipeline.report import sample_frames
+    from pipeline.report.build import sample_frames
     from vpn import VPNConfig
-    from vpn.train import TrainConfig, Trainer, prepare
+    from vpn.config import TrainConfig
+    from vpn.evaluate import prepare
+    from vpn.train import Trainer
 
     rng = np.random.default_rng(0)
     data = tmp_path / "data"
@@ -301,13 +303,13 @@ def test_overfit_report_shows_the_blog_posts_figure(tmp_path):
 
 
 def test_report_from_a_real_mlflow_store_with_a_failed_trial_and_an_empty_experiment(tmp_path):
-    """The path the pipeline takes: MLflow runs -> pipeline.results tables -> report. A failed run
+    """The path the pipeline takes: MLflow runs -> pipeline.sweep.results tables -> report. A failed run
     is marked with its error; an experiment without runs gives a report that says so."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from pipeline import tracking
-    from pipeline.results import write_results
+    from pipeline.sweep import tracking
+    from pipeline.sweep.results import write_results
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("real", artifact_location=(tmp_path / "art").as_uri())

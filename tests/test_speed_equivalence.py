@@ -13,9 +13,10 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from benchmarks.reference import PlainConvLSTM, PlainMaskedConv2d, SeparateMultiplicativeUnit, reference_model
 from vpn import VideoPixelNetwork, VPNConfig
+from vpn.config import TrainConfig
 from vpn.layers import MaskedConv2d, MultiplicativeUnit
 from vpn.sample import draw
-from vpn.train import TrainConfig, Trainer
+from vpn.train import Trainer
 
 
 def tiny_cfg(**kw) -> VPNConfig:

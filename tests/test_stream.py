@@ -15,13 +15,16 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.generate import DataError, GenerateConfig, generate
+from pipeline.data.generate import DataError, GenerateConfig, generate
 from tests.test_data_generate import TINY, make_fake_mnist, naive_render
 from vpn import VideoPixelNetwork, VPNConfig
+from vpn.batches import stream_indices
+from vpn.config import TrainConfig
 from vpn.data import MovingMNIST, read_stats, training_source
+from vpn.evaluate import prepare, score
 from vpn.metrics import bernoulli_lower_bound
 from vpn.moving_mnist import STREAM_KEY, TRAIN_DIGITS_FILE, MovingMNISTStream, digit_images, plan_split
-from vpn.train import TrainConfig, Trainer, prepare, score, stream_indices
+from vpn.train import Trainer
 
 
 @pytest.fixture(scope="module")

@@ -21,14 +21,15 @@ import pytest
 import torch
 import yaml
 
-from pipeline import results, tracking
-from pipeline.spec import load_spec
-from pipeline.sweep import QUIET_ENV, run_sweep
-from vpn.config import VPNConfig
+from pipeline.sweep import results, tracking
+from pipeline.sweep.driver import QUIET_ENV, run_sweep
+from pipeline.sweep.spec import load_spec
+from vpn.checkpoint import load_model
+from vpn.config import TrainConfig, VPNConfig
 from vpn.data import MovingMNIST
 from vpn.metrics import bernoulli_lower_bound
 from vpn.model import VideoPixelNetwork, count_flops_per_frame
-from vpn.train import TrainConfig, Trainer, load_model
+from vpn.train import Trainer
 
 pytestmark = [
     pytest.mark.slow,
@@ -225,7 +226,7 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     assert metrics["best"]["trial"] == best["trial"]
     assert metrics["best"]["test_excess_nats_per_frame"] == pytest.approx(best["test_excess_nats_per_frame"])
 
-    # `python -m pipeline.results` rebuilds the same tables from MLflow alone.
+    # `python -m pipeline.sweep.results` rebuilds the same tables from MLflow alone.
     again = env["root"] / "results_again"
     assert results.main(["full_sweep", "--out", str(again)]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(again / "trials.parquet"), trials)

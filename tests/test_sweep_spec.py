@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.spec import SpecError, load_spec
-from pipeline.sweep import DataError, check_data
+from pipeline.sweep.driver import DataError, check_data
+from pipeline.sweep.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -300,7 +300,7 @@ def test_cli_bad_spec_fails_before_ray(tmp_path):
     probe = textwrap.dedent(
         f"""
         import sys
-        from pipeline.sweep import main
+        from pipeline.sweep.driver import main
         rc = main([{str(spec)!r}, "--profile", "cpu", "--storage", {str(storage)!r}])
         assert "ray" not in sys.modules, "Ray was imported for a bad spec"
         sys.exit(rc)
@@ -317,7 +317,7 @@ def test_cli_bad_spec_fails_before_ray(tmp_path):
 
 
 def test_cli_unknown_profile(tmp_path):
-    from pipeline.sweep import main
+    from pipeline.sweep.driver import main
 
     spec = write_spec(tmp_path, BASE)
     assert main([str(spec), "--profile", "tpu"]) == 2
@@ -343,7 +343,7 @@ def test_cluster_config_is_a_valid_ray_cluster_launcher_config():
 
 # -- resources: GPUs only where the cluster has them ----------------------------------------------------
 def test_gpus_are_requested_only_where_the_cluster_has_them(tmp_path, caplog):
-    from pipeline.sweep import choose_profile, trial_resources
+    from pipeline.sweep.driver import choose_profile, trial_resources
 
     spec = load_spec(
         write_spec(

@@ -9,7 +9,10 @@ import pytest
 import torch
 
 from vpn import VPNConfig
-from vpn.train import NonFiniteLossError, TrainConfig, Trainer, load_checkpoint, load_model, overfit
+from vpn.checkpoint import load_checkpoint, load_model
+from vpn.config import TrainConfig
+from vpn.overfit import overfit
+from vpn.train import NonFiniteLossError, Trainer
 
 TINY = VPNConfig.preset("micro", filter_fraction=8 / 128, output="bernoulli")
 
@@ -128,7 +131,7 @@ def test_validation_is_logged_and_finite():
 def test_validation_value_is_the_models_nll_of_the_first_sequences():
     """evaluate() = mean of model.nll(prepare(x), context) over the first val_batches * batch_size
     val sequences, frames context..T-1 each. Also with a last batch that is not full."""
-    from vpn.train import prepare
+    from vpn.evaluate import prepare
 
     val = moving_digits(7, t=6, seed=5)
     cfg = TrainConfig(steps=1, batch_size=3, val_batches=2, context=2, seq_len=5, device="cpu")
@@ -146,7 +149,7 @@ def test_validation_value_is_the_models_nll_of_the_first_sequences():
 
 
 def test_seq_len_keeps_the_first_frames():
-    from vpn.train import prepare
+    from vpn.evaluate import prepare
 
     frames = torch.randint(0, 256, (2, 6, 1, 4, 4), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     assert torch.equal(prepare(frames, TrainConfig(seq_len=4, context=2)), frames[:, :4])
@@ -176,7 +179,7 @@ def test_train_config_rejects_unknown_keys():
 
 
 def test_downsample_and_seq_len():
-    from vpn.train import prepare
+    from vpn.evaluate import prepare
 
     frames = moving_digits(2, t=6, size=8)
     out = prepare(frames, TrainConfig(seq_len=4, downsample=2, context=2))

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from vpn import VPNConfig
-from vpn.train import TrainConfig, Trainer, load_checkpoint
+from vpn.checkpoint import load_checkpoint
+from vpn.config import TrainConfig
+from vpn.train import Trainer
 
 TINY = VPNConfig(enc_blocks=1, dec_blocks=1, filter_fraction=8 / 128, output="bernoulli")
 
@@ -119,7 +121,7 @@ def test_trials_silence_rays_per_checkpoint_lines():
 
     from ray.train._internal import storage
 
-    from pipeline.trainable import quiet_framework_logs
+    from pipeline.sweep.trainable import quiet_framework_logs
 
     assert "Checkpoint successfully created" in inspect.getsource(storage)  # the line this silences
     quiet_framework_logs()

@@ -19,17 +19,11 @@ from typing import Any
 import torch
 import yaml
 
-from vpn.config import BLOCKS, DECODERS, PRESETS, VPNConfig
-from vpn.train import (
-    TrainConfig,
-    Trainer,
-    load_checkpoint,
-    load_model,
-    overfit,
-    prepare,
-    resolve_device,
-    score,
-)
+from vpn.checkpoint import load_checkpoint, load_model
+from vpn.config import BLOCKS, DECODERS, PRESETS, TrainConfig, VPNConfig
+from vpn.evaluate import prepare, score
+from vpn.overfit import overfit
+from vpn.train import Trainer, resolve_device
 
 log = logging.getLogger("vpn")
 

@@ -1,4 +1,6 @@
-"""VPNConfig: every hyperparameter of a Video Pixel Network, in one frozen dataclass.
+"""The two configurations, one frozen dataclass each: VPNConfig (the architecture) and TrainConfig (how to train).
+
+VPNConfig holds every hyperparameter of a Video Pixel Network.
 
 The presets follow the seed blog post (o-tawab/Video-Pixel-Networks), relative to the paper's model:
 
@@ -18,7 +20,7 @@ import dataclasses
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Self
 
 # Widths of the paper's (and the TF code's "full") model, that filter_fraction scales.
 FULL_MU_CHANNELS = 128
@@ -48,8 +50,30 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+class _Config:
+    """from_dict / to_dict / replace, shared by the frozen config dataclasses below.
+
+    from_dict rejects keys that are not fields (a typo must not pass silently: flax's `n_resent`
+    did nothing), and replace goes through it, so every change is validated by __post_init__.
+    """
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def replace(self, **changes: Any) -> Self:
+        return self.from_dict({**self.to_dict(), **changes})
+
+
 @dataclass(frozen=True)
-class VPNConfig:
+class VPNConfig(_Config):
     """Architecture of a Video Pixel Network.
 
     enc_blocks: residual multiplicative blocks in the per-frame encoder (paper: k = 8).
@@ -140,23 +164,102 @@ class VPNConfig:
 
     # -- construction ---------------------------------------------------------------------------
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> VPNConfig:
-        """Build from a mapping, rejecting keys that are not fields (a typo must not pass silently)."""
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown VPNConfig key(s) {unknown}; valid keys are {sorted(names)}")
-        return cls(**dict(d))
-
-    @classmethod
     def preset(cls, name: str, **overrides: Any) -> VPNConfig:
         """A preset ("full", "mini", "micro"), with keyword overrides of any field."""
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
-    def replace(self, **changes: Any) -> VPNConfig:
-        return self.from_dict({**self.to_dict(), **changes})
+# How to train: the loop is vpn.train; these are its settings.
+MEMORY_FORMATS = ("auto", "channels_last", "contiguous")
+DATA_SOURCES = ("fixed", "stream")
+
+
+@dataclass(frozen=True)
+class TrainConfig(_Config):
+    """How to train. Every field can be set from the CLI (--set key=value) or a sweep spec.
+
+    steps: optimizer updates in total.  batch_size: sequences per update.
+    lr, rmsprop_alpha, rmsprop_eps: RMSProp (lr 3e-4 as in the TF code; alpha 0.9 is TF's decay).
+    grad_clip: max global gradient norm of the per-sub-pixel loss (0 disables).
+    seed: model initialisation and batch order.
+    log_every: steps between host syncs / progress updates / logged metrics.
+    val_every, val_batches: validation period in steps, and batches of the validation split per run.
+    context: frames of context when scoring validation (the paper scores frames 10..19 given 0..9).
+    ckpt_every: steps between checkpoints (0: only at the end).
+    seq_len: use the first seq_len frames of each sequence (None: all).
+    downsample: average-pool frames by this factor (1: full size), for quick CPU runs.
+    device: "auto" (CUDA if present), "cpu" or "cuda[:N]".  amp: bf16 autocast on CUDA.
+    cpu_amp: bf16 autocast on CPU too. Off by default: on a CPU with native bf16 (AVX512-BF16, AMX)
+        it is faster, but it is no longer fp32 training, and the sweeps compare fp32 curves. On a
+        CPU without native bf16 (cpu_has_native_bf16() is False) it is ignored with a warning and
+        training runs in fp32: there bf16 is emulated, and a step measured about 30x slower.
+    memory_format: "auto" (channels_last on CUDA, where cuDNN's bf16 convolutions run NHWC;
+        contiguous on CPU, where channels_last measured slower), "channels_last" or "contiguous".
+    compile: torch.compile the forward pass and loss (fuses the gates' elementwise ops). Off by
+        default: compiling costs about a minute on a small CPU, more than short runs gain.
+    num_workers: DataLoader worker processes.
+    data: "fixed" (the data stage's train.npy, sampled with replacement) or "stream" (fresh sequences
+        from the training digits at every step, as the paper trains: vpn.moving_mnist).
+    test_sequences: how many sequences of the test split `Trainer.score` uses at the end of a sweep
+        trial (the first ones; None: the whole split, the paper's 10,000).
+    """
+
+    steps: int = 2000
+    batch_size: int = 8
+    lr: float = 3e-4
+    rmsprop_alpha: float = 0.9
+    rmsprop_eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    log_every: int = 10
+    val_every: int = 250
+    val_batches: int = 4
+    context: int = 10
+    ckpt_every: int = 500
+    seq_len: int | None = None
+    downsample: int = 1
+    device: str = "auto"
+    amp: bool = True
+    cpu_amp: bool = False
+    memory_format: str = "auto"
+    compile: bool = False
+    num_workers: int = 0
+    data: str = "fixed"
+    test_sequences: int | None = None
+
+    def __post_init__(self) -> None:
+        positive = ("steps", "batch_size", "log_every", "val_every", "val_batches", "context", "downsample")
+        for name in positive:
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("ckpt_every", "num_workers", "seed"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        for name in ("lr", "rmsprop_eps"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
+                raise ValueError(f"{name} must be a positive number, got {value!r}")
+        if not 0 < self.rmsprop_alpha < 1:
+            raise ValueError(f"rmsprop_alpha must be in (0, 1), got {self.rmsprop_alpha!r}")
+        if not self.grad_clip >= 0:
+            raise ValueError(f"grad_clip must be >= 0, got {self.grad_clip!r}")
+        if self.seq_len is not None and (not isinstance(self.seq_len, int) or self.seq_len < 2):
+            raise ValueError(f"seq_len must be an integer >= 2 or null, got {self.seq_len!r}")
+        if self.seq_len is not None and self.context >= self.seq_len:
+            raise ValueError(f"context={self.context} must be < seq_len={self.seq_len}")
+        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
+            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        for name in ("amp", "cpu_amp", "compile"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        if self.memory_format not in MEMORY_FORMATS:
+            raise ValueError(f"memory_format must be one of {MEMORY_FORMATS}, got {self.memory_format!r}")
+        if self.data not in DATA_SOURCES:
+            raise ValueError(f"data must be one of {DATA_SOURCES}, got {self.data!r}")
+        t = self.test_sequences
+        if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
+            raise ValueError(f"test_sequences must be an integer >= 1 or null (the whole split), got {t!r}")

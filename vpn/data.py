@@ -1,6 +1,6 @@
 """Moving MNIST as the models see it: memory-mapped uint8 videos (N, T, C, H, W).
 
-The data stage (pipeline/generate.py) writes one .npy per split under a root folder
+The data stage (pipeline/data/generate.py) writes one .npy per split under a root folder
 (data/moving_mnist by default): train.npy, val.npy, test.npy, each uint8 (N, T, C, H, W) with C = 1
 (grey) or 3 (the coloured variant), plus <split>_meta.parquet and stats.json. Here the arrays are
 opened with np.load(mmap_mode="r"), so a dataset of any size costs no RAM until a sequence is read,

@@ -26,6 +26,12 @@ ConvFactory = Callable[[int, int, int], nn.Module]
 """(in_channels, out_channels, kernel_size) -> a resolution-preserving conv module."""
 
 
+# The model and the sampler both turn uint8 pixels into inputs; here, so neither imports the other for it.
+def to_input(frames: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
+    """uint8 intensities -> inputs in [-1, 1] of `dtype`, same shape."""
+    return frames.to(dtype) * (2.0 / 255.0) - 1.0
+
+
 def colour_groups(channels: int, colours: int) -> Tensor:
     """Colour group (0..colours-1) of each of `channels` channels, in contiguous runs: (channels,) long.
 

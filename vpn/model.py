@@ -32,13 +32,10 @@ from vpn.layers import (
     colour_groups,
     residual_block,
     shift_down,
+    to_input,
 )
 from vpn.metrics import bernoulli_cross_entropy, categorical_cross_entropy, grey_targets, per_frame
-
-
-def to_input(frames: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
-    """uint8 intensities -> inputs in [-1, 1] of `dtype`, same shape."""
-    return frames.to(dtype) * (2.0 / 255.0) - 1.0
+from vpn.sample import sample_video
 
 
 class Encoder(nn.Module):
@@ -317,8 +314,6 @@ class VideoPixelNetwork(nn.Module):
         pixel; "naive" reruns the whole decoder for every pixel (the public implementations' way,
         kept as the reference).
         """
-        from vpn.sample import sample_video
-
         return sample_video(self, context_frames, n_frames, generator, temperature, method)
 
     @property

@@ -2,7 +2,7 @@
 
 One implementation of the protocol serves both ways of making sequences, so they cannot drift apart:
 
-- pipeline/generate.py (DVC stage `generate`) renders the fixed train/val/test files, drawing every
+- pipeline/data/generate.py (DVC stage `generate`) renders the fixed train/val/test files, drawing every
   random choice of a split from one generator (`plan_split`);
 - `MovingMNISTStream` draws fresh training sequences without end, as the paper trains (its models saw
   19.2M sequences), each from its own generator seeded by (seed, sequence id), so that the batch of

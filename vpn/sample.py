@@ -28,6 +28,8 @@ because no output at p ever reads p's last colour (mask A excludes it, and B's o
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -39,8 +41,11 @@ from vpn.layers import (
     ResidualMultiplicativeBlock,
     ResidualReLUBlock,
     VerticalConv2d,
+    to_input,
 )
-from vpn.model import StacksDecoder, VideoPixelNetwork, to_input
+
+if TYPE_CHECKING:  # annotations only: the model calls the sampler (VideoPixelNetwork.sample), not the reverse
+    from vpn.model import StacksDecoder, VideoPixelNetwork
 
 METHODS = ("cached", "naive")
 

@@ -1,7 +1,7 @@
 """The best trial of a sweep, as an MLflow model registered under the sweep's name.
 
 After the results tables are written, the driver takes the trial they rank best (metrics.json's
-`best`, from pipeline.results.summary: in train mode the least excess of the test NLL over its floor,
+`best`, from pipeline.sweep.results.summary: in train mode the least excess of the test NLL over its floor,
 in overfit mode the least train NLL), rebuilds its VideoPixelNetwork from the run's checkpoint
 artifact, and logs it into that same run with mlflow.pytorch.log_model, registered in the Model
 Registry as the sweep's name. The runs table's Model column and the Models page then show it, and it
@@ -28,8 +28,8 @@ import tempfile
 from collections.abc import Iterator, Mapping
 from typing import Any
 
-from pipeline import tracking
-from pipeline.spec import repo_root
+from pipeline.paths import repo_root
+from pipeline.sweep import tracking
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +95,7 @@ def register_best(client, uri: str, sweep: str, summary: Mapping[str, Any]) -> s
     import numpy as np
     import torch
 
-    from vpn.train import load_model
+    from vpn.checkpoint import load_model
 
     best = summary.get("best")
     if not best:

@@ -6,7 +6,7 @@ Tune trial is a light driver (`driver`) that builds a ray.train.torch.TorchTrain
 table, ASHA and the driver-side TrackingCallback see a data-parallel trial as any other.
 
 - Placement (`plan`, before any trial starts): each worker asks for the per-worker resources
-  (pipeline.spec.RunSettings: cpus_per_worker, gpus_per_worker). A TorchTrainer places its workers
+  (pipeline.sweep.spec.RunSettings: cpus_per_worker, gpus_per_worker). A TorchTrainer places its workers
   across nodes, so a trial fits when the live nodes together hold N such bundles. If they cannot
   the sweep stops at once with an error naming the fields: a placement group that can never be
   placed would leave the trial waiting forever. GPUs are requested only where the cluster has some
@@ -15,7 +15,7 @@ table, ASHA and the driver-side TrackingCallback see a data-parallel trial as an
   is to keep drivers on a node that training cannot take down, such as the head), and the sweep
   runs at most as many trials at once as the cluster holds worker groups (max_concurrent_trials),
   so idle drivers do not pile up waiting for workers.
-- Workers (`worker`): each rank runs pipeline.trainable.run_trial with ray.train as its session.
+- Workers (`worker`): each rank runs pipeline.sweep.trainable.run_trial with ray.train as its session.
   TorchTrainer has started the process group (NCCL on GPUs, gloo on CPUs), so vpn.train.Trainer
   shards each step's global batch by rank and wraps the model in DDP: N workers compute the
   one-worker curve up to float rounding. Rank 0 alone talks to MLflow and writes checkpoints; every
@@ -27,7 +27,7 @@ table, ASHA and the driver-side TrackingCallback see a data-parallel trial as an
   run.max_failures)), waiting for the cluster to offer N workers again. A dead driver (its node
   lost, the sweep interrupted and resumed): Tune restarts the trial, and the new TorchTrainer finds
   the run's checkpoints in storage and continues from the last. Either way rank 0 reattaches to the
-  trial's MLflow run and logs no step twice (pipeline.tracking.MetricBuffer).
+  trial's MLflow run and logs no step twice (pipeline.sweep.tracking.MetricBuffer).
 - Non-finite loss: the loss is all-reduced, so every rank sees it at the same step. Rank 0 marks the
   run FAILED as a one-worker trial does; every rank then ends without an error (a NaN is
   deterministic: Ray Train must not retry it) and the driver raises NonFiniteLoss, so that Tune
@@ -44,8 +44,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline import tracking
-from pipeline.spec import RunSettings
+from pipeline.sweep import tracking
+from pipeline.sweep.spec import RunSettings
 
 log = logging.getLogger(__name__)
 
@@ -122,10 +122,10 @@ def driver(config: Mapping[str, Any], plan: Mapping[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.trainable import refuse_known_non_finite
+    from pipeline.sweep.trainable import refuse_known_non_finite
 
     cfg = config["trial"]
-    if cfg.get("fault"):  # test hook: rank 0 may kill this driver (pipeline.trainable._Reporter)
+    if cfg.get("fault"):  # test hook: rank 0 may kill this driver (pipeline.sweep.trainable._Reporter)
         cfg = {**cfg, "fault": {**cfg["fault"], "driver_pid": os.getpid()}}
     client = tracking.client(cfg["tracking_uri"])
     refuse_known_non_finite(tracking.retrying(client.get_run, cfg["run_id"]))
@@ -158,7 +158,7 @@ def worker(loop_config: Mapping[str, Any]) -> None:
     import ray.train
     import torch
 
-    from pipeline.trainable import NonFiniteLoss, TrialClosed, run_trial
+    from pipeline.sweep.trainable import NonFiniteLoss, TrialClosed, run_trial
 
     plan = loop_config["plan"]
     rank = ray.train.get_context().get_world_rank()

@@ -8,7 +8,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from pipeline import tracking
+from pipeline.sweep import tracking
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """Results tables of a sweep, read back from MLflow (never from the driver's memory).
 
-    python -m pipeline.results sweeps/depth_width.yaml [--profile cpu] [--sweep-id ID] [--out DIR]
-    python -m pipeline.results depth_width --profile cpu
+    python -m pipeline.sweep.results sweeps/depth_width.yaml [--profile cpu] [--sweep-id ID] [--out DIR]
+    python -m pipeline.sweep.results depth_width --profile cpu
 
 writes, atomically, results/<sweep name>/:
 - trials.parquet: one row per trial (TRIAL_COLUMNS): identity and status, the configs, the size
@@ -32,10 +32,11 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline import atomic_output, tracking
-from pipeline.spec import SpecError, load_spec, repo_root
-from vpn.config import VPNConfig
-from vpn.train import TrainConfig
+from pipeline.paths import repo_root
+from pipeline.sweep import tracking
+from pipeline.sweep.spec import SpecError, load_spec
+from vpn.config import TrainConfig, VPNConfig
+from vpn.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -218,18 +219,18 @@ def write_results(client, name: str, profile: str, sweep_id: str, mode: str, out
     runs = tracking.sweep_runs(client, exp.experiment_id, sweep_id)
     trials, curves = tables(client, runs)
     out = out_dir or repo_root() / "results" / name
-    with atomic_output(out / "trials.parquet") as tmp:
+    with atomic_path(out / "trials.parquet") as tmp:
         trials.to_parquet(tmp, index=False)
-    with atomic_output(out / "curves.parquet") as tmp:
+    with atomic_path(out / "curves.parquet") as tmp:
         curves.to_parquet(tmp, index=False)
-    with atomic_output(out / "metrics.json") as tmp:
+    with atomic_path(out / "metrics.json") as tmp:
         tmp.write_text(json.dumps(summary(trials, name, profile, sweep_id, mode), indent=2) + "\n")
     log.info("results of %s: %d trial(s), %d curve point(s) -> %s", sweep_id, len(trials), len(curves), out)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.results SPEC_OR_NAME [--profile P] [--sweep-id ID] [--out DIR]`."""
+    """`python -m pipeline.sweep.results SPEC_OR_NAME [--profile P] [--sweep-id ID] [--out DIR]`."""
     parser = argparse.ArgumentParser(description="Rebuild a sweep's results tables from MLflow.")
     parser.add_argument("sweep", help="sweep spec YAML or sweep name")
     parser.add_argument("--profile", help="profile (default: the only one run)")

@@ -32,12 +32,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from pipeline import atomic_output
+from vpn.files import atomic_path
 
 REFERENCE = "pixelcnn"
 # The axes that set a model's size: a pair may differ in them (that is how sizes are matched).
 SIZE_COLUMNS = ("enc_blocks", "dec_blocks", "filter_fraction")
-# The conditions a pair shares (pipeline.results' columns, as pipeline.report.load_results names
+# The conditions a pair shares (pipeline.sweep.results' columns, as pipeline.report.load_results names
 # them): the model's fields but the decoder and the sizes, the training fields that change the
 # result (not logging, checkpointing or the device), the seed's sample, and the frame size.
 CONDITIONS = (
@@ -207,7 +207,7 @@ def plot_decoders(summary: pd.DataFrame, pairs: pd.DataFrame, out: Path) -> Path
         ax.legend(fontsize=8)
     fig.suptitle("decoders at matched parameters (grey: pairs joined)", fontsize=10)
     try:
-        with atomic_output(out) as tmp:
+        with atomic_path(out) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)

@@ -15,7 +15,7 @@ Reporting, checkpointing and logging hang off the Trainer's hooks:
   (vpn.train.Trainer.score: model.nll over frames context..T-1, on train.test_sequences sequences or
   all): test_nats_per_frame, and the floor of exactly those frames, test_floor_nats_per_frame.
   A trial that ASHA stops early never reaches its end and has no test score.
-- pictures (pipeline.pictures), for MLflow's image view: at each validation a train-mode trial
+- pictures (pipeline.sweep.pictures), for MLflow's image view: at each validation a train-mode trial
   draws run.sample_frames frames after the context of validation sequence 0 ("samples"); an overfit
   trial shows its reconstruction of the sequence ("reconstruction") at its first report, at each
   checkpoint and at its last step. A categorical head's NLLs are also logged in bits per sub-pixel.
@@ -31,7 +31,7 @@ FAILED with tags error and non_finite_step, and the error is raised so that Ray 
 ERROR; the other trials go on. A NaN is deterministic (same batches, same weights), so a retry
 that finds its run failed this way raises again at once instead of training to the same NaN.
 
-Data-parallel trials (run.workers_per_trial > 1, pipeline.distributed) run the same `run_trial` on
+Data-parallel trials (run.workers_per_trial > 1, pipeline.sweep.distributed) run the same `run_trial` on
 every Ray Train worker, with ray.train in place of ray.tune: rank 0 alone talks to MLflow and writes
 the checkpoints, every rank reports (a barrier in Ray Train) and scores its share.
 """
@@ -52,10 +52,12 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline import pictures, tracking
-from vpn.config import VPNConfig
+from pipeline.sweep import pictures, tracking
+from vpn.config import TrainConfig, VPNConfig
 from vpn.data import MovingMNIST, training_source
-from vpn.train import NonFiniteLossError, TrainConfig, Trainer, prepare, sequence_floor
+from vpn.evaluate import prepare
+from vpn.overfit import sequence_floor
+from vpn.train import NonFiniteLossError, Trainer
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +237,7 @@ class _Reporter:
     def _flush(self) -> None:
         # Workers of a data-parallel trial outlive a stop of their trial (ASHA ends the driver; Ray
         # takes the workers down a moment later): once the driver side has closed the run
-        # (pipeline.callbacks.TrackingCallback), nothing more may reach it.
+        # (pipeline.sweep.callbacks.TrackingCallback), nothing more may reach it.
         if self.trainer.world_size > 1:
             status = tracking.retrying(self.client.get_run, self.run_id).info.status
             if status != "RUNNING":
@@ -271,7 +273,7 @@ class _Reporter:
         # hold_at_step: on that rank, write {"node_id", "pid", "step"} to fault["marker"] and wait
         #   (hold_s, default 300 s), so that a test can kill this worker's node at a known step.
         # kill_driver_at_step: on rank 0 of a data-parallel trial, SIGKILL the trial's driver
-        #   (fault["driver_pid"], set by pipeline.distributed.driver), then wait to be torn down.
+        #   (fault["driver_pid"], set by pipeline.sweep.distributed.driver), then wait to be torn down.
         fault, rank = self.fault, self.trainer.rank
         if fault.get("kill_driver_at_step") == step and rank == 0 and _first_to(fault["driver_marker"], str(step)):
             os.kill(fault["driver_pid"], signal.SIGKILL)

@@ -43,9 +43,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm import tqdm
 
-from pipeline import atomic_output
 from pipeline.params import ParamsError, load_section, stage_argparser
 from vpn.data import SPLITS, STATS_FILE, meta_path, split_path
+from vpn.files import atomic_path
 from vpn.metrics import bernoulli_lower_bound
 from vpn.moving_mnist import (  # noqa: F401  (the protocol; re-exported: the stage's tests use these names)
     TRAIN_DIGITS_FILE,
@@ -373,8 +373,8 @@ def generate(cfg: GenerateConfig, mnist_path: Path, out_dir: Path, base_dir: Pat
         for split, stream in zip(SPLITS, streams, strict=True):
             pool_name, first, stop = split_pools[split]
             pool = mnist[pool_name][first:stop]
-            tmp = pending.enter_context(atomic_output(split_path(out_dir, split)))
-            meta = pending.enter_context(atomic_output(meta_path(out_dir, split)))
+            tmp = pending.enter_context(atomic_path(split_path(out_dir, split)))
+            meta = pending.enter_context(atomic_path(meta_path(out_dir, split)))
             if split == "test" and test_array is not None:
                 n = test_array.shape[1]
                 shape = (n, cfg.seq_len, 1, cfg.frame_size, cfg.frame_size)
@@ -394,20 +394,20 @@ def generate(cfg: GenerateConfig, mnist_path: Path, out_dir: Path, base_dir: Pat
             log.info("%s: %s done at %.1f s", split, tuple(split_stats["shape"]), time.perf_counter() - started)
         # The streamed training source's digits: the train split's pool, and only it.
         pool_name, first, stop = split_pools["train"]
-        with open(pending.enter_context(atomic_output(out_dir / TRAIN_DIGITS_FILE)), "wb") as f:
+        with open(pending.enter_context(atomic_path(out_dir / TRAIN_DIGITS_FILE)), "wb") as f:
             np.save(f, np.ascontiguousarray(mnist[pool_name][first:stop]), allow_pickle=False)
         stats["stream_digit_pool"] = f"{pool_name}[{first}:{stop}]"
         test = stats["splits"]["test"]
         stats["lower_bound_nats_per_frame"] = test["lower_bound_nats_per_frame"]
         stats["lower_bound_frames"] = f"{cfg.context}..{cfg.seq_len - 1} given 0..{cfg.context - 1}, test split"
         stats = _rounded(stats)
-        pending.enter_context(atomic_output(out_dir / STATS_FILE)).write_text(stats_json(stats))
+        pending.enter_context(atomic_path(out_dir / STATS_FILE)).write_text(stats_json(stats))
     log.info("generated %d sequences in %.1f s", cfg.n_train + cfg.n_val + cfg.n_test, time.perf_counter() - started)
     return stats
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.generate [--params PATH] [--mnist PATH] [--out DIR]`."""
+    """`python -m pipeline.data.generate [--params PATH] [--mnist PATH] [--out DIR]`."""
     parser = stage_argparser("Generate Moving MNIST (DVC stage `generate`).")
     parser.add_argument("--mnist", type=Path, default=DEFAULT_MNIST, help="input .npz (default: %(default)s)")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output folder (default: %(default)s)")

@@ -70,8 +70,8 @@ from typing import Any
 import yaml
 
 from pipeline.params import ParamsError, section_from_mapping
-from vpn.config import PRESETS, VPNConfig
-from vpn.train import TrainConfig
+from pipeline.paths import repo_root
+from vpn.config import PRESETS, TrainConfig, VPNConfig
 
 MODES = ("train", "overfit")
 TOP_KEYS = ("name", "description", "mode", "data", "model", "train", "search", "run", "overfit", "profiles")
@@ -85,11 +85,6 @@ PRESET_FIELDS = ("enc_blocks", "dec_blocks", "filter_fraction")
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 # Short labels of the main axes in trial names: e4-d6-f0.25.
 AXIS_LABELS = {"model.enc_blocks": "e", "model.dec_blocks": "d", "model.filter_fraction": "f"}
-
-
-def repo_root() -> Path:
-    """The repository this package lives in (its parent folder): relative spec paths start here."""
-    return Path(__file__).resolve().parents[1]
 
 
 class SpecError(ValueError):
@@ -121,7 +116,7 @@ class RunSettings:
 
     A trial runs workers_per_trial training processes. One (the default) is today's trial: the Tune
     trial trains, with cpus_per_trial CPUs and gpus_per_trial GPUs. N > 1 is data parallel
-    (pipeline.distributed): N Ray Train workers of cpus_per_worker CPUs and gpus_per_worker GPUs each
+    (pipeline.sweep.distributed): N Ray Train workers of cpus_per_worker CPUs and gpus_per_worker GPUs each
     (null: the per-trial values, so a profile that only raises workers_per_trial runs N copies of the
     one-worker trial's resources), splitting train.batch_size, the global batch, N ways.
     """
@@ -138,7 +133,7 @@ class RunSettings:
     asha: AshaSettings = field(default_factory=AshaSettings)
     # What a trial logs besides its curves (neither changes what it computes, so neither is part of
     # the sweep's identity): frames drawn from the model at each validation, for MLflow's image view
-    # (pipeline.pictures; 0: none), and MLflow's system metrics (CPU, memory, disk, network, NVIDIA
+    # (pipeline.sweep.pictures; 0: none), and MLflow's system metrics (CPU, memory, disk, network, NVIDIA
     # GPUs with nvidia-ml-py). Both costs are measured in docs/sweeps.md: 2% and 0.4% of a cpu trial.
     sample_frames: int = 1
     system_metrics: bool = True

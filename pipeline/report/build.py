@@ -1,7 +1,7 @@
 """Report stage: a sweep's results tables -> reports/<sweep>/report.md, report.html and PNG figures.
 
 Reads results/<sweep>/trials.parquet (one row per trial) and curves.parquet (one row per trial and
-logged step), which pipeline.results reads back from MLflow, so every number here is MLflow's.
+logged step), which pipeline.sweep.results reads back from MLflow, so every number here is MLflow's.
 
 Figures (seaborn):
 - curves.png: nats/frame against step, one line per config, colour = depth, style = width;
@@ -43,8 +43,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from pipeline import atomic_output
-from vpn.files import write_text
+from vpn.files import atomic_path, write_text
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +119,7 @@ def load_results(results_dir: Path, sweep: str) -> tuple[pd.DataFrame, pd.DataFr
         except Exception as err:  # pyarrow raises several types for a corrupt file
             raise ResultsError(f"{path}: not a readable Parquet table: {err}") from err
     trials, curves = tables
-    # pipeline.results' names -> the short names used in the figures and the table
+    # pipeline.sweep.results' names -> the short names used in the figures and the table
     # (`steps` there is the trial's step budget; the table shows the steps it actually ran.)
     if "steps_completed" in trials:
         trials = trials.rename(columns={"steps": "step_budget"})
@@ -299,7 +298,7 @@ def _save(fig, path: Path) -> Path:
     import matplotlib.pyplot as plt
 
     try:
-        with atomic_output(path) as tmp:
+        with atomic_path(path) as tmp:
             fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
     finally:
         plt.close(fig)
@@ -569,15 +568,17 @@ def sample_frames(best: pd.Series, params: ReportParams, repo: Path):
     """
     import torch
 
+    from vpn.checkpoint import load_checkpoint, load_model
+    from vpn.config import TrainConfig
     from vpn.data import MovingMNIST
-    from vpn.train import TrainConfig, load_checkpoint, load_model, prepare
+    from vpn.evaluate import prepare
 
     uri = best.get("checkpoint")
     if not isinstance(uri, str) or not uri:
         return None
     import mlflow.artifacts
 
-    from pipeline.tracking import tracking_uri
+    from pipeline.sweep.tracking import tracking_uri
 
     with tempfile.TemporaryDirectory(prefix="vpn-report-") as dest:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest, tracking_uri=tracking_uri()))
@@ -822,7 +823,7 @@ def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]
         figures.append(("Iterations to converge", plot_converge_heatmaps(summary, out / "converge_heatmaps.png").name))
         figures.append(("Final NLL against cost, Pareto front marked", plot_pareto(summary, out / "pareto.png").name))
         if "decoder" in summary and summary["decoder"].nunique() > 1:  # e.g. sweeps/decoders.yaml
-            from pipeline.decoder_report import decoder_comparison
+            from pipeline.report.decoders import decoder_comparison
 
             decoder_lines, decoder_figures = decoder_comparison(summary, out)
             lines, figures = lines + decoder_lines, figures + decoder_figures
@@ -915,7 +916,3 @@ def main(argv: list[str] | None = None) -> int:
             f"report {sweep}: {params.out_dir}/{sweep}/report.md ({json.dumps({k: metrics.get(k) for k in ('trials', 'finished', 'failed', 'best_nll')})})"
         )
     return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

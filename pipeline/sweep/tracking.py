@@ -14,7 +14,7 @@
 - What the runs table's columns show: Source from the git tags (git_tags: the script, the commit,
   the branch, and mlflow.source.git.dirty), Dataset from the data's input (dataset_input: name,
   path, and a digest of the data's own identity), Model from the sweep's registered best trial
-  (pipeline.registry).
+  (pipeline.sweep.registry).
 - The categorical head's NLLs are also logged in bits per sub-pixel (with_bits), the PixelCNN
   literature's unit: nats per frame / (C * H * W * ln 2).
 """
@@ -37,14 +37,14 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
-from pipeline.spec import repo_root
+from pipeline.paths import repo_root
 
 log = logging.getLogger(__name__)
 
 TRAIN_KEY = "train_nats_per_frame"
 VAL_KEY = "val_nats_per_frame"
 SPEED_KEY = "steps_per_second"
-# Logged once, at the end of a train-mode trial (pipeline.trainable.test_metrics).
+# Logged once, at the end of a train-mode trial (pipeline.sweep.trainable.test_metrics).
 TEST_KEY = "test_nats_per_frame"
 TEST_FLOOR_KEY = "test_floor_nats_per_frame"
 TEST_SEQUENCES_KEY = "test_sequences_scored"
@@ -63,8 +63,8 @@ TAG_RESUMED_FROM, TAG_TRIAL_ID, TAG_TRIAL_NAME = "resumed_from_step", "ray_trial
 # Runs are created when the sweep starts; this is when the trial first ran (epoch ms).
 TAG_STARTED = "trial_started_ms"
 TAG_RESOURCES = "ray_resources"  # what Ray granted the trial (each worker), e.g. {"CPU": 1.0, "GPU": 0.5}
-TAG_WORKERS = "workers_per_trial"  # data-parallel workers (pipeline.distributed); 1: the trial itself
-# Experiment tag naming the latest sweep id of a profile: pipeline.results reads it.
+TAG_WORKERS = "workers_per_trial"  # data-parallel workers (pipeline.sweep.distributed); 1: the trial itself
+# Experiment tag naming the latest sweep id of a profile: pipeline.sweep.results reads it.
 EXPERIMENT_LATEST = "latest_sweep_id.{profile}"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 # MLflow's own tags: the runs table's Source column and a run's Source (script, branch, commit) read them.
@@ -245,7 +245,7 @@ def git_tags(root: Path) -> dict[str, str]:
         log.info("no git commit recorded on the runs: %s is not a git checkout (%s)", root, e)
         return {}
     tags = {
-        TAG_SOURCE_NAME: "pipeline/sweep.py",
+        TAG_SOURCE_NAME: "pipeline/sweep/driver.py",
         TAG_SOURCE_TYPE: "LOCAL",
         TAG_GIT_COMMIT: commit,
         TAG_GIT_DIRTY: str(bool(changed)).lower(),

