@@ -1,8 +1,10 @@
-"""Atomic file output: a reader sees the old file or the complete new one, never a half-written one."""
+"""File utilities: atomic output (a reader sees the old file or the complete new one, never a half-written
+one) and content hashes."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import secrets
 from collections.abc import Iterator
@@ -34,3 +36,12 @@ def write_text(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         tmp.write_text(text, encoding="utf-8")
     return Path(path)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes, read in 1 MiB blocks (a file of any size costs 1 MiB of memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()

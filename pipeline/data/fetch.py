@@ -34,7 +34,7 @@ from typing import IO, Any, ClassVar
 import numpy as np
 
 from pipeline.params import ParamsError, load_section, stage_argparser
-from vpn.files import atomic_path
+from vpn.files import atomic_path, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -100,15 +100,6 @@ class FetchConfig:
 
 # --------------------------------------------------------------------------------------------------
 # The wheel
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def check_sha256(path: Path, expected: str) -> None:

@@ -25,7 +25,6 @@ come out at the paper's 86.3 nats/frame.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import math
@@ -45,7 +44,7 @@ from tqdm import tqdm
 
 from pipeline.params import ParamsError, load_section, stage_argparser
 from vpn.data import SPLITS, STATS_FILE, meta_path, split_path
-from vpn.files import atomic_path
+from vpn.files import atomic_path, sha256_file
 from vpn.metrics import bernoulli_lower_bound
 from vpn.moving_mnist import (  # noqa: F401  (the protocol; re-exported: the stage's tests use these names)
     TRAIN_DIGITS_FILE,
@@ -317,14 +316,6 @@ def open_test_file(path: Path, cfg: GenerateConfig) -> np.ndarray:
     return array
 
 
-def sha256_of(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def test_file_table(n: int, path: Path) -> pa.Table:
     """test_meta.parquet for a test split read from a file: sequence i is the file's sequence i."""
     return pa.table(
@@ -383,7 +374,7 @@ def generate(cfg: GenerateConfig, mnist_path: Path, out_dir: Path, base_dir: Pat
                 split_stats = write_split(tmp, shape, chunks, cfg.context, True, desc=split)
                 pq.write_table(test_file_table(n, test_path), meta)
                 split_stats["source_file"] = str(test_path)
-                split_stats["source_sha256"] = sha256_of(test_path)
+                split_stats["source_sha256"] = sha256_file(test_path)
             else:
                 labels = mnist[f"y{pool_name[1:]}"][first:stop]
                 plan = plan_split(np.random.default_rng(stream), cfg.split_size(split), len(pool), labels, cfg.sequence)
