@@ -7,7 +7,7 @@ a digit's pixels can be recognised exactly wherever it is drawn).
 from __future__ import annotations
 
 import math
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -20,7 +20,7 @@ from pipeline.data.generate import GenerateConfig, bounce, generate, plan_split,
 from pipeline.params import ParamsError, section_from_mapping
 from vpn.data import SPLITS, load_split, meta_path, read_stats
 from vpn.metrics import bernoulli_lower_bound
-from vpn.moving_mnist import TRAIN_DIGITS_FILE
+from vpn.moving_mnist import TRAIN_DIGITS_FILE, SequenceSpec
 
 TINY = GenerateConfig(
     seed=3, n_train=7, n_val=4, n_test=5, val_digits=20, seq_len=12, frame_size=40, digit_size=12, context=4
@@ -332,6 +332,22 @@ def test_impossible_sizes_are_rejected_naming_the_field(override, field):
 def test_unknown_key_is_rejected_naming_key_and_section():
     with pytest.raises(ParamsError, match=r"'n_trian'.*section 'generate'"):
         section_from_mapping(GenerateConfig, {"n_trian": 5}, "generate")
+
+
+def test_config_takes_the_protocol_fields_from_sequence_spec_in_params_order():
+    # params.yaml, dvc.yaml's params list and stats.json's "params" all follow the field order.
+    names = [f.name for f in fields(GenerateConfig)]
+    assert names == [
+        "seed", "n_train", "n_val", "n_test", "val_digits",
+        "seq_len", "frame_size", "digit_size", "digits", "step", "colour",
+        "context", "test_file",
+    ]  # fmt: skip
+    assert [f.name for f in fields(SequenceSpec)] == names[5:11]
+    assert GenerateConfig() == GenerateConfig(**{f.name: f.default for f in fields(SequenceSpec)})
+    spec = TINY.sequence
+    assert type(spec) is SequenceSpec
+    assert spec == SequenceSpec(seq_len=12, frame_size=40, digit_size=12, digits=2, step=0.1, colour=False)
+    assert (TINY.channels, TINY.free) == (spec.channels, spec.free) == (1, 28)
 
 
 def test_val_digits_must_leave_training_digits(tmp_path, fake_mnist):

@@ -23,6 +23,7 @@ This module is numpy and torch only: no DVC, Ray or MLflow.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
@@ -45,15 +46,19 @@ STREAM_KEY = 0x5EED_57EA
 class SequenceSpec:
     """What one sequence looks like (the protocol's parameters; the data stage's params hold them).
 
-    frame_size: canvas side (H = W); digit_size: digit side (28 is MNIST's own; another size
-    resamples the digits nearest-neighbour); digits: digits per sequence; seq_len: frames (T);
-    step: distance per frame as a fraction of the free range; colour: each digit tinted (C = 3).
+    seq_len: frames (T); frame_size: canvas side (H = W); digit_size: digit side (28 is MNIST's own;
+    another size resamples the digits nearest-neighbour, for tiny tests); digits: digits per sequence;
+    step: distance per frame as a fraction of the free range; colour: RGB variant, each digit tinted
+    with a random colour (C = 3), else grey (C = 1). The defaults are the standard Moving MNIST.
+
+    The field order is that of params.yaml's `generate:` section, whose config (GenerateConfig in
+    pipeline/data/generate.py) takes these fields from here: keep the two in step.
     """
 
+    seq_len: int = 20
     frame_size: int = 64
     digit_size: int = 28
     digits: int = 2
-    seq_len: int = 20
     step: float = 0.1
     colour: bool = False
 
@@ -241,10 +246,9 @@ class MovingMNISTStream(Dataset):
         stats_path = root / "stats.json"
         if not stats_path.is_file():
             raise FileNotFoundError(f"{stats_path}: no stats file; run `dvc repro generate`")
+        # The data stage's params hold the protocol's fields among others (seed, split sizes, ...).
         params = json.loads(stats_path.read_text()).get("params", {})
-        fields = {
-            k: params[k] for k in ("frame_size", "digit_size", "digits", "seq_len", "step", "colour") if k in params
-        }
+        fields = {f.name: params[f.name] for f in dataclasses.fields(SequenceSpec) if f.name in params}
         return cls(pool, SequenceSpec(**fields), seed)
 
     def __len__(self) -> int:

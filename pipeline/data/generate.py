@@ -32,7 +32,7 @@ import re
 import sys
 import time
 from collections.abc import Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
@@ -78,20 +78,12 @@ class DataError(RuntimeError):
 
 
 @dataclass(frozen=True)
-class GenerateConfig:
-    """params.yaml section `generate`; the defaults are the standard Moving MNIST.
+class SplitParams:
+    """The fields of params.yaml's `generate:` that come before the sequence's (see GenerateConfig).
 
     seed: root of the random streams (one spawned per split).
     n_train, n_val, n_test: sequences per split (10,000 is the standard test-set size).
     val_digits: how many images at the end of MNIST's training set are held out for validation.
-    seq_len: frames per sequence (T); frame_size: canvas side (H = W); digit_size: digit side
-        (28 is MNIST's own; another size resamples the digits nearest-neighbour, for tiny tests).
-    digits: digits per sequence; step: distance per frame as a fraction of the free range.
-    colour: RGB variant, each digit tinted with a random colour (C = 3); else grey (C = 1).
-    context: frames given before the ones the lower bound scores (10 of 20 in the paper).
-    test_file: Srivastava et al.'s mnist_test_seq.npy (uint8 (seq_len, n_test, frame_size,
-        frame_size), frames first), relative to the params file; it then is the test split. null:
-        the test split is generated from MNIST's test digits.
     """
 
     seed: int = 0
@@ -99,12 +91,23 @@ class GenerateConfig:
     n_val: int = 1000
     n_test: int = 10000
     val_digits: int = 5000
-    seq_len: int = 20
-    frame_size: int = 64
-    digit_size: int = 28
-    digits: int = 2
-    step: float = 0.1
-    colour: bool = False
+
+
+# The bases give the field order, which is params.yaml's, dvc.yaml's params list's and stats.json's:
+# dataclass fields come base by base from the last base in the MRO (SplitParams, then SequenceSpec),
+# then the class's own. So each field of the protocol is declared once, in vpn.moving_mnist.
+@dataclass(frozen=True)
+class GenerateConfig(SequenceSpec, SplitParams):
+    """params.yaml section `generate`; the defaults are the standard Moving MNIST.
+
+    Fields, in order: SplitParams's (seed, n_train, n_val, n_test, val_digits), SequenceSpec's
+    (seq_len, frame_size, digit_size, digits, step, colour), then its own:
+    context: frames given before the ones the lower bound scores (10 of 20 in the paper).
+    test_file: Srivastava et al.'s mnist_test_seq.npy (uint8 (seq_len, n_test, frame_size,
+        frame_size), frames first), relative to the params file; it then is the test split. null:
+        the test split is generated from MNIST's test digits.
+    """
+
     context: int = 10
     test_file: str | None = None
 
@@ -127,16 +130,8 @@ class GenerateConfig:
 
     @property
     def sequence(self) -> SequenceSpec:
-        """The protocol's parameters (vpn.moving_mnist), shared with the training stream."""
-        return SequenceSpec(self.frame_size, self.digit_size, self.digits, self.seq_len, self.step, self.colour)
-
-    @property
-    def channels(self) -> int:
-        return self.sequence.channels
-
-    @property
-    def free(self) -> int:
-        return self.sequence.free
+        """The protocol's parameters alone (vpn.moving_mnist), as the training stream has them."""
+        return SequenceSpec(**{f.name: getattr(self, f.name) for f in fields(SequenceSpec)})
 
     def split_size(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
