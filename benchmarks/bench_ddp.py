@@ -182,7 +182,8 @@ def main(argv: list[str] | None = None) -> int:
     for i, name in enumerate(names):
         t = median(times[i])
         rows.append({
-            "variant": name, "step_s": t, "frames_per_s": frames_per_step / t, "model_gflop_per_s": flops_per_step / t / 1e9,
+            "variant": name, "step_s": t, "frames_per_s": frames_per_step / t,
+            "model_gflop_per_s": flops_per_step / t / 1e9,
             "ddp_speedup": paired_ratio(times[i], times[ddp]) if i != ddp else None,
             "first_step_loss": first[i], "spread_s": [min(times[i]), max(times[i])], "times_s": times[i],
         })  # fmt: skip
@@ -191,9 +192,11 @@ def main(argv: list[str] | None = None) -> int:
     results = {"benchmark": "ddp", "environment": env, "args": vars(args), "frames_per_step": frames_per_step,
                "cpu_s_per_rank": raw["cpu_s_per_rank"], "rows": rows}  # fmt: skip
     write_json(results, out)
-    print(f"\n{env['device']}: {args.preset}, global batch {args.batch} x {args.seq_len} frames, {args.size}x{args.size}, "
-          f"median of {args.repeats} interleaved repeats; ddp_speedup = one process's time / the {args.workers} workers' "
-          f"(median of per-repeat ratios)")  # fmt: skip
+    print(
+        f"\n{env['device']}: {args.preset}, global batch {args.batch} x {args.seq_len} frames, "
+        f"{args.size}x{args.size}, median of {args.repeats} interleaved repeats; "
+        f"ddp_speedup = one process's time / the {args.workers} workers' (median of per-repeat ratios)"
+    )
     print(markdown_table(rows, ["variant", "step_s", "frames_per_s", "model_gflop_per_s", "ddp_speedup"]))
     print(
         f"\nCPU seconds per rank over the run: {', '.join(f'{c:.1f}' for c in raw['cpu_s_per_rank'])} "

@@ -168,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
     target = TARGET_AT_64.get(device.type)
     print(
         f"\n{results['environment']['device']}: {args.preset} at {args.size}x{args.size}, greyscale; naive timed on "
-        f"{args.naive_pixels} px, cached on {args.pixels} px (setup included); medians of {args.repeats} interleaved repeats"
+        f"{args.naive_pixels} px, cached on {args.pixels} px (setup included); medians of {args.repeats} "
+        "interleaved repeats"
     )
     columns = [
         "decoder",
@@ -182,7 +183,8 @@ def main(argv: list[str] | None = None) -> int:
     for row in results["rows"]:
         if row["batch"] == 64 and target is not None:
             print(
-                f"\n{row['decoder']}: target at batch 64 on {device.type}: >= {target:g}x; measured {row['speedup']:.0f}x"
+                f"\n{row['decoder']}: target at batch 64 on {device.type}: >= {target:g}x; "
+                f"measured {row['speedup']:.0f}x"
             )
     print(f"\nwrote {out}")
     return 0

@@ -89,12 +89,14 @@ def main(argv: list[str] | None = None) -> int:
         for name, t in times.items()
     ]
     print(
-        f"Moving MNIST {spec.frame_size}x{spec.frame_size}, {spec.seq_len} frames, {spec.digits} digits, batch {b}, 1 thread"
+        f"Moving MNIST {spec.frame_size}x{spec.frame_size}, {spec.seq_len} frames, {spec.digits} digits, "
+        f"batch {b}, 1 thread"
     )
     print(markdown_table(rows, ["source", "sequences/s (1 core)", "ms per batch"]))
     print(
         f"\nstream vs per-sequence: {paired_ratio(times['per_sequence'], times['stream']):.2f}x; "
-        f"stream vs fixed read: {paired_ratio(times['fixed_read'], times['stream']):.2f}x (below 1: slower than reading)"
+        f"stream vs fixed read: {paired_ratio(times['fixed_read'], times['stream']):.2f}x "
+        "(below 1: slower than reading)"
     )
     needs = []
     for preset in ("full", "mini", "micro"):

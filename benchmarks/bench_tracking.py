@@ -150,8 +150,8 @@ def bench_system_metrics(args: argparse.Namespace, client, uri: str, run_id: str
 
         return run
 
-    times = interleaved({"off": window("off", None), "every_10s": window("every_10s", 10.0), "every_1s": window("every_1s", 1.0)},
-                        torch.device("cpu"), args.system_repeats, warmup=0)  # fmt: skip
+    windows = {"off": window("off", None), "every_10s": window("every_10s", 10.0), "every_1s": window("every_1s", 1.0)}
+    times = interleaved(windows, torch.device("cpu"), args.system_repeats, warmup=0)
     return {
         "collect_s": median(collect), "publish_s": publish, "monitors": [type(m).__name__ for m in monitor.monitors],
         "share_of_10s_interval": (median(collect) + publish) / 10.0, "window_steps": steps,
@@ -200,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"\nsystem metrics: one sample {system['collect_s'] * 1e3:.1f} ms + publish {system['publish_s'] * 1e3:.1f} ms "
         f"= {system['share_of_10s_interval']:.3%} of its 10 s interval ({', '.join(system['monitors'])}); "
-        f"{system['window_steps']} steps a window: {system['window_s']['off']:.1f} s off, {system['window_s']['every_10s']:.1f} s "
-        f"sampling every 10 s ({system['slowdown_every_10s'] - 1:+.1%}), {system['window_s']['every_1s']:.1f} s every 1 s "
+        f"{system['window_steps']} steps a window: {system['window_s']['off']:.1f} s off, "
+        f"{system['window_s']['every_10s']:.1f} s sampling every 10 s ({system['slowdown_every_10s'] - 1:+.1%}), "
+        f"{system['window_s']['every_1s']:.1f} s every 1 s "
         f"({system['slowdown_every_1s'] - 1:+.1%}); CPU time of the process: {system['cpu_ratio_every_10s'] - 1:+.1%} "
         f"(every 10 s), {system['cpu_ratio_every_1s'] - 1:+.1%} (every 1 s)"
     )

@@ -144,14 +144,9 @@ def loader_rate(batch: int, size: int, batches: int, num_workers: int) -> float:
         return n / (time.perf_counter() - start)
 
 
-def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    cfg = VPNConfig.preset(preset)
-    gen = torch.Generator().manual_seed(0)
-    frames = torch.randint(
-        0, 256, (args.batch, args.seq_len, 1, args.size, args.size), generator=gen, dtype=torch.uint8
-    )
-    frames = frames.to(device)
-    base = TrainConfig(batch_size=args.batch, device=str(device), context=1)
+def bench_variants(preset: str, args: argparse.Namespace, device: torch.device) -> list[str]:
+    """The variants of args.variants that run on `device` (bf16 ones on a CPU only, and there only
+    with native bf16 unless --force-cpu-bf16)."""
     variants = [v for v in args.variants if not ("bf16" in v and device.type != "cpu")]
     if device.type == "cpu" and not (cpu_has_native_bf16() or args.force_cpu_bf16):
         skipped = [v for v in variants if "bf16" in v]
@@ -162,6 +157,44 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
                 ", ".join(skipped),
             )
         variants = [v for v in variants if v not in skipped]
+    return variants
+
+
+def first_updates(
+    preset: str, steps: dict[str, Callable[[], Any]], fast_names: list[str], device: torch.device
+) -> tuple[dict[str, float], dict[str, float], dict[str, float]]:
+    """Run each variant's first update, untimed (compiled ones: timed as their compilation).
+
+    Returns the first losses, the compile seconds and each first loss's relative difference from
+    the reference's (else the first fast variant's); raises if an fp32 variant's differs by > 1e-4.
+    """
+    first_loss, compile_s = {}, {}
+    for name, step in steps.items():
+        start = time.perf_counter()
+        first_loss[name] = float(step())  # a host sync, outside the timed steps
+        if OPTIONS.get(name, {}).get("compile"):
+            compile_s[name] = time.perf_counter() - start
+            log.info("%s: %s first step (compilation included) %.1f s", preset, name, compile_s[name])
+    # fp32 variants must agree with the reference; bf16 ones (all fast ones on CUDA) are reported.
+    anchor = first_loss.get("reference", first_loss[fast_names[0]])
+    first_rel = {name: abs(loss - anchor) / abs(anchor) for name, loss in first_loss.items()}
+    for name, rel in first_rel.items():
+        fp32 = name == "reference" or (device.type == "cpu" and not OPTIONS[name].get("cpu_amp"))
+        if fp32 and rel > 1e-4:
+            raise AssertionError(f"{preset}: {name}'s first loss {first_loss[name]} differs from {anchor}")
+    return first_loss, compile_s, first_rel
+
+
+def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
+    """Time every variant of `preset` on one random uint8 batch (B, T, 1, S, S); one row per variant."""
+    cfg = VPNConfig.preset(preset)
+    gen = torch.Generator().manual_seed(0)
+    frames = torch.randint(
+        0, 256, (args.batch, args.seq_len, 1, args.size, args.size), generator=gen, dtype=torch.uint8
+    )
+    frames = frames.to(device)
+    base = TrainConfig(batch_size=args.batch, device=str(device), context=1)
+    variants = bench_variants(preset, args, device)
 
     # Every Trainer seeds its model's initialisation with TrainConfig.seed: all start from the same weights.
     trainers = {
@@ -179,22 +212,7 @@ def bench_preset(preset: str, args: argparse.Namespace, device: torch.device) ->
     for name, trainer in trainers.items():
         steps[name] = lambda trainer=trainer: trainer.train_step(frames)
 
-    # The first update of each variant, untimed (compiled ones: timed as their compilation).
-    first_loss, compile_s = {}, {}
-    for name, step in steps.items():
-        start = time.perf_counter()
-        first_loss[name] = float(step())  # a host sync, outside the timed steps
-        if OPTIONS.get(name, {}).get("compile"):
-            compile_s[name] = time.perf_counter() - start
-            log.info("%s: %s first step (compilation included) %.1f s", preset, name, compile_s[name])
-    # fp32 variants must agree with the reference; bf16 ones (all fast ones on CUDA) are reported.
-    anchor = first_loss.get("reference", first_loss[next(iter(trainers))])
-    first_rel = {name: abs(loss - anchor) / abs(anchor) for name, loss in first_loss.items()}
-    for name, rel in first_rel.items():
-        fp32 = name == "reference" or (device.type == "cpu" and not OPTIONS[name].get("cpu_amp"))
-        if fp32 and rel > 1e-4:
-            raise AssertionError(f"{preset}: {name}'s first loss {first_loss[name]} differs from {anchor}")
-
+    first_loss, compile_s, first_rel = first_updates(preset, steps, list(trainers), device)
     log.info("%s: timing %s, %d repeats", preset, ", ".join(steps), args.repeats)
     times = interleaved(steps, device, args.repeats, warmup=max(0, args.warmup - 1))
 
