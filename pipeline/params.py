@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import re
 import types
 import typing
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -24,7 +26,29 @@ DEFAULT_PARAMS = Path("params.yaml")
 
 
 class ParamsError(ValueError):
-    """A params file, section or value that a stage cannot run with. The message names the culprit."""
+    """A params file, section or value that a stage cannot run with. The message names the culprit.
+
+    key: the key of the section at fault, where one is (None: the file, or the section as a whole).
+    problem: what is wrong, without the message's leading "<source>: " and, where `key` is set,
+    without its place: a caller that names places its own way (a sweep spec names the field's path
+    in the spec, pipeline.sweep.validate) says the same thing from these two.
+    """
+
+    def __init__(self, message: str, *, key: str | None = None, problem: str | None = None) -> None:
+        super().__init__(message)
+        self.key = key
+        self.problem = message if problem is None else problem
+
+
+def field_named_by(message: str, fields: Collection[str]) -> str | None:
+    """The field a config's own error is about, or None.
+
+    A dataclass's __post_init__ starts each message with the field's name (the house convention:
+    "lr must be a positive number, got -1", "context=3 must be < seq_len=3"), which is the only
+    place that says which field failed.
+    """
+    first = re.match(r"\w+", message)
+    return first.group() if first and first.group() in fields else None
 
 
 def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
@@ -56,8 +80,8 @@ def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
     return None
 
 
-def _check_type(value: Any, allowed: tuple[type, ...], where: str) -> Any:
-    """Return `value` (ints promoted to float for float fields) or raise naming `where`."""
+def _check_type(value: Any, allowed: tuple[type, ...], where: str, key: str) -> Any:
+    """Return `value` (ints promoted to float for float fields) or raise naming `where` (key's place)."""
     # bool is a subclass of int in Python; `n_train: true` must not pass as 1.
     if isinstance(value, bool):
         if bool in allowed:
@@ -69,7 +93,8 @@ def _check_type(value: Any, allowed: tuple[type, ...], where: str) -> Any:
     elif value is None and type(None) in allowed or isinstance(value, str) and str in allowed:
         return value
     names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    raise ParamsError(f"{where} must be {names}, got {value!r} ({type(value).__name__})")
+    problem = f"must be {names}, got {value!r} ({type(value).__name__})"
+    raise ParamsError(f"{where} {problem}", key=key, problem=problem)
 
 
 def section_from_mapping(cls: type[T], mapping: Any, section: str, source: str = "params") -> T:
@@ -78,20 +103,25 @@ def section_from_mapping(cls: type[T], mapping: Any, section: str, source: str =
     Unknown keys raise ParamsError naming the key and the section; keys left out take the dataclass
     defaults (a field without a default must be given); simple field types are checked; the
     dataclass's own validation errors (ValueError/TypeError) come back as ParamsError with the
-    section named. `source` only labels messages (usually the params file's path).
+    section named. `source` only labels messages (usually the params file's path). The error's
+    `key` is the key at fault: the first unknown one, the mistyped one, or the field a dataclass's
+    own error names.
     """
     if not dataclasses.is_dataclass(cls):
         raise TypeError(f"{cls!r} is not a dataclass")
     if mapping is None:
         mapping = {}
     if not isinstance(mapping, dict):
-        raise ParamsError(f"{source}: section '{section}' must be a mapping, got {type(mapping).__name__}")
+        problem = f"section '{section}' must be a mapping, got {type(mapping).__name__}"
+        raise ParamsError(f"{source}: {problem}", problem=problem)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
     unknown = sorted(set(mapping) - set(fields))
     if unknown:
+        known = ", ".join(fields)
         raise ParamsError(
-            f"{source}: unknown key(s) {', '.join(map(repr, unknown))} in section '{section}'; "
-            f"known keys: {', '.join(fields)}"
+            f"{source}: unknown key(s) {', '.join(map(repr, unknown))} in section '{section}'; known keys: {known}",
+            key=str(unknown[0]),
+            problem=f"unknown key; known keys: {known}",
         )
     missing = [
         name
@@ -99,17 +129,20 @@ def section_from_mapping(cls: type[T], mapping: Any, section: str, source: str =
         if name not in mapping and f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
     ]
     if missing:
-        raise ParamsError(f"{source}: section '{section}' is missing key(s) {', '.join(missing)}")
+        problem = f"section '{section}' is missing key(s) {', '.join(missing)}"
+        raise ParamsError(f"{source}: {problem}", problem=problem)
     hints = typing.get_type_hints(cls)
     values = {}
     for key, value in mapping.items():
         allowed = _allowed_types(hints.get(key))
         where = f"{source}: {section}.{key}"
-        values[key] = _check_type(value, allowed, where) if allowed else value
+        values[key] = _check_type(value, allowed, where, key) if allowed else value
     try:
         return cls(**values)
     except (TypeError, ValueError) as e:
-        raise ParamsError(f"{source}: section '{section}': {e}") from e
+        key = field_named_by(str(e), fields)
+        problem = str(e) if key else f"section '{section}': {e}"
+        raise ParamsError(f"{source}: section '{section}': {e}", key=key, problem=problem) from e
 
 
 def load_section(cls: type[T], section: str, path: str | Path = DEFAULT_PARAMS) -> T:

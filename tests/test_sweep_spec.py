@@ -223,6 +223,7 @@ def test_fingerprint_follows_what_is_computed(tmp_path):
         ({"search": {"preset_width_scale": 0.5}}, "search.preset_width_scale", "only applies"),
         ({"run": {"gpus_per_trial": 1.5}}, "run.gpus_per_trial", "whole number"),
         ({"run": {"cpus": 1}}, "run.cpus", "unknown key"),
+        ({"run": {"cpus-per-trial": 1}}, "run.cpus-per-trial", "unknown key"),  # not a Python name: still named
         ({"run": {"asha": {"enabled": True, "grace": 1}}}, "run.asha.grace", "unknown key"),
         ({"run": {"max_failures": "twice"}}, "run.max_failures", "must be int"),
         ({"overfit": {"index": 0}}, "overfit", "only applies to mode: overfit"),

@@ -1,0 +1,195 @@
+"""Reading a spec's sections into typed values, each error named by the spec file and the field path.
+
+    sweeps/x.yaml: search.model.filter_fraction (profile cpu): filter_fraction must be in (0, 1], got 2.0
+    sweeps/x.yaml: profiles.cpu.train.steps: steps must be an integer >= 1, got 0
+
+Blame gives the path: a value that a profile set is named through the profile. The settings sections
+(run, run.asha, overfit) are read by pipeline.params, whose ParamsError says which key failed; the
+model and train values are built by VPNConfig and TrainConfig, the same constructors the trials use.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import re
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from pipeline.params import ParamsError, field_named_by, section_from_mapping
+from pipeline.sweep.grid import PRESET_FIELDS, Row, Search
+from pipeline.sweep.settings import AshaSettings, RunSettings
+from vpn.config import PRESETS, TrainConfig, VPNConfig
+
+T = TypeVar("T")
+
+SEARCH_KEYS = ("preset", "preset_width_scale", "rows", "model", "train")
+ROW_KEYS = ("name", "model", "train")
+MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(VPNConfig))
+TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+class SpecError(ValueError):
+    """A spec that cannot run. The message names the spec file and the field path."""
+
+
+@dataclass(frozen=True)
+class Blame:
+    """Where an error in one profile's sweep is: the spec file, then the field's path.
+
+    The path is the profile's own (profiles.cpu.train.steps) where the profile set the value or a
+    parent of it, else the base's with the profile after it (train.steps (profile cpu)).
+
+    touched: the paths the profile set (pipeline.sweep.profiles.apply_profile).
+    """
+
+    label: str
+    profile: str
+    touched: Collection[str]
+
+    def where(self, path: str) -> str:
+        parts = path.split(".")
+        for i in range(len(parts), 0, -1):
+            if ".".join(parts[:i]) in self.touched:
+                return f"{self.label}: profiles.{self.profile}.{path}"
+        return f"{self.label}: {path} (profile {self.profile})"
+
+    def fail(self, path: str, msg: str) -> SpecError:
+        return SpecError(f"{self.where(path)}: {msg}")
+
+
+def read_mapping(value: Any, path: str, blame: Blame) -> dict[str, Any]:
+    """A copy of the mapping at `path` (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise blame.fail(path, f"must be a mapping, got {type(value).__name__}")
+    return dict(value)
+
+
+def read_settings(cls: type[T], value: Any, path: str, blame: Blame) -> T:
+    """The settings dataclass `cls` from the section at `path`; an error names the key at fault."""
+    try:
+        return section_from_mapping(cls, value, path, source="spec")
+    except ParamsError as e:
+        raise blame.fail(f"{path}.{e.key}" if e.key else path, e.problem) from e
+
+
+def read_run(value: Any, blame: Blame) -> RunSettings:
+    """The `run` section, with its `asha` subsection."""
+    raw = read_mapping(value, "run", blame)
+    asha_raw = raw.pop("asha", None)
+    if isinstance(asha_raw, bool):  # `asha: true` is shorthand for the defaults
+        asha_raw = {"enabled": asha_raw}
+    asha = read_settings(AshaSettings, asha_raw, "run.asha", blame)
+    settings = read_settings(RunSettings, raw, "run", blame)
+    return dataclasses.replace(settings, asha=asha)
+
+
+def read_search(value: Any, blame: Blame) -> Search:
+    """The `search` section: its keys and axes known, each axis a non-empty list of distinct values."""
+    raw = read_mapping(value, "search", blame)
+    for key in raw:
+        if key not in SEARCH_KEYS:
+            raise blame.fail(f"search.{key}", f"unknown key; known keys: {', '.join(SEARCH_KEYS)}")
+    presets = raw.get("preset")
+    if presets is not None:
+        presets = _read_axis(presets, "search.preset", blame)
+        for p in presets:
+            if p not in PRESETS:
+                raise blame.fail("search.preset", f"unknown preset {p!r}; presets: {', '.join(PRESETS)}")
+    scale = raw.get("preset_width_scale", 1.0)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not 0 < scale <= 1 or not math.isfinite(scale):
+        raise blame.fail("search.preset_width_scale", f"must be a number in (0, 1], got {scale!r}")
+    if scale != 1.0 and not presets:
+        raise blame.fail("search.preset_width_scale", "only applies with search.preset")
+    grids: dict[str, dict[str, tuple[Any, ...]]] = {}
+    for section, fields in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
+        axes = read_mapping(raw.get(section), f"search.{section}", blame)
+        for key, values in axes.items():
+            if key not in fields:
+                kind = "VPNConfig" if section == "model" else "TrainConfig"
+                raise blame.fail(f"search.{section}.{key}", f"unknown {kind} key; known keys: {', '.join(fields)}")
+            axes[key] = _read_axis(values, f"search.{section}.{key}", blame)
+        grids[section] = axes
+    if presets:
+        clash = [k for k in PRESET_FIELDS if k in grids["model"]]
+        if clash:
+            raise blame.fail(
+                f"search.model.{clash[0]}",
+                "conflicts with search.preset (a preset fixes enc_blocks, dec_blocks and filter_fraction)",
+            )
+    rows = _read_rows(raw.get("rows"), blame)
+    return Search(tuple(presets or ()), float(scale), grids["model"], grids["train"], rows)
+
+
+def _read_rows(value: Any, blame: Blame) -> tuple[Row, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not value:
+        raise blame.fail("search.rows", f"must be a non-empty list of rows ({{name, model, train}}), got {value!r}")
+    rows: list[Row] = []
+    for k, raw in enumerate(value):
+        path = f"search.rows[{k}]"
+        if not isinstance(raw, dict):
+            raise blame.fail(path, f"a row must be a mapping with name, model and train, got {raw!r}")
+        for key in raw:
+            if key not in ROW_KEYS:
+                raise blame.fail(f"{path}.{key}", f"unknown key; known keys: {', '.join(ROW_KEYS)}")
+        name = raw.get("name")
+        if not isinstance(name, str) or not NAME_RE.match(name):
+            raise blame.fail(f"{path}.name", f"must be a name of letters, digits, '_', '.', '-', got {name!r}")
+        if any(r.name == name for r in rows):
+            raise blame.fail(f"{path}.name", f"two rows are named {name!r}")
+        sections = {}
+        for section, fields in (("model", MODEL_FIELDS), ("train", TRAIN_FIELDS)):
+            values = read_mapping(raw.get(section), f"{path}.{section}", blame)
+            for key in values:
+                if key not in fields:
+                    kind = "VPNConfig" if section == "model" else "TrainConfig"
+                    raise blame.fail(f"{path}.{section}.{key}", f"unknown {kind} key; known keys: {', '.join(fields)}")
+            sections[section] = values
+        rows.append(Row(name, sections["model"], sections["train"]))
+    return tuple(rows)
+
+
+def _read_axis(values: Any, path: str, blame: Blame) -> tuple[Any, ...]:
+    if not isinstance(values, list):
+        raise blame.fail(path, f"a grid axis must be a list of values, got {values!r}")
+    if not values:
+        raise blame.fail(path, "empty grid: give at least one value")
+    if len({json.dumps(v, sort_keys=True, default=str) for v in values}) != len(values):
+        raise blame.fail(path, f"repeated value in {values!r}")
+    return tuple(values)
+
+
+def model_config(values: Mapping[str, Any], blame: Blame, path: str, context: str = "") -> VPNConfig:
+    """VPNConfig from `values`; an error is named at `path`, and `context` follows its message."""
+    try:
+        return VPNConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise blame.fail(_config_field(path, e, MODEL_FIELDS), f"{e}{context}") from e
+
+
+def train_config(values: Mapping[str, Any], blame: Blame, path: str, context: str = "") -> TrainConfig:
+    """TrainConfig from `values`; an error is named at `path`, and `context` follows its message."""
+    try:
+        return TrainConfig.from_dict(values)
+    except (TypeError, ValueError) as e:
+        raise blame.fail(_config_field(path, e, TRAIN_FIELDS), f"{e}{context}") from e
+
+
+def _config_field(path: str, error: Exception, fields: Collection[str]) -> str:
+    """model -> model.<field> where the base config's error names one of its fields.
+
+    Only the base sections: a row's or an axis's path already names the value, and a grid point's
+    message names the point.
+    """
+    if path in ("model", "train"):
+        key = field_named_by(str(error), fields)
+        if key:
+            return f"{path}.{key}"
+    return path
