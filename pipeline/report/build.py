@@ -41,6 +41,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.report.analysis import is_overfit_sweep, load_results, summarise
+from pipeline.report.decoders import decoder_comparison
 from pipeline.report.figures import (
     plot_ablation,
     plot_converge_heatmaps,
@@ -183,8 +184,6 @@ def _add_findings(
     page.figures.append(("Iterations to converge", heatmaps.name))
     page.figures.append(("Final NLL against cost, Pareto front marked", plot_pareto(summary, out / "pareto.png").name))
     if "decoder" in summary and summary["decoder"].nunique() > 1:  # e.g. sweeps/decoders.yaml
-        from pipeline.report.decoders import decoder_comparison
-
         decoder_lines, decoder_figures = decoder_comparison(summary, out)
         page.lines += decoder_lines
         page.figures += decoder_figures
