@@ -7,8 +7,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.report.build import ReportParams, build_report
+from pipeline.report.build import build_report
 from pipeline.report.decoders import decoder_comparison, match_pairs, seed_noise, verdict
+from pipeline.report.params import ReportParams
 
 
 def trial(
@@ -109,7 +110,7 @@ def test_comparison_lines_and_figure(tmp_path):
 
 
 def test_build_report_adds_the_comparison_for_a_decoder_sweep(tmp_path):
-    """pipeline.report.build_report calls it when the trials differ in `decoder`."""
+    """pipeline.report.build.build_report calls it when the trials differ in `decoder`."""
     trials, curves = [], []
     for k, (decoder, dec, frac) in enumerate(
         [(d, dec, f) for d in ("pixelcnn", "stacks") for dec in (1, 3) for f in (1 / 32, 1 / 16)]

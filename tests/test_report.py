@@ -11,14 +11,9 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from pipeline.report.build import (
-    ReportParams,
-    ResultsError,
-    build_report,
-    find_plateaus,
-    iterations_to_converge,
-    pareto_front,
-)
+from pipeline.report.analysis import ResultsError, find_plateaus, iterations_to_converge, pareto_front
+from pipeline.report.build import build_report
+from pipeline.report.params import ReportParams
 
 
 def write_tables(root, sweep, trials, curves):
@@ -94,16 +89,16 @@ def test_report_figures_table_and_numbers(tmp_path):
 def test_curves_figure_plots_the_tables_curves(tmp_path, monkeypatch):
     """The curves figure draws, per split panel, one line per finished trial whose points are that
     trial's (step, value) rows of curves.parquet (val: the logged ones); one colour per depth."""
-    from pipeline.report import build as report
+    from pipeline.report import figures as report_figures
 
     figures = {}
-    save = report._save
+    save = report_figures.save_figure
 
     def capture(fig, path):
         figures[path.name] = fig
         return save(fig, path)
 
-    monkeypatch.setattr(report, "_save", capture)
+    monkeypatch.setattr(report_figures, "save_figure", capture)
     trials, curves = synthetic(n_failed=1)
     # a second trial of r2's architecture (as a learning-rate sweep has): its own line, not a mean
     trials.append(trials[1] | {"run_id": "r9", "trial": "t9"})
@@ -203,7 +198,7 @@ def test_samples_use_the_trials_preparation_and_the_overfit_sequence(tmp_path):
     report must pool as the trial did (its row) and sample the sequence it memorised."""
     import torch
 
-    from pipeline.report.build import sample_frames
+    from pipeline.report.samples import sample_frames
     from vpn import VPNConfig
     from vpn.config import TrainConfig
     from vpn.evaluate import prepare
@@ -475,3 +470,47 @@ def test_report_html_in_a_real_browser(tmp_path):
     # the control page: the missing image is seen as such, with the console error the browser logged
     assert control.images == [{"src": "missing.png", "complete": True, "width": 0}]
     assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in control.errors), control.errors
+
+
+def test_one_ranking_for_the_results_the_report_and_the_decoder_comparison():
+    """pipeline.sweep.results' ranking, each rule on a small table: the least test excess where any
+    trial has one (trials without one left out), else the least of the fallback column; the excess
+    is skipped where the caller says so (overfit mode); None where no trial has a value."""
+    from pipeline.report.decoders import with_score
+    from pipeline.sweep.results import EXCESS, best_trial, rank_column, summary
+
+    trials = pd.DataFrame(
+        {
+            "run_id": ["a", "b", "c", "d"],
+            "trial": ["ta", "tb", "tc", "td"],
+            "status": ["FINISHED"] * 4,
+            "preset": [None] * 4,
+            "test_nats_per_frame": [np.nan, 25.0, 23.0, np.nan],
+            "test_floor_nats_per_frame": [np.nan, 20.0, 20.0, np.nan],
+            EXCESS: [np.nan, 5.0, 3.0, np.nan],  # d has no excess, though the least val NLL
+            "best_val_nats_per_frame": [9.0, 8.0, 7.0, 1.0],
+            "best_train_nats_per_frame": [2.0, 4.0, 6.0, np.nan],
+            "final_nll": [9.5, 8.5, 7.5, 1.5],
+        }
+    )
+    assert rank_column(trials, "best_val_nats_per_frame") == EXCESS
+    assert best_trial(trials, "best_val_nats_per_frame")["run_id"] == "c"
+    # no trial scored on the test split (a NaN column, or none): the fallback
+    no_excess = trials.assign(**{EXCESS: np.nan})
+    assert rank_column(no_excess, "best_val_nats_per_frame") == "best_val_nats_per_frame"
+    assert best_trial(no_excess, "best_val_nats_per_frame")["run_id"] == "d"
+    assert best_trial(trials.drop(columns=[EXCESS]), "final_nll")["run_id"] == "d"
+    # by_excess=False (overfit mode): the fallback even where an excess exists; NaNs left out
+    assert rank_column(trials, "best_train_nats_per_frame", by_excess=False) == "best_train_nats_per_frame"
+    assert best_trial(trials, "best_train_nats_per_frame", by_excess=False)["run_id"] == "a"
+    # nothing to rank by
+    assert best_trial(no_excess.assign(final_nll=np.nan), "final_nll") is None
+    assert best_trial(trials.iloc[:0], "final_nll") is None
+    # the three callers: results' metrics.json, the decoder comparison's score
+    assert summary(trials, "s", "cpu", "s-cpu-0", "train")["best"]["run_id"] == "c"
+    assert summary(trials, "s", "cpu", "s-cpu-0", "overfit")["best"]["run_id"] == "a"
+    assert summary(no_excess, "s", "cpu", "s-cpu-0", "train")["best"]["run_id"] == "d"
+    scored, name = with_score(trials)
+    assert name == "test NLL" and scored["score"].equals(trials[EXCESS])
+    scored, name = with_score(no_excess)
+    assert name == "final NLL" and scored["score"].equals(trials["final_nll"])

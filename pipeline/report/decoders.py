@@ -2,7 +2,7 @@
 
     lines, figures = decoder_comparison(summary, out_dir)
 
-summary: pipeline.report.summarise's table (one row per trial: the configs, parameters,
+summary: pipeline.report.analysis.summarise's table (one row per trial: the configs, parameters,
 flops_per_frame, steps_per_second, status, final_nll). Returns markdown lines for the report and
 (title, PNG file name) of the figure written into out_dir.
 
@@ -32,12 +32,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from vpn.files import atomic_path
+from pipeline.report.figures import save_figure
+from pipeline.report.tables import markdown_table
+from pipeline.sweep.results import EXCESS, rank_column
 
 REFERENCE = "pixelcnn"
 # The axes that set a model's size: a pair may differ in them (that is how sizes are matched).
 SIZE_COLUMNS = ("enc_blocks", "dec_blocks", "filter_fraction")
-# The conditions a pair shares (pipeline.sweep.results' columns, as pipeline.report.load_results names
+# The conditions a pair shares (pipeline.sweep.results' columns, as pipeline.report.analysis.load_results names
 # them): the model's fields but the decoder and the sizes, the training fields that change the
 # result (not logging, checkpointing or the device), the seed's sample, and the frame size.
 CONDITIONS = (
@@ -48,12 +50,12 @@ CONDITIONS = (
 
 
 def with_score(summary: pd.DataFrame) -> tuple[pd.DataFrame, str]:
-    """The summary with a `score` column, and its name: the test NLL's excess over its floor where
-    the trials were scored on the test split (within one sweep all pairs share the test frames, so
-    the floor cancels and a difference of excesses is a difference of test NLLs), else the final NLL."""
-    if "excess" in summary.columns and summary["excess"].notna().any():
-        return summary.assign(score=summary["excess"]), "test NLL"
-    return summary.assign(score=summary["final_nll"]), "final NLL"
+    """The summary with a `score` column, and its name: the results' ranking (rank_column), so the test
+    NLL's excess over its floor where the trials were scored on the test split (within one sweep all
+    pairs share the test frames, so the floor cancels and a difference of excesses is a difference of
+    test NLLs), else the final NLL."""
+    rank = rank_column(summary, "final_nll")
+    return summary.assign(score=summary[rank]), "test NLL" if rank == EXCESS else "final NLL"
 
 
 def size_label(row: pd.Series) -> str:
@@ -137,7 +139,8 @@ def verdict(pairs: pd.DataFrame, noise: float | None, score: str = "final NLL") 
     text = (
         f"At matched parameters {name} has the lower {score} in {better} of {len(matched)} pairs; "
         f"NLL difference ({name} - {reference}) mean {diff.mean():+.2f} nats/frame "
-        f"(range {diff.min():+.2f} to {diff.max():+.2f}; {100 * diff.mean() / matched['reference_nll'].mean():+.1f}% of "
+        f"(range {diff.min():+.2f} to {diff.max():+.2f}; "
+        f"{100 * diff.mean() / matched['reference_nll'].mean():+.1f}% of "
         f"{reference}'s mean)."
     )
     if noise is None:
@@ -149,22 +152,6 @@ def verdict(pairs: pd.DataFrame, noise: float | None, score: str = "final NLL") 
         return text + f" Seed-to-seed spread up to {noise:.2f} nats/frame: **no clear difference**."
     gain = f"**{name} {'gains' if diff.mean() < 0 else 'loses'}**"
     return text + f" Seed-to-seed spread up to {noise:.2f} nats/frame: {gain} beyond twice the noise."
-
-
-def _fmt(value) -> str:
-    if isinstance(value, (bool, np.bool_)):
-        return "yes" if value else "no"
-    if isinstance(value, (int, np.integer)):
-        return f"{int(value):,}"
-    if isinstance(value, (float, np.floating)):
-        return "-" if math.isnan(value) else f"{value:.4g}"
-    return str(value)
-
-
-def _table(df: pd.DataFrame, columns: dict[str, str]) -> list[str]:
-    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(_fmt(row[c]) for c in columns) + " |" for _, row in df.iterrows()]
-    return lines
 
 
 def plot_decoders(summary: pd.DataFrame, pairs: pd.DataFrame, out: Path) -> Path:
@@ -206,12 +193,7 @@ def plot_decoders(summary: pd.DataFrame, pairs: pd.DataFrame, out: Path) -> Path
         ax.set_ylabel(f"{score} (nats/frame)" + (" - floor" if score == "test NLL" else ""))
         ax.legend(fontsize=8)
     fig.suptitle("decoders at matched parameters (grey: pairs joined)", fontsize=10)
-    try:
-        with atomic_path(out) as tmp:
-            fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
-    finally:
-        plt.close(fig)
-    return out
+    return save_figure(fig, out)
 
 
 def decoder_comparison(
@@ -245,7 +227,8 @@ def decoder_comparison(
             lines[-1] += (
                 f" Cost over {reference} (means over the matched pairs): parameters "
                 f"x{own_matched['parameter_ratio'].mean():.3f}, counted FLOPs per frame "
-                f"x{own_matched['flops_ratio'].mean():.3f}, measured training steps/s x{own_matched['speed_ratio'].mean():.2f}."
+                f"x{own_matched['flops_ratio'].mean():.3f}, "
+                f"measured training steps/s x{own_matched['speed_ratio'].mean():.2f}."
             )
     lines += [
         "",
@@ -267,10 +250,10 @@ def decoder_comparison(
         columns["seed"] = "seed"
     columns.update({
         "parameter_ratio": "params ratio", "flops_ratio": "FLOPs ratio (counted)", "speed_ratio": "steps/s ratio",
-        "reference_nll": f"NLL {reference}", "nll": "NLL (decoder)", "nll_difference": "NLL difference", "matched": "matched",
+        "reference_nll": f"NLL {reference}", "nll": "NLL (decoder)", "nll_difference": "NLL difference",
+        "matched": "matched",
     })  # fmt: skip
-    lines += _table(table, columns)
-    lines.append("")
+    lines += [markdown_table(table, columns), ""]
     name = "decoders.png"
     plot_decoders(summary, pairs, Path(out_dir) / name)
     return lines, [(f"Decoders: {score} against parameters, FLOPs and speed", name)]

@@ -1,0 +1,119 @@
+"""The published numbers this project is measured against, and our trials beside them.
+
+- The paper (Kalchbrenner et al. 2016, Tables 1-2): its Moving MNIST rows, the lower bound, and
+  the scale they were measured at; which row a trial's architecture reproduces.
+- The blog post's overfitting experiment: the iterations each preset needed, and whether it sat
+  on a plateau.
+"""
+
+from __future__ import annotations
+
+import math
+
+import pandas as pd
+
+# The paper's Moving MNIST results (Kalchbrenner et al. 2016, Tables 1-2; test nats/frame, 64x64,
+# frames 10..19 given 0..9), keyed by (decoder, block, dilation); the baseline's block is not stated.
+PAPER_LOWER_BOUND = 86.3
+PAPER_ROWS = {
+    ("baseline", None, None): ("Baseline", 110.1),
+    ("pixelcnn", "rmb", False): ("VPN, RMB, no dilation", 89.2),
+    ("pixelcnn", "relu", False): ("VPN, ReLU, no dilation", 89.1),
+    ("pixelcnn", "relu", True): ("VPN, ReLU, dilation", 87.7),
+    ("pixelcnn", "rmb", True): ("VPN, RMB, dilation", 87.6),
+}
+# The paper's best VPN's excess over the lower bound (87.6 - 86.3): the figure our excess compares with.
+PAPER_BEST_EXCESS = min(nll for _, nll in PAPER_ROWS.values()) - PAPER_LOWER_BOUND
+# The scale the paper's numbers come from, stated beside ours.
+PAPER_SCALE = (
+    "64x64 frames, 20-frame sequences scored on frames 10..19, c = 128, 19.2M training sequences, "
+    "all 10,000 test sequences"
+)
+
+# The blog post's overfitting result (iterations to converge), shown next to ours.
+BLOG_OVERFIT_ITERATIONS = {"full": 600, "mini": 5000, "micro": 3000}
+BLOG_PLATEAU = {"full": False, "mini": True, "micro": True}
+
+
+def paper_row(trial: pd.Series) -> tuple[str, float] | None:
+    """The paper's row (its name, its test nats/frame) that a trial's architecture reproduces, or None."""
+    decoder = trial.get("decoder", "pixelcnn")
+    if decoder == "baseline":
+        return PAPER_ROWS[("baseline", None, None)]
+    block, dilation = trial.get("block", "rmb"), trial.get("dilation")
+    if pd.isna(dilation) or decoder != "pixelcnn":
+        return None
+    return PAPER_ROWS.get((decoder, block, bool(dilation)))
+
+
+def is_ablation_sweep(summary: pd.DataFrame) -> bool:
+    """A sweep over the paper's rows: named rows, or more than one architecture of the paper's table."""
+    if "row" in summary and summary["row"].notna().any():
+        return True
+    names = {p[0] for p in (paper_row(r) for _, r in summary.iterrows()) if p is not None}
+    return len(names) > 1
+
+
+def ablation_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """Each trial beside the paper's row it reproduces: our test NLL, floor and excess; the paper's
+    NLL and its excess over the paper's lower bound of 86.3 (nats/frame)."""
+    rows = []
+    for _, r in summary.iterrows():
+        paper = paper_row(r)
+        rows.append(
+            {
+                "row": r["row"] if isinstance(r.get("row"), str) else r["config"],
+                "paper's row": paper[0] if paper else "-",
+                "status": r["status"],
+                "test NLL": r.get("test_nats_per_frame", math.nan),
+                "floor": r.get("test_floor_nats_per_frame", math.nan),
+                "excess": r.get("excess", math.nan),
+                "paper NLL": paper[1] if paper else math.nan,
+                "paper excess": paper[1] - PAPER_LOWER_BOUND if paper else math.nan,
+            }
+        )
+    return pd.DataFrame(rows)
+
+
+def scale_statement(summary: pd.DataFrame) -> str:
+    """The scale the trials ran at, in the paper's terms, from the trials' own configs."""
+    parts = []
+    for _, r in summary.drop_duplicates(
+        ["frame_height", "seq_len", "context", "steps", "batch_size", "filter_fraction"]
+    ).iterrows():
+        frames = f"{int(r['frame_height'])}x{int(r['frame_width'])}" if pd.notna(r.get("frame_height")) else "?"
+        clip = int(r["seq_len"]) if pd.notna(r.get("seq_len")) else None
+        seen = int(r["step_budget"]) * int(r["batch_size"]) if pd.notna(r.get("step_budget")) else None
+        tested = r.get("test_sequences_scored")
+        source = "streamed" if r.get("data") == "stream" else "drawn from the fixed set"
+        parts.append(
+            f"{frames} frames, {clip or 'all'}-frame clips scored on the frames after {int(r['context'])}, "
+            f"c = {round(128 * float(r['filter_fraction']))}, "
+            f"{int(r['enc_blocks'])} encoder and {int(r['dec_blocks'])} decoder blocks, "
+            f"{seen:,} training sequences ({source})"
+            + (f", {int(tested):,} test sequences" if pd.notna(tested) else "")
+        )
+    return "; ".join(parts)
+
+
+def preset_name(row: pd.Series) -> str:
+    """The preset a trial ran (full, mini, micro: the blog post's names), else its config label."""
+    return row["preset"] if isinstance(row.get("preset"), str) else row["config"]
+
+
+def overfit_table(summary: pd.DataFrame) -> pd.DataFrame:
+    """The blog post's result beside this run's: iterations to converge and plateaus, per preset."""
+    rows = []
+    for _, r in summary.iterrows():
+        name = preset_name(r)
+        post = BLOG_PLATEAU.get(name)
+        rows.append(
+            {
+                "preset": name,
+                "iterations": r["iterations_to_converge"],
+                "iterations (post)": BLOG_OVERFIT_ITERATIONS.get(name),
+                "plateau": ", ".join(f"{a}-{b}" for a, b in r["plateaus"]) or "no",
+                "plateau (post)": "-" if post is None else ("yes" if post else "no"),
+            }
+        )
+    return pd.DataFrame(rows)
