@@ -1,7 +1,7 @@
 """A sweep on a real multi-node Ray cluster survives losing a node; data-parallel trials survive too.
 
 One machine plays the cluster (ray.cluster_utils.Cluster, as Ray's own tests do): a head node that
-runs no training (no CPU; it offers pipeline.sweep.distributed.DRIVER_RESOURCE, so the drivers of
+runs no training (no CPU; it offers pipeline.sweep.placement.DRIVER_RESOURCE, so the drivers of
 data-parallel trials live there, as sweeps/cluster.yaml places them) and two worker nodes of one
 CPU each. The sweeps run as `python -m pipeline.sweep` driver processes joining it through
 RAY_ADDRESS, with storage in a local folder (shared: it is one machine) and MLflow behind an
@@ -30,8 +30,8 @@ import torch
 import yaml
 
 from pipeline.sweep import tracking
-from pipeline.sweep.distributed import DRIVER_RESOURCE
 from pipeline.sweep.driver import QUIET_ENV
+from pipeline.sweep.placement import DRIVER_RESOURCE
 from vpn.config import TrainConfig, VPNConfig
 from vpn.data import MovingMNIST
 from vpn.train import Trainer
@@ -144,7 +144,7 @@ def start_sweep(cluster, spec: Path, fault: dict | None = None) -> tuple[subproc
     """`python -m pipeline.sweep` as a driver process joining the cluster (fault: the test hook, as JSON)."""
     log = cluster["root"] / f"{spec.stem}.log"
     code = (
-        "import json, sys; from pipeline.sweep import run_sweep; from pipeline.sweep.spec import load_spec; "
+        "import json, sys; from pipeline.sweep.driver import run_sweep; from pipeline.sweep.spec import load_spec; "
         "o = run_sweep(load_spec(sys.argv[1]), 'cpu', storage=sys.argv[2], fault=json.loads(sys.argv[3]) or None, "
         "write_tables=False); sys.exit(130 if o.interrupted else 0)"
     )

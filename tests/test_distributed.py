@@ -196,7 +196,7 @@ def test_per_worker_resources_default_to_the_trials_and_n_is_part_of_the_identit
 
 
 def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog):
-    from pipeline.sweep.distributed import DRIVER_MEMORY, DRIVER_RESOURCE, plan
+    from pipeline.sweep.placement import DRIVER_MEMORY, DRIVER_RESOURCE, plan
 
     gpu_nodes = [{"CPU": 0.0, DRIVER_RESOURCE: 1.0}, {"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
     run = resolve(tmp_path, {"workers_per_trial": 4, "cpus_per_worker": 4, "gpus_per_worker": 1}).run
@@ -224,11 +224,14 @@ def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog
 
 def test_the_sweep_refuses_a_trial_no_placement_holds(tmp_path):
     pytest.importorskip("ray")
-    from pipeline.sweep.driver import DataError, trainable_of
+    from pipeline.sweep.data_check import SweepDataError
+    from pipeline.sweep.placement import trainable_of
 
     sweep = resolve(tmp_path, {"workers_per_trial": 2, "gpus_per_worker": 1})
     nodes = [{"CPU": 8.0, "GPU": 1.0}]
-    with pytest.raises(DataError, match=r"dp.yaml: run.workers_per_trial=2 workers .* run.gpus_per_worker=1\) cannot"):
+    with pytest.raises(
+        SweepDataError, match=r"dp.yaml: run.workers_per_trial=2 workers .* run.gpus_per_worker=1\) cannot"
+    ):
         trainable_of(sweep, {"CPU": 8.0, "GPU": 1.0}, nodes)
     _, concurrent = trainable_of(sweep, {"CPU": 16.0, "GPU": 2.0}, [{"CPU": 8.0, "GPU": 1.0}] * 2)
     assert concurrent == 1  # the cluster holds one pair of workers at a time
