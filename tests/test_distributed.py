@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from conftest import free_port
 
 from vpn import VPNConfig
 from vpn.batches import batch_indices, shard, stream_indices
@@ -34,12 +34,6 @@ def moving_digits(n: int, t: int = 5, size: int = 8, seed: int = 0) -> torch.Ten
     """(n, t, 1, size, size) uint8 frames of random bright pixels: enough to give every step its own loss."""
     g = torch.Generator().manual_seed(seed)
     return ((torch.rand(n, t, 1, size, size, generator=g) < 0.25) * 255).to(torch.uint8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, out: str, resume_from: str | None) -> None:
