@@ -1,7 +1,7 @@
 """A sweep on a real multi-node Ray cluster survives losing a node; data-parallel trials survive too.
 
 One machine plays the cluster (ray.cluster_utils.Cluster, as Ray's own tests do): a head node that
-runs no training (no CPU; it offers pipeline.sweep.distributed.DRIVER_RESOURCE, so the drivers of
+runs no training (no CPU; it offers pipeline.sweep.placement.DRIVER_RESOURCE, so the drivers of
 data-parallel trials live there, as sweeps/cluster.yaml places them) and two worker nodes of one
 CPU each. The sweeps run as `python -m pipeline.sweep` driver processes joining it through
 RAY_ADDRESS, with storage in a local folder (shared: it is one machine) and MLflow behind an
@@ -16,22 +16,19 @@ from __future__ import annotations
 import glob
 import json
 import os
-import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import environ, free_port, running_mlflow_server, write_splits
 
 from pipeline.sweep import tracking
-from pipeline.sweep.distributed import DRIVER_RESOURCE
 from pipeline.sweep.driver import QUIET_ENV
+from pipeline.sweep.placement import DRIVER_RESOURCE
 from vpn.config import TrainConfig, VPNConfig
 from vpn.data import MovingMNIST
 from vpn.train import Trainer
@@ -53,12 +50,6 @@ FAST_FAILURE_DETECTION = {
 }
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory):
     """Data, an `mlflow server` on loopback and a 3-node Ray cluster; yields their handles."""
@@ -66,70 +57,32 @@ def cluster(tmp_path_factory):
     from ray.cluster_utils import Cluster
 
     root = tmp_path_factory.mktemp("cluster")
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 16), ("val", 8), ("test", 4)):
-        np.save(data / f"{split}.npy", (rng.random((n, 6, 1, 8, 8)) < 0.25).astype(np.uint8) * 255)  # (N, T, C, H, W)
-
-    saved = {k: os.environ.get(k) for k in (*QUIET_ENV, "PYTHONPATH", "RAY_ADDRESS")}
-    os.environ.update(QUIET_ENV)
+    data = write_splits(root / "data", {"train": 16, "val": 8, "test": 4})
+    gcs_port = free_port()
     # Ray's worker processes start from the nodes' environment: they import this checkout, and they
     # find this cluster by RAY_ADDRESS even when other Ray instances run on the machine (Ray Train's
     # PlacementGroupCleaner, on the head, asks the State API whether a driver is gone).
-    os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), saved["PYTHONPATH"]) if p)
-    gcs_port = free_port()
-    os.environ["RAY_ADDRESS"] = f"{get_node_ip_address()}:{gcs_port}"
-    port = free_port()
-    server_log = (root / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination", str(root / "server_artifacts"), "--workers", "1",
-        ],
-        stdout=server_log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its process group
-        env={**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    ray_cluster = None
-    try:
-        ray_cluster = Cluster(
-            initialize_head=True,
-            # The dashboard serves the State API that Ray Train needs to release a dead driver's workers.
-            head_node_args={"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}, "gcs_server_port": gcs_port, "include_dashboard": True,
-                            "dashboard_port": free_port(),
-                            "_system_config": FAST_FAILURE_DETECTION},
-        )  # fmt: skip
-        for _ in range(2):
-            ray_cluster.add_node(num_cpus=1)
-        deadline = time.monotonic() + 120
-        while True:  # the server, started beside the cluster, is up
-            try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
-                    if r.status == 200:
-                        break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
-            time.sleep(0.5)
-        yield {"root": root, "data": data, "uri": uri, "ray": ray_cluster}
-    finally:
-        if ray_cluster is not None:
-            ray_cluster.shutdown()
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
+    env = {
+        **QUIET_ENV,
+        "PYTHONPATH": os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p),
+        "RAY_ADDRESS": f"{get_node_ip_address()}:{gcs_port}",
+    }
+    with environ(env), running_mlflow_server(root) as uri:
+        ray_cluster = None
         try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait()
-        server_log.close()
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
+            ray_cluster = Cluster(
+                initialize_head=True,
+                # The dashboard serves the State API that Ray Train needs to release a dead driver's workers.
+                head_node_args={"num_cpus": 0, "resources": {DRIVER_RESOURCE: 1}, "gcs_server_port": gcs_port,
+                                "include_dashboard": True, "dashboard_port": free_port(),
+                                "_system_config": FAST_FAILURE_DETECTION},
+            )  # fmt: skip
+            for _ in range(2):
+                ray_cluster.add_node(num_cpus=1)
+            yield {"root": root, "data": data, "uri": uri, "ray": ray_cluster}
+        finally:
+            if ray_cluster is not None:
+                ray_cluster.shutdown()
 
 
 def write_spec(cluster, name: str, search: dict, run: dict) -> Path:
@@ -144,7 +97,7 @@ def start_sweep(cluster, spec: Path, fault: dict | None = None) -> tuple[subproc
     """`python -m pipeline.sweep` as a driver process joining the cluster (fault: the test hook, as JSON)."""
     log = cluster["root"] / f"{spec.stem}.log"
     code = (
-        "import json, sys; from pipeline.sweep import run_sweep; from pipeline.sweep.spec import load_spec; "
+        "import json, sys; from pipeline.sweep.driver import run_sweep; from pipeline.sweep.spec import load_spec; "
         "o = run_sweep(load_spec(sys.argv[1]), 'cpu', storage=sys.argv[2], fault=json.loads(sys.argv[3]) or None, "
         "write_tables=False); sys.exit(130 if o.interrupted else 0)"
     )

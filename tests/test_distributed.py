@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 from pathlib import Path
 
 import pytest
@@ -18,6 +17,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import yaml
+from conftest import free_port
 
 from vpn import VPNConfig
 from vpn.batches import batch_indices, shard, stream_indices
@@ -34,12 +34,6 @@ def moving_digits(n: int, t: int = 5, size: int = 8, seed: int = 0) -> torch.Ten
     """(n, t, 1, size, size) uint8 frames of random bright pixels: enough to give every step its own loss."""
     g = torch.Generator().manual_seed(seed)
     return ((torch.rand(n, t, 1, size, size, generator=g) < 0.25) * 255).to(torch.uint8)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, world: int, port: int, out: str, resume_from: str | None) -> None:
@@ -196,7 +190,7 @@ def test_per_worker_resources_default_to_the_trials_and_n_is_part_of_the_identit
 
 
 def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog):
-    from pipeline.sweep.distributed import DRIVER_MEMORY, DRIVER_RESOURCE, plan
+    from pipeline.sweep.placement import DRIVER_MEMORY, DRIVER_RESOURCE, plan
 
     gpu_nodes = [{"CPU": 0.0, DRIVER_RESOURCE: 1.0}, {"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
     run = resolve(tmp_path, {"workers_per_trial": 4, "cpus_per_worker": 4, "gpus_per_worker": 1}).run
@@ -224,11 +218,14 @@ def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog
 
 def test_the_sweep_refuses_a_trial_no_placement_holds(tmp_path):
     pytest.importorskip("ray")
-    from pipeline.sweep.driver import DataError, trainable_of
+    from pipeline.sweep.data_check import SweepDataError
+    from pipeline.sweep.placement import trainable_of
 
     sweep = resolve(tmp_path, {"workers_per_trial": 2, "gpus_per_worker": 1})
     nodes = [{"CPU": 8.0, "GPU": 1.0}]
-    with pytest.raises(DataError, match=r"dp.yaml: run.workers_per_trial=2 workers .* run.gpus_per_worker=1\) cannot"):
+    with pytest.raises(
+        SweepDataError, match=r"dp.yaml: run.workers_per_trial=2 workers .* run.gpus_per_worker=1\) cannot"
+    ):
         trainable_of(sweep, {"CPU": 8.0, "GPU": 1.0}, nodes)
     _, concurrent = trainable_of(sweep, {"CPU": 16.0, "GPU": 2.0}, [{"CPU": 8.0, "GPU": 1.0}] * 2)
     assert concurrent == 1  # the cluster holds one pair of workers at a time

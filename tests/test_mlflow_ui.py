@@ -18,6 +18,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import environ, running_local_ray, write_splits
 from PIL import Image
 
 from pipeline.sweep import pictures, registry, tracking
@@ -46,33 +47,15 @@ TRAIN = {
 def env(tmp_path_factory):
     """Tiny data with a stats.json (as the data stage writes), one SQLite store, one local Ray."""
     root = tmp_path_factory.mktemp("ui")
-    rng = np.random.default_rng(0)
-    data = root / "moving_mnist"
-    data.mkdir()
-    for split, n in (("train", 16), ("val", 4), ("test", 4)):
-        np.save(data / f"{split}.npy", (rng.random((n, 6, 1, 8, 8)) < 0.25).astype(np.uint8) * 255)
+    data = write_splits(root / "moving_mnist", {"train": 16, "val": 4, "test": 4})
     stats = {"params": {"seed": 0, "frame_size": 8}, "train": {"shape": [16, 6, 1, 8, 8]}}
     (data / "stats.json").write_text(json.dumps(stats))
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in (*QUIET_ENV, "MLFLOW_TRACKING_URI")}
     # MLflow's system metrics every 0.2 s instead of 10: these trials last a second or two (Ray's
-    # workers inherit the environment of the ray.init below)
-    saved["MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"] = os.environ.get("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL")
-    os.environ.update({**QUIET_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"})
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        # "local": a Ray of its own, even where another runs on the machine (a `ray start`, a test)
-        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield {"root": root, "data": data, "uri": uri, "stats": stats, "address": ray.get_runtime_context().gcs_address}
-    if started:
-        ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    # workers inherit the environment of the Ray started here)
+    quick = {**QUIET_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
+    with environ(quick), running_local_ray() as address:
+        yield {"root": root, "data": data, "uri": uri, "stats": stats, "address": address}
 
 
 def write_spec(env, name: str, **sections) -> Path:

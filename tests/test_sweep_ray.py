@@ -15,11 +15,11 @@ import sys
 import time
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import pytest
 import torch
 import yaml
+from conftest import environ, running_local_ray, write_splits
 
 from pipeline.sweep import results, tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
@@ -52,31 +52,11 @@ TRAIN = {
 def env(tmp_path_factory):
     """Tiny data, one MLflow store and one Ray instance for the module; yields their locations."""
     root = tmp_path_factory.mktemp("sweep")
-    rng = np.random.default_rng(0)
-    data = root / "data"
-    data.mkdir()
-    for split, n in (("train", 16), ("val", 8), ("test", 4)):
-        frames = (rng.random((n, 6, 1, 8, 8)) < 0.25).astype(np.uint8) * 255  # uint8 (N, T, C, H, W)
-        np.save(data / f"{split}.npy", frames)
+    data = write_splits(root / "data", {"train": 16, "val": 8, "test": 4})
     uri = f"sqlite:///{root / 'mlflow.db'}"
-    saved = {k: os.environ.get(k) for k in (*QUIET_ENV, "MLFLOW_TRACKING_URI")}
-    os.environ.update(QUIET_ENV)
-    os.environ["MLFLOW_TRACKING_URI"] = uri
-
-    import ray
-
-    started = not ray.is_initialized()
-    if started:
-        # One GPU declared (none is there): lets a test see GPU requests scheduled, fractions too.
-        ray.init(address="local", num_cpus=2, num_gpus=1, include_dashboard=False, log_to_driver=False)
-    yield {"root": root, "data": data, "uri": uri, "address": ray.get_runtime_context().gcs_address}
-    if started:
-        ray.shutdown()
-    for k, v in saved.items():
-        if v is None:
-            os.environ.pop(k, None)
-        else:
-            os.environ[k] = v
+    # One GPU declared (none is there): lets a test see GPU requests scheduled, fractions too.
+    with environ({**QUIET_ENV, "MLFLOW_TRACKING_URI": uri}), running_local_ray(num_gpus=1) as address:
+        yield {"root": root, "data": data, "uri": uri, "address": address}
 
 
 def make_spec(env, name: str, search: dict, train: dict | None = None, run: dict | None = None, **top) -> Path:

@@ -16,7 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.sweep.driver import DataError, check_data
+from pipeline.sweep.data_check import SweepDataError as DataError
+from pipeline.sweep.data_check import check_data
 from pipeline.sweep.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -344,7 +345,7 @@ def test_cluster_config_is_a_valid_ray_cluster_launcher_config():
 
 # -- resources: GPUs only where the cluster has them ----------------------------------------------------
 def test_gpus_are_requested_only_where_the_cluster_has_them(tmp_path, caplog):
-    from pipeline.sweep.driver import choose_profile, trial_resources
+    from pipeline.sweep.placement import choose_profile, trial_resources
 
     spec = load_spec(
         write_spec(

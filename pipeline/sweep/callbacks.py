@@ -9,14 +9,20 @@ from typing import Any
 from ray.tune import Callback
 
 from pipeline.sweep import tracking
+from pipeline.sweep.trial import TrialConfig
 
 log = logging.getLogger(__name__)
 
 
+def trial_config(trial: Any) -> TrialConfig:
+    """The TrialConfig of a Tune trial, from the dict Tune carries (pipeline.sweep.trial)."""
+    return TrialConfig.from_dict(trial.config["trial"])
+
+
 def trial_name(trial: Any) -> str:
     """Ray's trial name (progress table, folder): <point>_<label>."""
-    cfg = trial.config["trial"]
-    return f"{cfg['point']:03d}_{cfg['label']}"
+    cfg = trial_config(trial)
+    return f"{cfg.point:03d}_{cfg.label}"
 
 
 class TrackingCallback(Callback):
@@ -42,8 +48,7 @@ class TrackingCallback(Callback):
         return self._client
 
     def _open_run(self, trial: Any):
-        run_id = trial.config["trial"]["run_id"]
-        run = tracking.retrying(self.client.get_run, run_id)
+        run = tracking.retrying(self.client.get_run, trial_config(trial).run_id)
         return run if run.info.status in ("RUNNING", "SCHEDULED") else None
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

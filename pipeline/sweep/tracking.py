@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 TRAIN_KEY = "train_nats_per_frame"
 VAL_KEY = "val_nats_per_frame"
 SPEED_KEY = "steps_per_second"
-# Logged once, at the end of a train-mode trial (pipeline.sweep.trainable.test_metrics).
+# Logged once, at the end of a train-mode trial (pipeline.sweep.trainable.score_test_split).
 TEST_KEY = "test_nats_per_frame"
 TEST_FLOOR_KEY = "test_floor_nats_per_frame"
 TEST_SEQUENCES_KEY = "test_sequences_scored"

@@ -1,0 +1,102 @@
+"""Fault injection for the tests of crashes and lost nodes: never set by a spec.
+
+A test passes `run_sweep(..., fault={...})`; the dict becomes a `Faults` in the trial's config
+(pipeline.sweep.trial.TrialConfig.fault), and the trial calls this module at two points only:
+
+- `Faults.for_driver(pid)`: the driver of a data-parallel trial (pipeline.sweep.distributed.driver)
+  hands its own process id to its workers, so that rank 0 can kill it;
+- `Faults.at_step(step, rank)`: every logged step of every rank (pipeline.sweep.trainable), where
+  the faults below fire, each once per marker file (the marker survives the restart it causes):
+
+  kill_at_step: on rank `rank` (default 0), write the step to `marker` and SIGKILL this worker, like
+    a lost node.
+  hold_at_step: on that rank, write {"node_id", "pid", "step"} to `marker` and wait (hold_s, default
+    300 s), so that a test can kill this worker's node at a known step.
+  kill_driver_at_step: on rank 0 of a data-parallel trial, SIGKILL the trial's driver (driver_pid),
+    write the step to `driver_marker`, then wait to be torn down.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Self
+
+
+@dataclass(frozen=True)
+class Faults:
+    """What to break in a trial, and where (see the module docstring)."""
+
+    kill_at_step: int | None = None
+    hold_at_step: int | None = None
+    rank: int = 0
+    marker: str | None = None
+    hold_s: float = 300.0
+    kill_driver_at_step: int | None = None
+    driver_marker: str | None = None
+    driver_pid: int | None = None
+
+    def __post_init__(self) -> None:
+        if (self.kill_at_step is not None or self.hold_at_step is not None) and not self.marker:
+            raise ValueError("fault: kill_at_step and hold_at_step need a marker file")
+        if self.kill_driver_at_step is not None and not self.driver_marker:
+            raise ValueError("fault: kill_driver_at_step needs a driver_marker file")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Self:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:  # a misspelt hook would silently test nothing
+            raise ValueError(f"unknown fault key(s) {unknown}; valid keys are {sorted(names)}")
+        return cls(**dict(d))
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fields that are set: plain values, for the dict that Ray Tune carries."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+    def for_driver(self, pid: int) -> Faults:
+        """These faults with the driver's process id, for kill_driver_at_step."""
+        return dataclasses.replace(self, driver_pid=pid)
+
+    def at_step(self, step: int, rank: int) -> None:
+        """Fire the faults due at this step on this rank (each once per marker file)."""
+        if self.kill_driver_at_step == step and rank == 0 and _first_to(self.driver_marker, str(step)):
+            os.kill(self.driver_pid, signal.SIGKILL)
+            _hold(self.hold_s)
+        if rank != self.rank or step not in (self.kill_at_step, self.hold_at_step):
+            return
+        if self.kill_at_step == step:
+            if _first_to(self.marker, str(step)):
+                os.kill(os.getpid(), signal.SIGKILL)
+            return
+        import ray
+
+        note = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "step": step}
+        if _first_to(self.marker, json.dumps(note)):
+            _hold(self.hold_s)
+
+
+def _first_to(path: str, text: str) -> bool:
+    """Create `path` holding `text`, atomically; False if it exists (another worker, or an earlier try)."""
+    marker = Path(path)
+    tmp = marker.with_name(f"{marker.name}.{os.getpid()}")
+    tmp.write_text(text)
+    try:
+        os.link(tmp, marker)
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def _hold(seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        time.sleep(0.2)

@@ -1,0 +1,127 @@
+"""What several test modules share: tiny data, a free port, the environment, a local Ray, an `mlflow server`.
+
+Helpers are plain functions and context managers (import them: `from conftest import local_ray`),
+so that a module-scoped fixture can set the environment its Ray workers inherit before Ray starts;
+`mlflow_server` and `local_ray` are also fixtures of those names.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+
+def write_splits(folder: Path, counts: Mapping[str, int], frames: int = 6, p: float = 0.25, seed: int = 0) -> Path:
+    """Random sparse sequences, uint8 (N, frames, 1, 8, 8) in {0, 255}, as <folder>/<split>.npy for each split."""
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    for split, n in counts.items():
+        np.save(folder / f"{split}.npy", (rng.random((n, frames, 1, 8, 8)) < p).astype(np.uint8) * 255)
+    return folder
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def environ(values: Mapping[str, str]) -> Iterator[None]:
+    """os.environ with `values` set, and as it was afterwards."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def running_local_ray(**init) -> Iterator[str]:
+    """A Ray of its own (unless one is already up in this process), 2 CPUs; yields its GCS address.
+
+    address "local": a Ray of its own, even where another runs on the machine (a `ray start`, a
+    test). Its workers inherit this process's environment as it is now: set it before.
+    """
+    import ray
+
+    started = not ray.is_initialized()
+    if started:
+        ray.init(**{"address": "local", "num_cpus": 2, "include_dashboard": False, "log_to_driver": False, **init})
+    try:
+        yield ray.get_runtime_context().gcs_address
+    finally:
+        if started:
+            ray.shutdown()
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in `root`; yields its URI."""
+    from pipeline.sweep.driver import QUIET_ENV
+
+    port = free_port()
+    log = (root / "server.log").open("w")
+    server = subprocess.Popen(
+        [
+            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
+            "--artifacts-destination", str(root / "server_artifacts"), "--workers", "1",
+        ],
+        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its process group
+        env={**os.environ, **QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+    )  # fmt: skip
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if server.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(0.5)
+        yield uri
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait()
+        log.close()
+
+
+@pytest.fixture()
+def mlflow_server(tmp_path) -> Iterator[str]:
+    """An `mlflow server` for one test (running_mlflow_server in tmp_path); yields its URI."""
+    with running_mlflow_server(tmp_path) as uri:
+        yield uri
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[str]:
+    """A local Ray for the module, telemetry off (QUIET_ENV); yields its GCS address."""
+    from pipeline.sweep.driver import QUIET_ENV
+
+    with environ(QUIET_ENV), running_local_ray() as address:
+        yield address
