@@ -59,8 +59,8 @@ def _rank_main(rank: int, world: int, port: int, out: str, resume_from: str | No
 
         trainer.fit(on_log=lambda s, m: logged.__setitem__(s, m), on_checkpoint=on_checkpoint, progress=False)
         result = trainer.score(test)  # 5 sequences: rank 0 scores 2, rank 1 scores 3
-        Path(f"{out}.{rank}").write_text(json.dumps({"logged": logged, "test": result.nats_per_frame,
-                                                     "floor": result.floor_nats_per_frame, "n": result.sequences}))  # fmt: skip
+        outcome = {"logged": logged, "test": result.nats_per_frame, "floor": result.floor_nats_per_frame}
+        Path(f"{out}.{rank}").write_text(json.dumps({**outcome, "n": result.sequences}))
         if rank == 0:
             trainer.save(Path(out).with_name("final.pt"))
     finally:

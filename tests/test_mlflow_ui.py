@@ -93,7 +93,8 @@ def test_train_sweep_as_the_ui_shows_it(env):
     console = subprocess.run(
         [sys.executable, "-m", "pipeline.sweep", str(spec), "--profile", "cpu", "--storage", str(env["root"] / "ray"),
          "--results-dir", str(env["root"] / "results_train")],
-        cwd=REPO, env={**os.environ, "RAY_ADDRESS": env["address"]}, check=False, capture_output=True, text=True, timeout=600,
+        cwd=REPO, env={**os.environ, "RAY_ADDRESS": env["address"]},
+        check=False, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     out = console.stdout + console.stderr
     assert console.returncode == 0, out[-4000:]
@@ -166,7 +167,8 @@ def test_overfit_runs_log_their_reconstruction(env):
     spec = write_spec(
         env, "ui_overfit", mode="overfit", model={"output": "bernoulli"},
         train={"steps": 12, "seq_len": 4, "context": 1, "log_every": 4, "ckpt_every": 8, "device": "cpu", "lr": 3e-3},
-        search={"preset": ["micro"], "preset_width_scale": 0.03125}, overfit={"split": "train", "index": 0, "tol_per_subpixel": 1e-9},
+        search={"preset": ["micro"], "preset_width_scale": 0.03125},
+        overfit={"split": "train", "index": 0, "tol_per_subpixel": 1e-9},
     )  # fmt: skip
     before = {k: os.environ.get(k) for k in ("MLFLOW_TRACKING_URI", "MLFLOW_REGISTRY_URI")}
     outcome = run_sweep(

@@ -144,9 +144,9 @@ def test_compiled_training_step_matches_eager(monkeypatch):
 @pytest.mark.slow
 def test_inductor_compiled_training_step_matches_eager():
     """The default backend, inductor, once: it generates and compiles C++ for the forward and the
-    backward (about 40 s on a 2-core CPU, 5 s when its on-disk cache has them). Its losses over 3 updates match eager's within 1e-4
-    relative: inductor fuses and reorders float32 arithmetic, so the low bits may differ, and
-    the weights it updated feed steps 2 and 3."""
+    backward (about 40 s on a 2-core CPU, 5 s when its on-disk cache has them). Its losses over 3
+    updates match eager's within 1e-4 relative: inductor fuses and reorders float32 arithmetic, so
+    the low bits may differ, and the weights it updated feed steps 2 and 3."""
     from torch._dynamo.utils import counters
 
     cfg = VPNConfig.preset("micro", filter_fraction=8 / 128, enc_blocks=1, dec_blocks=1)

@@ -254,7 +254,8 @@ def test_killed_trial_resumes_from_checkpoint_without_gap_or_duplicate(env):
 # -- an interrupted sweep, restarted, finishes only what was unfinished ----------------------------------
 def test_interrupted_sweep_resumes_only_unfinished_trials(env):
     spec_path = make_spec(
-        env, "interrupted", {"model": {"enc_blocks": [1, 2, 3]}}, {"steps": 400, "log_every": 10, "val_every": 50, "ckpt_every": 50},
+        env, "interrupted", {"model": {"enc_blocks": [1, 2, 3]}},
+        {"steps": 400, "log_every": 10, "val_every": 50, "ckpt_every": 50},
         run={"max_concurrent": 1},
     )  # fmt: skip
     storage = env["root"] / "ray"

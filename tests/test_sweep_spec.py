@@ -16,8 +16,7 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.sweep.data_check import SweepDataError as DataError
-from pipeline.sweep.data_check import check_data
+from pipeline.sweep.data_check import SweepDataError, check_data
 from pipeline.sweep.spec import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
@@ -275,23 +274,23 @@ def test_data_checks(tmp_path):
     data = tmp_path / "data"
     data.mkdir()
     spec = load_spec(write_spec(tmp_path, with_(BASE, train={**BASE["train"], "seq_len": 5})), root=tmp_path)
-    with pytest.raises(DataError, match=r"data: .*train\.npy.*not found"):
+    with pytest.raises(SweepDataError, match=r"data: .*train\.npy.*not found"):
         check_data(spec.resolve("cpu"))
     for split in ("train", "val"):
         np.save(data / f"{split}.npy", np.zeros((3, 4, 1, 8, 8), np.uint8))
     # train mode scores the test split at the end of every trial: it must be there, with the same frames
-    with pytest.raises(DataError, match=r"data: .*test\.npy.*not found"):
+    with pytest.raises(SweepDataError, match=r"data: .*test\.npy.*not found"):
         check_data(spec.resolve("cpu"))
     np.save(data / "test.npy", np.zeros((2, 4, 1, 8, 6), np.uint8))
-    with pytest.raises(DataError, match=r"test has sequences of shape \(4, 1, 8, 6\)"):
+    with pytest.raises(SweepDataError, match=r"test has sequences of shape \(4, 1, 8, 6\)"):
         check_data(spec.resolve("cpu"))
     np.save(data / "test.npy", np.zeros((2, 4, 1, 8, 8), np.uint8))
-    with pytest.raises(DataError, match="seq_len=5 but the data has 4 frames"):
+    with pytest.raises(SweepDataError, match="seq_len=5 but the data has 4 frames"):
         check_data(spec.resolve("cpu"))
     ok = load_spec(write_spec(tmp_path, BASE, "ok.yaml"), root=tmp_path).resolve("cpu")
     assert check_data(ok)["shape"] == (3, 4, 1, 8, 8)
     rgb = load_spec(write_spec(tmp_path, with_(BASE, model={"image_channels": 3}), "rgb.yaml"), root=tmp_path)
-    with pytest.raises(DataError, match="image_channels=3 but .* has C=1"):
+    with pytest.raises(SweepDataError, match="image_channels=3 but .* has C=1"):
         check_data(rgb.resolve("cpu"))
 
 
@@ -360,12 +359,12 @@ def test_gpus_are_requested_only_where_the_cluster_has_them(tmp_path, caplog):
     assert trial_resources(gpu, {"CPU": 8.0}) == {"cpu": 1.0, "gpu": 0.0}
     assert "asks for 0.5 GPU(s) per trial but the cluster has none" in caplog.text
     assert trial_resources(spec.resolve("cpu"), {"CPU": 2.0, "GPU": 4.0}) == {"cpu": 1.0, "gpu": 0.0}
-    with pytest.raises(DataError, match="cpus_per_trial=1 but the cluster has 0 CPU"):
+    with pytest.raises(SweepDataError, match="cpus_per_trial=1 but the cluster has 0 CPU"):
         trial_resources(gpu, {"GPU": 1.0})
     two = load_spec(write_spec(tmp_path, with_(BASE, run={"gpus_per_trial": 2}), "two.yaml"), root=tmp_path).resolve(
         "cpu"
     )
-    with pytest.raises(DataError, match="gpus_per_trial=2 but the cluster has only 1 GPU"):
+    with pytest.raises(SweepDataError, match="gpus_per_trial=2 but the cluster has only 1 GPU"):
         trial_resources(two, {"CPU": 8.0, "GPU": 1.0})
     # --profile auto: gpu where the cluster has GPUs, else cpu.
     assert choose_profile(spec, "auto", {"CPU": 8.0, "GPU": 1.0}) == "gpu"

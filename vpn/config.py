@@ -50,6 +50,14 @@ def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
 
+def refuse_unknown_keys(cls: type, d: Mapping[str, Any]) -> None:
+    """Raise ValueError naming every key of `d` that is not a field of the dataclass `cls`."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(d) - names)
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(names)}")
+
+
 class _Config:
     """from_dict / to_dict / replace, shared by the frozen config dataclasses below.
 
@@ -59,10 +67,7 @@ class _Config:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown {cls.__name__} key(s) {unknown}; valid keys are {sorted(names)}")
+        refuse_unknown_keys(cls, d)
         return cls(**dict(d))
 
     def to_dict(self) -> dict[str, Any]:

@@ -11,7 +11,7 @@ set MLFLOW_TRACKING_URI first):
     model = mlflow.pytorch.load_model("models:/depth_width/latest")   # a VideoPixelNetwork, eval mode
 
 That line unpickles the module (pickle runs code: load models from stores you trust). The model's
-folder also holds the trial's checkpoint, extra_files/checkpoint.pt, which vpn.train.load_model reads
+folder also holds the trial's checkpoint, extra_files/checkpoint.pt, which vpn.checkpoint.load_model reads
 with weights_only (no code runs), and vpn/'s source (code/), so neither way needs this project
 installed beyond torch.
 
@@ -121,7 +121,8 @@ def register_best(client, uri: str, sweep: str, summary: Mapping[str, Any]) -> s
         # active experiment (the Default one, artifacts in ./mlruns), whatever the run's.
         logged = tracking.retrying(
             client.create_logged_model, run.info.experiment_id, name=MODEL_NAME, source_run_id=run.info.run_id,
-            params=dict(params), tags={"sweep_id": run.data.tags.get(tracking.TAG_SWEEP_ID, ""), "trial": best["trial"]},
+            params=dict(params),
+            tags={"sweep_id": run.data.tags.get(tracking.TAG_SWEEP_ID, ""), "trial": best["trial"]},
         )  # fmt: skip
         # mlflow.pytorch warns on every pickled model; the choice is deliberate (see the docstring).
         with _store(uri), _level("mlflow.pytorch", logging.ERROR):

@@ -69,7 +69,8 @@ _DTYPES: dict[str, str] = {
     "test_excess_nats_per_frame": "float64", "test_sequences_scored": "Int64",
     "floor_nats_per_frame": "float64", "tol_nats_per_frame": "float64", "duration_s": "float64",
     "start_time": "datetime64[ms, UTC]", "end_time": "datetime64[ms, UTC]",
-    "data_path": "string", "row": "string", "overfit_split": "string", "overfit_index": "Int64", "overfit_tol_per_subpixel": "float64",
+    "data_path": "string", "row": "string",
+    "overfit_split": "string", "overfit_index": "Int64", "overfit_tol_per_subpixel": "float64",
 }  # fmt: skip
 for _cls in (VPNConfig, TrainConfig):
     for _name, _hint in typing.get_type_hints(_cls).items():

@@ -102,7 +102,7 @@ class RunSettings:
 @dataclass(frozen=True)
 class OverfitSettings:
     """The one-sequence experiment: sequence `index` of `split`, converged when the training NLL is
-    within tol_per_subpixel * C*H*W nats/frame of that sequence's floor (vpn.train.overfit)."""
+    within tol_per_subpixel * C*H*W nats/frame of that sequence's floor (vpn.overfit)."""
 
     split: str = "train"
     index: int = 0

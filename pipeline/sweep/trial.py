@@ -22,7 +22,7 @@ from typing import Any, Self
 
 from pipeline.sweep.faults import Faults
 from pipeline.sweep.spec import OverfitSettings, Point, Sweep
-from vpn.config import TrainConfig, VPNConfig
+from vpn.config import TrainConfig, VPNConfig, refuse_unknown_keys
 
 
 @dataclass(frozen=True)
@@ -93,10 +93,7 @@ class TrialConfig:
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown TrialConfig key(s) {unknown}; valid keys are {sorted(names)}")
+        refuse_unknown_keys(cls, d)
         return cls(
             **{
                 **d,
