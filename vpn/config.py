@@ -209,6 +209,12 @@ class TrainConfig(_Config):
         from the training digits at every step, as the paper trains: vpn.moving_mnist).
     test_sequences: how many sequences of the test split `Trainer.score` uses at the end of a sweep
         trial (the first ones; None: the whole split, the paper's 10,000).
+    forecast_samples: k, the free-running samples drawn per test sequence at the end of a sweep trial
+        (vpn.forecast: MSE, MAE, SSIM, PSNR of frames context..T-1 drawn given the frames before;
+        the paper's and OpenSTL's 10 given 10 at seq_len 20, context 10); 0: no free-running scoring.
+    forecast_temperature: the sampling temperature of those draws.
+    forecast_sequences: how many test sequences (the first ones) are scored so; None: as many as
+        test_sequences. Drawing samples every pixel in turn, so cheap profiles score fewer.
     """
 
     steps: int = 2000
@@ -233,6 +239,9 @@ class TrainConfig(_Config):
     num_workers: int = 0
     data: str = "fixed"
     test_sequences: int | None = None
+    forecast_samples: int = 10
+    forecast_temperature: float = 1.0
+    forecast_sequences: int | None = None
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "log_every", "val_every", "val_batches", "context", "downsample")
@@ -268,3 +277,12 @@ class TrainConfig(_Config):
         t = self.test_sequences
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(f"test_sequences must be an integer >= 1 or null (the whole split), got {t!r}")
+        f = self.forecast_sequences
+        if f is not None and (isinstance(f, bool) or not isinstance(f, int) or f < 1):
+            raise ValueError(f"forecast_sequences must be an integer >= 1 or null (as test_sequences), got {f!r}")
+        k = self.forecast_samples
+        if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+            raise ValueError(f"forecast_samples must be an integer >= 0 (0: no free-running scoring), got {k!r}")
+        temp = self.forecast_temperature
+        if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (temp > 0 and math.isfinite(temp)):
+            raise ValueError(f"forecast_temperature must be a positive number, got {temp!r}")

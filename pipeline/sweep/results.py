@@ -33,7 +33,7 @@ from typing import Any
 import pandas as pd
 
 from pipeline.paths import repo_root
-from pipeline.sweep import tracking
+from pipeline.sweep import forecasting, tracking
 from pipeline.sweep.spec import SpecError, load_spec
 from vpn.config import TrainConfig, VPNConfig
 from vpn.files import atomic_path
@@ -51,6 +51,7 @@ TRIAL_COLUMNS = (
     "steps_completed", "final_train_nats_per_frame", "best_train_nats_per_frame",
     "final_val_nats_per_frame", "best_val_nats_per_frame",
     "test_nats_per_frame", "test_floor_nats_per_frame", "test_excess_nats_per_frame", "test_sequences_scored",
+    *forecasting.SCALAR_KEYS, *forecasting.BY_FRAME_KEYS,
     "mean_steps_per_second",
     "converged_step", "floor_nats_per_frame", "tol_nats_per_frame",
     "checkpoint_uri", "artifact_uri", "start_time", "end_time", "duration_s",
@@ -69,6 +70,9 @@ _DTYPES: dict[str, str] = {
     "test_excess_nats_per_frame": "float64", "test_sequences_scored": "Int64",
     "floor_nats_per_frame": "float64", "tol_nats_per_frame": "float64", "duration_s": "float64",
     "start_time": "datetime64[ms, UTC]", "end_time": "datetime64[ms, UTC]",
+    **{k: "float64" for k in forecasting.SCALAR_KEYS},
+    # one float per predicted frame (a list; None without free-running scores)
+    **{k: "object" for k in forecasting.BY_FRAME_KEYS},
     "data_path": "string", "row": "string",
     "overfit_split": "string", "overfit_index": "Int64", "overfit_tol_per_subpixel": "float64",
 }  # fmt: skip
@@ -96,6 +100,15 @@ def _history(client, run_id: str, key: str) -> dict[int, float]:
     """step -> value of one metric (the last value if a step were ever logged twice)."""
     points = sorted(tracking.retrying(client.get_metric_history, run_id, key), key=lambda m: (m.step, m.timestamp))
     return {m.step: m.value for m in points}
+
+
+def _by_frame(client, run_id: str, metrics: dict[str, float]) -> dict[str, list[float] | None]:
+    """test_<metric>_by_frame: the values of steps 1..horizon, or None where the run has none."""
+    out: dict[str, list[float] | None] = {}
+    for key in forecasting.BY_FRAME_KEYS:
+        history = _history(client, run_id, key) if key in metrics else {}
+        out[key] = [history[s] for s in sorted(history)] or None
+    return out
 
 
 def _has_checkpoint(client, run_id: str) -> bool:
@@ -147,6 +160,8 @@ def tables(client, runs: Iterable[Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
             "test_floor_nats_per_frame": floor,
             "test_excess_nats_per_frame": test - floor,
             "test_sequences_scored": int(scored) if scored is not None else None,
+            **{k: run.data.metrics.get(k, math.nan) for k in forecasting.SCALAR_KEYS},
+            **_by_frame(client, run_id, run.data.metrics),
             "mean_steps_per_second": sum(speed.values()) / len(speed) if speed else math.nan,
             "converged_step": int(converged) if converged is not None else None,
             "floor_nats_per_frame": _parse(tags.get("floor_nats_per_frame")),

@@ -16,7 +16,10 @@ Reporting, checkpointing and logging hang off the Trainer's hooks:
 - at the end of a train-mode trial the test split is scored (`score_test_split`) with the trial's own frame preparation
   (vpn.train.Trainer.score: model.nll over frames context..T-1, on train.test_sequences sequences or
   all): test_nats_per_frame, and the floor of exactly those frames, test_floor_nats_per_frame.
-  A trial that ASHA stops early never reaches its end and has no test score.
+  A trial that ASHA stops early never reaches its end and has no test score. Then, unless
+  train.forecast_samples is 0, the same split is scored by free-running prediction
+  (pipeline.sweep.forecasting: test_mse, test_mae, test_ssim, test_psnr, their best-of-k and
+  mean-frame versions, and their values per predicted frame).
 - pictures (pipeline.sweep.pictures), for MLflow's image view: at each validation a train-mode trial
   draws run.sample_frames frames after the context of validation sequence 0 ("samples"); an overfit
   trial shows its reconstruction of the sequence ("reconstruction") at its first report, at each
@@ -56,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sweep import pictures, tracking
+from pipeline.sweep import forecasting, pictures, tracking
 from pipeline.sweep.trial import TrialConfig
 from vpn.data import MovingMNIST, training_source
 from vpn.evaluate import prepare
@@ -258,8 +261,13 @@ class _Reporter:
     def _result(self, step: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         return {"step": step, **self.latest, **{k: v for k, v in (extra or {}).items() if v is not None}}
 
-    def checkpoint(self, step: int, final: bool, extra: Mapping[str, Any] | None = None) -> None:
-        """Save, flush, (at the end: artifact + FINISHED,) then report with the checkpoint."""
+    def checkpoint(
+        self, step: int, final: bool, extra: Mapping[str, Any] | None = None, series: list | None = None
+    ) -> None:
+        """Save, flush, (at the end: artifact + FINISHED,) then report with the checkpoint.
+
+        series: MLflow Metrics logged in one batch at the end besides extra (the per-frame forecast).
+        """
         extra = self._with_bits(extra) if extra else extra
         if self.run is None:  # a rank > 0: rank 0 writes the checkpoint
             self.tune.report(self._result(step, extra))
@@ -274,6 +282,8 @@ class _Reporter:
                 for k, v in (extra or {}).items():
                     if v is not None:
                         tracking.retrying(client.log_metric, run_id, k, float(v), step=step)
+                if series:
+                    tracking.retrying(client.log_batch, run_id, metrics=series)
                 tracking.retrying(client.log_artifact, run_id, str(Path(d) / CHECKPOINT_FILE), "checkpoint")
                 tracking.retrying(client.set_terminated, run_id, status="FINISHED")
             self.tune.report(self._result(step, extra), checkpoint=self.tune.Checkpoint.from_directory(d))
@@ -286,6 +296,18 @@ def score_test_split(trainer: Trainer, data_root: str | Path) -> dict[str, float
     if result.floor_nats_per_frame is not None:
         metrics[tracking.TEST_FLOOR_KEY] = result.floor_nats_per_frame
     return metrics
+
+
+def final_scores(trainer: Trainer, data_root: str | Path) -> tuple[dict[str, float], list]:
+    """The test NLL, then (after it: it reads no RNG the NLL uses) the free-running scores, and
+    the per-frame series of the latter; see the module docstring."""
+    metrics = score_test_split(trainer, data_root)
+    start = time.perf_counter()
+    result = forecasting.forecast_test_split(trainer, data_root)
+    if result is None:
+        return metrics, []
+    metrics.update(forecasting.scalars(result, time.perf_counter() - start))
+    return metrics, forecasting.by_frame(result)
 
 
 def _train(cfg: TrialConfig, run: _TrialRun | None, tune) -> None:
@@ -320,11 +342,15 @@ def _train(cfg: TrialConfig, run: _TrialRun | None, tune) -> None:
             rep.report(step)
 
     def on_checkpoint(step: int) -> None:
-        final = step == until
-        rep.checkpoint(step, final=final, extra=score_test_split(trainer, cfg.data) if final else None)
+        if step != until:
+            rep.checkpoint(step, final=False)
+            return
+        extra, series = final_scores(trainer, cfg.data)
+        rep.checkpoint(step, final=True, extra=extra, series=series)
 
     if trainer.step >= until:  # restored from the final checkpoint: nothing left but the bookkeeping
-        rep.checkpoint(trainer.step, final=True, extra=score_test_split(trainer, cfg.data))
+        extra, series = final_scores(trainer, cfg.data)
+        rep.checkpoint(trainer.step, final=True, extra=extra, series=series)
         return
     trainer.fit(until, on_log=on_log, on_checkpoint=on_checkpoint, progress=False)
 
