@@ -60,6 +60,43 @@ def synthetic(n_failed: int = 1):
     return trials, curves
 
 
+def with_forecasts(trials, horizon: int = 3):
+    """Free-running scores on the finished trials (pipeline.sweep.forecasting's columns), trial k
+    better than trial k-1, worsening over the horizon."""
+    for k, t in enumerate(trials, start=1):
+        if t["status"] != "FINISHED":
+            continue
+        mse = 40.0 - k
+        t.update(
+            steps_completed=200, frame_height=16, frame_width=16, seq_len=6, context=3, batch_size=8, data="fixed",
+            forecast_temperature=1.0, test_forecast_samples=10.0, test_forecast_sequences=16.0,
+            test_mse=mse, test_mae=2 * mse, test_ssim=0.5, test_psnr=10.0,
+            test_mse_best=mse - 5, test_mae_best=2 * mse - 5, test_ssim_best=0.6, test_psnr_best=11.0,
+            test_mse_mean_frame=mse - 10, test_mae_mean_frame=2 * mse - 10, test_ssim_mean_frame=0.7,
+            test_psnr_mean_frame=12.0,
+            **{f"test_{m}_by_frame": [v * (1 + h / 10) for h in range(horizon)]
+               for m, v in (("mse", mse), ("mae", 2 * mse), ("ssim", 0.5), ("psnr", 10.0))},
+        )  # fmt: skip
+    return trials
+
+
+def test_forecast_section_beside_openstl(tmp_path):
+    trials, curves = synthetic(n_failed=1)
+    write_tables(tmp_path, "demo", with_forecasts(trials), curves)
+    metrics = build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
+    out = tmp_path / "reports" / "demo"
+    with Image.open(out / "forecast.png") as image:
+        image.verify()
+    text = (out / "report.md").read_text()
+    assert "MSE, MAE, SSIM, PSNR beside OpenSTL" in text and "video_benchmarks.md" in text
+    assert "deterministic" in text and "ours over 256, theirs over 4,096" in text
+    for method in ("ConvLSTM-L", "PredRNN", "PredRNN++", "SimVP+IncepU", "SimVP+gSTA-S"):
+        assert f"| {method} |" in text
+    assert "| SimVP+gSTA-S | 2000 epoch | 15.05 | 49.8 | 0.9675 |" in text
+    # the best trial by the mean frame's MSE: trial 8 (mse 40 - 8, mean frame 22)
+    assert metrics["best_forecast_mse_mean_frame"] == pytest.approx(22.0)
+
+
 def test_report_figures_table_and_numbers(tmp_path):
     trials, curves = synthetic(n_failed=1)
     write_tables(tmp_path, "demo", trials, curves)
@@ -447,7 +484,7 @@ def test_report_html_in_a_real_browser(tmp_path):
             pytest.fail(message)  # CI installs it: missing there is a failure, not a skip
         pytest.skip(message)
     trials, curves = synthetic(n_failed=1)
-    write_tables(tmp_path, "demo", trials, curves)
+    write_tables(tmp_path, "demo", with_forecasts(trials), curves)
     build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
     report = tmp_path / "reports" / "demo" / "report.html"
     broken = tmp_path / "broken.html"
@@ -460,12 +497,11 @@ def test_report_html_in_a_real_browser(tmp_path):
         control = browser.open(broken.as_uri())
 
     names = {i["src"].rsplit("/", 1)[-1] for i in page.images}
-    assert names >= {"curves.png", "converge_heatmaps.png", "pareto.png", "speed.png"}, page.images
+    assert names >= {"curves.png", "converge_heatmaps.png", "pareto.png", "speed.png", "forecast.png"}, page.images
     assert all(i["complete"] and i["width"] > 0 for i in page.images), page.images
-    assert len(page.tables) == 1  # the table of every trial: a header row and one row per trial, on screen
-    assert (
-        page.tables[0]["rows"] == 1 + len(trials) and page.tables[0]["columns"] >= 10 and page.tables[0]["height"] > 0
-    )
+    # the free-running scores of the 7 finished trials, OpenSTL's 9 published rows, every trial
+    assert [t["rows"] for t in page.tables] == [1 + 7, 1 + 9, 1 + len(trials)], page.tables
+    assert page.tables[2]["columns"] >= 10 and all(t["height"] > 0 for t in page.tables)
     assert page.errors == []
     # the control page: the missing image is seen as such, with the console error the browser logged
     assert control.images == [{"src": "missing.png", "complete": True, "width": 0}]

@@ -8,7 +8,9 @@ Figures (seaborn):
 - converge_heatmaps.png: iterations to converge against encoder blocks, decoder blocks, filter fraction;
 - pareto.png: final NLL against parameters and against FLOPs per frame, Pareto front marked;
 - speed.png: training steps per second of each config;
-- samples.png: frames sampled by the best run beside the ground truth.
+- samples.png: frames sampled by the best run beside the ground truth;
+- forecast.png (train sweeps with free-running scores): MSE, MAE, SSIM, PSNR per predicted frame,
+  beside a table of the trials' scores and OpenSTL's published Moving MNIST rows (forecasts.py).
 For an overfit sweep (the blog post's experiment) also overfit.png: iterations each preset needed,
 against the post's numbers, and each curve with its plateaus shaded.
 
@@ -51,6 +53,7 @@ from pipeline.report.figures import (
     plot_speed,
     series_name,
 )
+from pipeline.report.forecasts import forecast_section
 from pipeline.report.paper import (
     PAPER_BEST_EXCESS,
     PAPER_LOWER_BOUND,
@@ -172,6 +175,10 @@ def _add_findings(
     }
     if is_ablation_sweep(summary):
         _add_paper_rows(page, summary, out)
+    forecast_lines, forecast_figures, forecast_metrics = forecast_section(finished, out)
+    page.lines += forecast_lines
+    page.figures += forecast_figures
+    page.metrics.update(forecast_metrics)
     finished_curves = curves[curves["run_id"].isin(finished["run_id"])]
     title = f"Convergence curves (colour: {series_name(summary)}, style: width)"
     page.figures.append((title, plot_curves(summary, finished_curves, out / "curves.png").name))
