@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -11,9 +12,10 @@ import pytest
 import torch
 from PIL import Image
 
-from vpn.checkpoint import load_model
+from vpn.checkpoint import load_checkpoint, load_model
 from vpn.cli import main
-from vpn.config import VPNConfig
+from vpn.config import TrainConfig, VPNConfig
+from vpn.forecast import forecast
 from vpn.metrics import bernoulli_lower_bound
 from vpn.model import VideoPixelNetwork
 
@@ -132,6 +134,19 @@ def test_train_eval_sample(tmp_path, data_dir, capsys):
     assert result["lower_bound_nats_per_frame"] == pytest.approx(
         bernoulli_lower_bound(test, context=3).mean().item(), rel=1e-5
     )
+
+    # free-running frame metrics: the same numbers as vpn.forecast with the same seed and context
+    argv = ["eval", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "3"]
+    assert main([*argv, "--metrics", "mse,ssim", "--samples", "2", "--limit", "2", "--seed", "4"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    cfg = dataclasses.replace(TrainConfig.from_dict(load_checkpoint(out / "checkpoint.pt")["train_config"]), context=3)
+    expected = forecast(model, test, cfg, 2, samples=2, seed=4, batch_size=16)
+    assert result["samples"] == 2 and result["forecast_sequences"] == 2 and "nats_per_frame" not in result
+    assert result["mse"] == pytest.approx(expected.mean["mse"]) and result["ssim_best"] == pytest.approx(
+        expected.best["ssim"]
+    )
+    assert len(result["mse_by_frame"]) == 2 and "psnr" not in result
+    assert main([*argv, "--metrics", "nll,fid"]) == 2  # an unknown metric is refused, by name
 
     samples = tmp_path / "samples"
     assert (

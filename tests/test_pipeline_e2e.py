@@ -136,6 +136,16 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
         assert table.loc[name, "test_excess_nats_per_frame"] == pytest.approx(
             r.data.metrics["test_nats_per_frame"] - r.data.metrics["test_floor_nats_per_frame"]
         )
+    # free-running scores (pipeline.sweep.forecasting): logged, carried by trials.parquet, reported
+    for name, r in rows.items():
+        assert r.data.metrics["test_forecast_samples"] == 2 and r.data.metrics["test_forecast_sequences"] == 1
+        for m in ("mse", "mae", "ssim", "psnr"):
+            for key in (f"test_{m}", f"test_{m}_best", f"test_{m}_mean_frame"):
+                assert table.loc[name, key] == pytest.approx(r.data.metrics[key])
+            assert len(table.loc[name, f"test_{m}_by_frame"]) == 2  # tiny: 2 frames drawn after 2
+        assert r.data.metrics["test_mse_mean_frame"] <= r.data.metrics["test_mse"]  # convexity
+    ablation_report = (work / "reports/paper_ablation/report.md").read_text()
+    assert "beside OpenSTL" in ablation_report and "forecast.png" in ablation_report
     ablation_metrics = json.loads((work / "reports/paper_ablation/metrics.json").read_text())
     assert ablation_metrics["best_excess_nats_per_frame"] == pytest.approx(table["test_excess_nats_per_frame"].min())
     assert ablation_metrics["rows"]["baseline"]["paper_nats_per_frame"] == 110.1

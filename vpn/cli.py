@@ -10,6 +10,7 @@ python -m vpn sample --checkpoint runs/micro/checkpoint.pt --data data/moving_mn
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -186,22 +187,47 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+EVAL_METRICS = ("nll", "mse", "mae", "ssim", "psnr")
+
+
+def _eval_metrics(text: str) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(m.strip() for m in text.split(",") if m.strip()))
+    unknown = [m for m in names if m not in EVAL_METRICS]
+    if unknown or not names:
+        raise ValueError(f"--metrics: unknown {unknown or text!r}; choose from {','.join(EVAL_METRICS)}")
+    return names
+
+
 def cmd_eval(args: argparse.Namespace) -> int:
+    from vpn.forecast import forecast
+
+    metrics = _eval_metrics(args.metrics)
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     tcfg = TrainConfig.from_dict(state["train_config"])
+    if args.context is not None:
+        tcfg = dataclasses.replace(tcfg, context=args.context)
     model = load_model(args.checkpoint, device)
     data = _dataset(args.data, args.split)
-    result = score(model, data, tcfg, args.limit, context=args.context, batch_size=args.batch_size)
-    out = {
-        "split": args.split,
-        "sequences": result.sequences,
-        "context": args.context,
-        "nats_per_frame": result.nats_per_frame,
-    }
-    if result.floor_nats_per_frame is not None:
-        out["lower_bound_nats_per_frame"] = result.floor_nats_per_frame
-        out["excess_nats_per_frame"] = result.excess_nats_per_frame
+    out: dict[str, Any] = {"split": args.split, "context": tcfg.context}
+    if "nll" in metrics:
+        result = score(model, data, tcfg, args.limit, batch_size=args.batch_size)
+        out.update(sequences=result.sequences, nats_per_frame=result.nats_per_frame)
+        if result.floor_nats_per_frame is not None:
+            out["lower_bound_nats_per_frame"] = result.floor_nats_per_frame
+            out["excess_nats_per_frame"] = result.excess_nats_per_frame
+    frame_metrics = [m for m in metrics if m != "nll"]
+    if frame_metrics:
+        if args.samples < 1:
+            raise ValueError(f"--samples must be >= 1, got {args.samples}")
+        fc = forecast(
+            model, data, tcfg, args.limit, samples=args.samples, temperature=args.temperature,
+            seed=args.seed, batch_size=args.batch_size,
+        )  # fmt: skip
+        out.update(forecast_sequences=fc.sequences, samples=fc.samples, temperature=fc.temperature)
+        for m in frame_metrics:
+            out.update({m: fc.mean[m], f"{m}_best": fc.best[m], f"{m}_mean_frame": fc.mean_frame[m]})
+            out[f"{m}_by_frame"] = list(fc.per_frame[m])
     print(json.dumps(out))
     return 0
 
@@ -271,13 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("eval", help="NLL in nats/frame on a split")
+    p = sub.add_parser("eval", help="NLL in nats/frame, and free-running MSE/MAE/SSIM/PSNR, on a split")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--context", type=int, default=10)
+    p.add_argument("--context", type=int, help="frames given (default: the checkpoint's train.context)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--limit", type=int, help="score only the first N sequences")
+    p.add_argument(
+        "--metrics", default="nll", help=f"comma-separated, of {','.join(EVAL_METRICS)} (frame metrics: vpn.forecast)"
+    )
+    p.add_argument("--samples", type=int, default=10, help="k free-running samples per sequence (frame metrics)")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
     p.set_defaults(func=cmd_eval)
 
