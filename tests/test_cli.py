@@ -171,10 +171,18 @@ def test_train_eval_sample(tmp_path, data_dir, capsys):
     )
     png = Image.open(samples / "sample.png")
     png.verify()
+    # 8x8 frames enlarged 16x (>= 128 px a frame): 2 rows (truth, one sample) per sequence, 5 frames
+    assert png.size == ((5 * 10 - 2 + 4) * 16, (4 * 10 - 2) * 16)
     gif = Image.open(samples / "sample.gif")
     assert gif.n_frames == 5  # 2 context + 3 generated
     video = torch.load(samples / "sample.pt", weights_only=True)
     assert video.shape == (2, 3, 1, 8, 8) and video.dtype == torch.uint8
+    # k samples: one row each under the ground truth, drawn after the same context
+    argv = ["sample", "--checkpoint", str(out / "checkpoint.pt"), "--data", str(data_dir), "--context", "2"]
+    assert main([*argv, "--frames", "3", "--samples", "3", "--out", str(samples / "k3")]) == 0
+    with Image.open(samples / "k3" / "sample.png") as png:
+        assert png.size[1] == (4 * 10 - 2) * 16  # 1 truth + 3 sample rows
+    assert torch.load(samples / "k3" / "sample.pt", weights_only=True).shape == (1, 3, 3, 1, 8, 8)
 
 
 def test_overfit_cli(tmp_path, data_dir, capsys):

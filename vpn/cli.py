@@ -233,7 +233,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_sample(args: argparse.Namespace) -> int:
-    from vpn.viz import save_gif, save_png, strip
+    from vpn.viz import enlarge, save_gif, save_png, strip
 
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
@@ -245,14 +245,21 @@ def cmd_sample(args: argparse.Namespace) -> int:
         raise ValueError(f"--context must be in [1, {truth.shape[1]}]")
     context = truth[:, : args.context].to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    video = model.sample(context, args.frames, generator=generator, temperature=args.temperature, method=args.method)
-    video = video.cpu()
+    k = args.samples
+    if k < 1:
+        raise ValueError(f"--samples must be >= 1, got {k}")
+    given = context.repeat_interleave(k, dim=0)  # (B*k, context, C, H, W): k draws per sequence
+    video = model.sample(given, args.frames, generator=generator, temperature=args.temperature, method=args.method)
+    video = video.cpu().unflatten(0, (args.batch, k))  # (B, k, frames, C, H, W)
     out = Path(args.out)
-    rows = []
+    rows = []  # per sequence: the ground truth, then each of the k samples after the same context
     for b in range(args.batch):
         rows.append(truth[b, : args.context + args.frames])
-        rows.append(torch.cat([truth[b, : args.context], video[b]]))
-    save_png(strip(rows, separator_at=args.context), out / "sample.png")
+        rows.extend(torch.cat([truth[b, : args.context], video[b, j]]) for j in range(k))
+    if k == 1:
+        video = video[:, 0]  # sample.pt keeps its (B, frames, C, H, W) shape for one sample
+    # Nearest-neighbour enlargement to >= MIN_FRAME_PX a frame, so that 16x16 frames can be seen.
+    save_png(enlarge(strip(rows, separator_at=args.context), truth.shape[-2]), out / "sample.png")
     save_gif(rows, out / "sample.gif")
     torch.save(video, out / ".sample.pt.tmp")
     (out / ".sample.pt.tmp").replace(out / "sample.pt")
@@ -321,6 +328,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch", type=int, default=1, help="sequences index..index+batch-1")
     p.add_argument("--context", type=int, default=10)
     p.add_argument("--frames", type=int, default=10)
+    p.add_argument("--samples", type=int, default=1, help="k samples per sequence, one row each under its truth")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--method", choices=("cached", "naive"), default="cached")

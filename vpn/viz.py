@@ -32,6 +32,15 @@ def strip(rows: list[Tensor | np.ndarray], gap: int = 2, separator_at: int | Non
     return Image.fromarray(canvas[..., 0] if c == 1 else canvas)
 
 
+MIN_FRAME_PX = 128  # frames drawn at least this tall: a 16x16 frame is readable at 128 px
+
+
+def enlarge(image: Image.Image, frame_px: int, min_px: int = MIN_FRAME_PX) -> Image.Image:
+    """Scale a strip of frame_px-high frames by a whole factor up to >= min_px a frame (nearest neighbour)."""
+    k = max(1, -(-min_px // frame_px))
+    return image if k == 1 else image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+
+
 def save_png(image: Image.Image, path: str | Path) -> Path:
     path = Path(path)
     with atomic_path(path) as tmp:  # the format is named: the temporary name ends in .tmp

@@ -20,17 +20,16 @@ from PIL import Image
 from torch import Tensor
 
 from vpn.model import VideoPixelNetwork
-from vpn.viz import strip
+from vpn.viz import MIN_FRAME_PX, strip
+from vpn.viz import enlarge as _enlarge
 
-MIN_FRAME_PX = 64
 SAMPLES_KEY = "samples"  # MLflow image keys: the UI's image view groups pictures by key, with a step slider
 RECONSTRUCTION_KEY = "reconstruction"
 
 
 def enlarge(image: Image.Image, frame_px: int) -> Image.Image:
-    """Scale a strip of frame_px-high frames by a whole factor up to >= MIN_FRAME_PX (nearest)."""
-    k = max(1, -(-MIN_FRAME_PX // frame_px))
-    return image if k == 1 else image.resize((image.width * k, image.height * k), Image.Resampling.NEAREST)
+    """Scale a strip of frame_px-high frames by a whole factor up to >= MIN_FRAME_PX (nearest): vpn.viz.enlarge."""
+    return _enlarge(image, frame_px, MIN_FRAME_PX)
 
 
 @torch.no_grad()
