@@ -28,7 +28,9 @@ from vpn.model import count_flops_per_frame
 
 PEAK_FLOPS = 989e12  # NVIDIA H100 SXM, dense bf16 (its datasheet); an estimate's assumption
 MFU = 0.4  # the fraction of PEAK_FLOPS a trial is assumed to reach (unmeasured)
-FRAME_SIZE = 64  # Moving MNIST's frames (params.yaml generate.frame_size); the driver passes the data's own
+# Moving MNIST's frames (params.yaml generate.frame_size): the validation, the plan and the ledger all count
+# at this size, so that a budget means the same before and after the data is read.
+FRAME_SIZE = 64
 SEQ_LEN = 20  # the data's sequence length where train.seq_len is null (params.yaml generate.seq_len)
 
 
