@@ -144,7 +144,9 @@ def run_sweep(
         sweep_id = sweep_id_of(sweep, data_info["identity"])
         exp = _open_experiment(sweep, sweep_id, storage)
         _check_reach(ray, exp)
-        parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id)
+        # A searched sweep's parent run, its trials nested (pipeline.sweep.searched_runs); a grid's runs
+        # stay side by side for now.
+        parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id) if sweep.search.searched else None
         tuner = _tuner(sweep, sweep_id, exp, data_info, trainable, max_concurrent, retry_errored, fault, parent)
         tuner.fit()
     finally:
@@ -155,9 +157,10 @@ def run_sweep(
     out = None
     if write_tables:
         out = _write_tables(sweep, sweep_id, exp, results_dir, register=not unfinished)
-    summary = json.loads((out / "metrics.json").read_text()) if out is not None else None
-    runs = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
-    close_parent(exp.client, parent, runs, summary, done=not unfinished)
+    if parent is not None:
+        summary = json.loads((out / "metrics.json").read_text()) if out is not None else None
+        runs = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
+        close_parent(exp.client, parent, runs, summary, done=not unfinished)
     return SweepOutcome(sweep, sweep_id, exp.experiment_id, exp.uri, exp.path, statuses, unfinished, out)
 
 
