@@ -136,7 +136,7 @@ def test_grid_points_labels_presets_and_samples(tmp_path):
             "model": {"enc_blocks": [2, 4], "dec_blocks": [3, 6], "filter_fraction": [0.25]},
             "train": {"lr": [1e-3]},
         },
-        run={"num_samples": 2},
+        run={"seeds": 2},
         train={**BASE["train"], "seed": 7},
     )
     sweep = load_spec(write_spec(tmp_path, spec), root=tmp_path).resolve("cpu")

@@ -8,15 +8,16 @@ from typing import Any
 
 from ray.tune import Callback
 
-from pipeline.sweep import tracking
+from pipeline.sweep import search, tracking
 from pipeline.sweep.trial import TrialConfig
 
 log = logging.getLogger(__name__)
 
 
 def trial_config(trial: Any) -> TrialConfig:
-    """The TrialConfig of a Tune trial, from the dict Tune carries (pipeline.sweep.trial)."""
-    return TrialConfig.from_dict(trial.config["trial"])
+    """The TrialConfig of a Tune trial, from the dict Tune carries (pipeline.sweep.trial), with a
+    searched trial's drawn values applied (pipeline.sweep.search)."""
+    return search.trial_config(trial.config)
 
 
 def trial_name(trial: Any) -> str:
@@ -48,7 +49,11 @@ class TrackingCallback(Callback):
         return self._client
 
     def _open_run(self, trial: Any):
-        run = tracking.retrying(self.client.get_run, trial_config(trial).run_id)
+        cfg = trial_config(trial)
+        run_id = cfg.run_id or tracking.find_trial_run(self.client, cfg.experiment_id, cfg.sweep_id, trial.trial_id)
+        if run_id is None:  # a searched trial that never started has no run
+            return None
+        run = tracking.retrying(self.client.get_run, run_id)
         return run if run.info.status in ("RUNNING", "SCHEDULED") else None
 
     def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:

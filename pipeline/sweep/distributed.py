@@ -54,9 +54,10 @@ def driver(config: Mapping[str, Any], plan: Mapping[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.sweep.trainable import refuse_known_non_finite
+    from pipeline.sweep import search
+    from pipeline.sweep.trainable import refuse_known_non_finite, searched_run
 
-    cfg = TrialConfig.from_dict(config["trial"])
+    cfg = searched_run(search.trial_config(config), tune.get_context().get_trial_id())
     if cfg.fault is not None:  # test hook: rank 0 may kill this driver (pipeline.sweep.faults)
         cfg = cfg.replace(fault=cfg.fault.for_driver(os.getpid()))
     client = tracking.client(cfg.tracking_uri)

@@ -132,6 +132,9 @@ def run_sweep(
 
     import ray
 
+    from pipeline.sweep import tracking
+    from pipeline.sweep.searched_runs import close_parent, open_parent
+
     started = connect_ray()
     try:
         sweep, data_info, cluster = _resolve_on_cluster(ray, spec, profile, data, sweep, data_info)
@@ -141,7 +144,10 @@ def run_sweep(
         sweep_id = sweep_id_of(sweep, data_info["identity"])
         exp = _open_experiment(sweep, sweep_id, storage)
         _check_reach(ray, exp)
-        tuner = _tuner(sweep, sweep_id, exp, data_info, trainable, max_concurrent, retry_errored, fault)
+        # A searched sweep's parent run, its trials nested (pipeline.sweep.searched_runs); a grid's runs
+        # stay side by side for now.
+        parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id) if sweep.search.searched else None
+        tuner = _tuner(sweep, sweep_id, exp, data_info, trainable, max_concurrent, retry_errored, fault, parent)
         tuner.fit()
     finally:
         if started:
@@ -151,6 +157,10 @@ def run_sweep(
     out = None
     if write_tables:
         out = _write_tables(sweep, sweep_id, exp, results_dir, register=not unfinished)
+    if parent is not None:
+        summary = json.loads((out / "metrics.json").read_text()) if out is not None else None
+        runs = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
+        close_parent(exp.client, parent, runs, summary, done=not unfinished)
     return SweepOutcome(sweep, sweep_id, exp.experiment_id, exp.uri, exp.path, statuses, unfinished, out)
 
 
@@ -202,19 +212,30 @@ def _check_reach(ray, exp: _Experiment) -> None:
         log.warning("storage %s is a local path on a multi-node cluster: it must be shared (NFS)", exp.store)
 
 
-def _tuner(sweep: Sweep, sweep_id: str, exp: _Experiment, data_info, trainable, max_concurrent, retry_errored, fault):
-    """The Tuner of this sweep id: restored from its Ray folder (a resume), else new, with its MLflow
-    runs created and one TrialConfig per point in Tune's grid."""
+def _tuner(
+    sweep: Sweep,
+    sweep_id: str,
+    exp: _Experiment,
+    data_info,
+    trainable,
+    max_concurrent,
+    retry_errored,
+    fault,
+    parent: str | None = None,
+):
+    """The Tuner of this sweep id: restored from its Ray folder (a resume), else new: a grid with its
+    MLflow runs created and one TrialConfig per point, or a searcher; runs nested under `parent`."""
     from ray import tune
     from ray.tune.schedulers import ASHAScheduler
 
     from pipeline.sweep import tracking
     from pipeline.sweep.callbacks import TrackingCallback, trial_name
     from pipeline.sweep.runs import create_runs
+    from pipeline.sweep.searched_runs import searched_tune_args
 
     if tune.Tuner.can_restore(exp.path):
         held = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
-        if len(held) != len(sweep.points):
+        if not sweep.search.searched and len(held) != len(sweep.points):  # a searcher's runs come as it draws
             raise SweepDataError(
                 f"{exp.path} holds sweep {sweep_id} but the MLflow store {exp.uri} has {len(held)} of its "
                 f"{len(sweep.points)} runs; delete that folder to start the sweep over"
@@ -223,13 +244,20 @@ def _tuner(sweep: Sweep, sweep_id: str, exp: _Experiment, data_info, trainable, 
         return tune.Tuner.restore(
             exp.path, trainable, resume_unfinished=True, resume_errored=retry_errored, restart_errored=False
         )
-    run_ids = create_runs(exp.client, exp.experiment_id, sweep, sweep_id, data_info)
-    configs = [TrialConfig.of_point(sweep, p, r, exp.uri, fault) for p, r in zip(sweep.points, run_ids)]
+    callbacks = [TrackingCallback(exp.uri)]
+    if sweep.search.searched:  # drawn as it runs (pipeline.sweep.search), each run made as its trial starts
+        space, drawn, more = searched_tune_args(sweep, sweep_id, exp, data_info, fault, parent)
+        callbacks += more
+    else:
+        run_ids = create_runs(exp.client, exp.experiment_id, sweep, sweep_id, data_info, parent)
+        configs = [TrialConfig.of_point(sweep, p, r, exp.uri, fault) for p, r in zip(sweep.points, run_ids)]
+        space, drawn = {"trial": tune.grid_search([c.to_dict() for c in configs])}, {}
     return tune.Tuner(
         trainable,
         # The Ray Tune boundary: Tune carries (and pickles into its experiment state) plain dicts.
-        param_space={"trial": tune.grid_search([c.to_dict() for c in configs])},
+        param_space=space,
         tune_config=tune.TuneConfig(
+            **drawn,
             scheduler=_asha(sweep, ASHAScheduler),
             max_concurrent_trials=max_concurrent,
             # A new worker costs seconds of imports per trial. Not for data-parallel trials: a
@@ -243,7 +271,7 @@ def _tuner(sweep: Sweep, sweep_id: str, exp: _Experiment, data_info, trainable, 
             storage_path=exp.store,
             failure_config=tune.FailureConfig(max_failures=sweep.run.max_failures),
             checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
-            callbacks=[TrackingCallback(exp.uri)],
+            callbacks=callbacks,
             progress_reporter=_reporter(sweep, tune),
             verbose=1,
         ),

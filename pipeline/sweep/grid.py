@@ -49,13 +49,24 @@ class Row:
 
 @dataclass(frozen=True)
 class Search:
-    """The grid. Each axis is a non-empty tuple of values."""
+    """The grid, or a searched space. Each axis is a non-empty tuple of values (a choice) or, for a
+    searcher (algorithm other than grid), a pipeline.sweep.space.Range.
 
+    algorithm: grid (every combination), random, optuna (TPE); seed: the searcher's seed.
+    """
+
+    algorithm: str = "grid"
+    seed: int = 0
     preset: tuple[str, ...] = ()
     preset_width_scale: float = 1.0
     model: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     train: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
     rows: tuple[Row, ...] = ()
+
+    @property
+    def searched(self) -> bool:
+        """Whether a searcher draws the trials (else the grid's combinations are the trials)."""
+        return self.algorithm != "grid"
 
     def axes(self) -> list[tuple[str, tuple[Any, ...]]]:
         """(path, values) of every axis, in the order they cross: row, preset, model.*, train.*."""

@@ -67,9 +67,12 @@ def point_tags(sweep: Sweep, point: Point, sweep_id: str, code: Mapping[str, str
     }
 
 
-def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, data_info: Mapping[str, Any]) -> list[str]:
-    """One SCHEDULED run per point, with the code's git commit and the data as a dataset input; runs
-    left by an earlier start of this sweep id are deleted. Returns the run ids in grid order."""
+def create_runs(
+    client, experiment_id: str, sweep: Sweep, sweep_id: str, data_info: Mapping[str, Any], parent: str | None = None
+) -> list[str]:
+    """One SCHEDULED run per point, with the code's git commit and the data as a dataset input, nested
+    under run `parent` (mlflow.parentRunId); runs left by an earlier start of this sweep id are
+    deleted. Returns the run ids in grid order."""
     stale = tracking.sweep_runs(client, experiment_id, sweep_id)
     if stale:
         log.warning("sweep %s starts over: deleting %d MLflow run(s) of its earlier start", sweep_id, len(stale))
@@ -86,6 +89,8 @@ def create_runs(client, experiment_id: str, sweep: Sweep, sweep_id: str, data_in
     run_ids = []
     for p in sweep.points:
         params, tags = point_params(sweep, p, frame_hw), point_tags(sweep, p, sweep_id, code)
+        if parent is not None:
+            tags["mlflow.parentRunId"] = parent
         run_id = tracking.create_run(client, experiment_id, p.label, params, tags)
         tracking.retrying(client.log_inputs, run_id, datasets=[dataset])
         run_ids.append(run_id)

@@ -47,7 +47,12 @@ class RunSettings:
     cpus_per_worker: float | None = None
     gpus_per_worker: float | None = None
     max_concurrent: int = 0
-    num_samples: int = 1
+    # A searcher's trial count (search.algorithm other than grid; a grid runs each of its points):
+    # num_samples configs drawn, each run `seeds` times with train.seed + 0..seeds-1.
+    num_samples: int | None = None
+    seeds: int = 1
+    # Stop starting trials once their estimated cost would pass this (pipeline.sweep.budget); null: none.
+    budget_gpu_hours: float | None = None
     max_failures: int = 2
     storage_path: str | None = None
     asha: AshaSettings = field(default_factory=AshaSettings)
@@ -85,8 +90,13 @@ class RunSettings:
         for name in ("max_concurrent", "max_failures"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
-        if self.num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {self.num_samples}")
+        for name in ("num_samples", "seeds"):
+            v = getattr(self, name)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+                raise ValueError(f"{name} must be an integer >= 1, got {v!r}")
+        b = self.budget_gpu_hours
+        if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
+            raise ValueError(f"budget_gpu_hours must be a number > 0 or null, got {b!r}")
 
     @property
     def worker_cpus(self) -> float:

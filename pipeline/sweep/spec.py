@@ -71,9 +71,11 @@ from typing import Any
 import yaml
 
 from pipeline.paths import repo_root
+from pipeline.sweep.budget import check_budget, trial_gpu_hours
 from pipeline.sweep.grid import PRESET_FIELDS, Point, Row, Search, combinations, point_label
 from pipeline.sweep.profiles import apply_profile
 from pipeline.sweep.settings import AshaSettings, OverfitSettings, RunSettings
+from pipeline.sweep.space import corner, describe, ends
 from pipeline.sweep.validate import (
     MODEL_FIELDS,
     NAME_RE,
@@ -140,10 +142,29 @@ class Sweep:
             # N workers compute one worker's curve only up to float rounding: another N is another
             # sweep (not in the dict for N = 1, so that one-worker sweeps keep their identity).
             **({"workers_per_trial": self.run.workers_per_trial} if self.run.workers_per_trial > 1 else {}),
+            # A searched sweep (not in the dict for a grid, so that grids keep their identity): the
+            # space, the searcher and its seed, the draw count, the repeats and the budget.
+            **({"search": self.search_identity()} if self.search.searched else {}),
             "points": [
                 {"label": p.label, "model": p.model.to_dict(), "train": p.train.to_dict(), "preset": p.preset}
                 for p in self.points
             ],
+        }
+
+    @property
+    def trial_count(self) -> int:
+        """The trials the sweep runs at most: the grid's points, or num_samples x seeds drawn."""
+        return len(self.points) if not self.search.searched else self.run.num_samples * self.run.seeds
+
+    def search_identity(self) -> dict[str, Any]:
+        """A searched sweep's space and searcher as plain values (the parent run and the identity hold it)."""
+        return {
+            "algorithm": self.search.algorithm,
+            "seed": self.search.seed,
+            "space": describe(dict(self.search.axes())),
+            "num_samples": self.run.num_samples,
+            "seeds": self.run.seeds,
+            "budget_gpu_hours": self.run.budget_gpu_hours,
         }
 
     def fingerprint(self, *extra: str) -> str:
@@ -250,8 +271,15 @@ def _build(
     blame = Blame(label, profile, touched)
     sections = _read_sections(spec, root, data_override, blame)
     _check_values_alone(sections, blame)
-    points = _grid_points(sections, blame)
+    _check_trial_count(sections, blame)
+    points = _corner_points(sections, blame) if sections.search.searched else _grid_points(sections, blame)
     _check_sweep(sections, points, blame)
+    if sections.run.budget_gpu_hours is not None:
+        try:  # the corners' costs: each range's low and high ends (cost rises with depth, width, steps)
+            costs = [trial_gpu_hours(None, p) for p in points]
+            check_budget(sections.run.budget_gpu_hours, costs, sections.search.searched)
+        except ValueError as e:
+            raise blame.fail("run.budget_gpu_hours", str(e)) from e
     return Sweep(
         source=label,
         name=spec["name"],
@@ -328,16 +356,45 @@ def _check_values_alone(s: _Sections, blame: Blame) -> None:
         if path in ("preset", "row"):
             continue
         section, key = path.split(".", 1)
-        for v in values:
+        for v in ends(values):  # a choice's every value, a range's two ends
             if section == "model":
                 model_config({**s.model, key: v}, blame, f"search.{path}")
             else:
                 train_config({**s.train, key: v}, blame, f"search.{path}")
 
 
+def _check_trial_count(s: _Sections, blame: Blame) -> None:
+    """run.num_samples is a searcher's draw count; a grid repeats its points with run.seeds."""
+    if not s.search.searched and s.run.num_samples is not None:
+        raise blame.fail(
+            "run.num_samples",
+            "a grid runs every point; repeats with train.seed + 0, 1, ... are run.seeds "
+            "(num_samples is the number of configs a searcher draws, search.algorithm random or optuna)",
+        )
+    if s.search.searched and s.run.num_samples is None:
+        raise blame.fail("run.num_samples", f"search.algorithm {s.search.algorithm} needs the number of trials to draw")
+    if s.search.searched and s.mode == "overfit":
+        raise blame.fail("search.algorithm", "a searcher learns from validation scores; mode: overfit has none")
+
+
+def _corner_points(s: _Sections, blame: Blame) -> list[Point]:
+    """A searched space's low and high corners (every axis at its low end, then its high end) as Points:
+    checked like grid points (they build, they fit the data) and never run; the trials are drawn."""
+    points: list[Point] = []
+    for high in (False, True):
+        chosen = {path: corner(axis, high) for path, axis in s.search.axes()}
+        where = f" (the space's {'high' if high else 'low'} corner: {', '.join(f'{k}={v}' for k, v in chosen.items())})"
+        m = {**s.model, **{p[6:]: v for p, v in chosen.items() if p.startswith("model.")}}
+        t = {**s.train, **{p[6:]: v for p, v in chosen.items() if p.startswith("train.")}}
+        model_cfg = model_config(m, blame, "search", where)
+        label = "high" if high else "low"
+        points.append(Point(len(points), label, model_cfg, train_config(t, blame, "search", where), chosen, None))
+    return points
+
+
 def _grid_points(s: _Sections, blame: Blame) -> list[Point]:
-    """Every combination of the grid, run.num_samples times each (train.seed + 0, 1, ...), as Points."""
-    samples = s.run.num_samples
+    """Every combination of the grid, run.seeds times each (train.seed + 0, 1, ...), as Points."""
+    samples = s.run.seeds
     points: list[Point] = []
     for combo in combinations(s.search, s.model, s.train):
         context = ", ".join(f"{k}={v}" for k, v in combo.axes.items()) or "the base configs"

@@ -153,6 +153,19 @@ def sweep_runs(c: MlflowClient, experiment_id: str, sweep_id: str) -> list[Any]:
     return sorted(runs, key=lambda r: int(r.data.tags.get(TAG_POINT, "0")))
 
 
+def find_trial_run(c: MlflowClient, experiment_id: str, sweep_id: str, trial_id: str) -> str | None:
+    """The id of the live run of Ray trial `trial_id` in sweep `sweep_id` (a searched sweep's), or None."""
+    runs = c.search_runs(
+        [experiment_id],
+        filter_string=f"tags.{TAG_SWEEP_ID} = '{sweep_id}' and tags.{TAG_TRIAL_ID} = '{trial_id}'",
+        run_view_type=ViewType.ACTIVE_ONLY,
+        max_results=2,
+    )
+    if len(runs) > 1:
+        raise RuntimeError(f"sweep {sweep_id}: two MLflow runs hold Ray trial {trial_id}")
+    return runs[0].info.run_id if runs else None
+
+
 def create_run(
     c: MlflowClient,
     experiment_id: str,

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sweep import forecasting, pictures, tracking
+from pipeline.sweep import forecasting, pictures, search, tracking
 from pipeline.sweep.trial import TrialConfig
 from vpn.data import MovingMNIST, training_source
 from vpn.evaluate import prepare
@@ -96,8 +96,8 @@ def trial(config: Mapping[str, Any]) -> None:
     from ray import tune
 
     quiet_framework_logs()
-    cfg = TrialConfig.from_dict(config["trial"])
     ctx = tune.get_context()
+    cfg = searched_run(search.trial_config(config), ctx.get_trial_id())
     granted = dict(ctx.get_trial_resources().required_resources)  # e.g. {"CPU": 1.0, "GPU": 0.5}
     # Threads = the CPUs Ray granted this trial (trials share the node's cores).
     torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
@@ -107,6 +107,20 @@ def trial(config: Mapping[str, Any]) -> None:
         tracking.TAG_RESOURCES: json.dumps(granted, sort_keys=True),
     }
     run_trial(cfg, tune, tags)
+
+
+def searched_run(cfg: TrialConfig, trial_id: str, wait_s: float = 30.0) -> TrialConfig:
+    """A searched trial's config with its run id: the run the driver made as the trial started
+    (pipeline.sweep.searched_runs); waited for briefly, as a slow store may lag. A grid's: unchanged."""
+    if cfg.run_id is not None:
+        return cfg
+    client = tracking.client(cfg.tracking_uri)
+    deadline = time.monotonic() + wait_s
+    while (run_id := tracking.find_trial_run(client, cfg.experiment_id, cfg.sweep_id, trial_id)) is None:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"trial {cfg.label} ({trial_id}): no MLflow run in sweep {cfg.sweep_id}")
+        time.sleep(0.5)
+    return cfg.replace(run_id=run_id)
 
 
 @dataclass(frozen=True)

@@ -36,11 +36,13 @@ class TrialConfig:
     tracking_uri: the MLflow store, absolute.
     sample_frames, system_metrics: what the trial logs besides its curves (pipeline.sweep.spec.RunSettings).
     fault: test hooks (pipeline.sweep.faults), None in every real sweep.
+    sweep_id, experiment_id: where a searched trial finds its run (run_id None: the driver creates the
+    run when the trial starts, pipeline.sweep.searched_runs); None for a grid's trials.
     """
 
     point: int
     label: str
-    run_id: str
+    run_id: str | None
     mode: str
     model: VPNConfig
     train: TrainConfig
@@ -50,6 +52,8 @@ class TrialConfig:
     sample_frames: int
     system_metrics: bool
     fault: Faults | None = None
+    sweep_id: str | None = None
+    experiment_id: str | None = None
 
     def __post_init__(self) -> None:
         if (self.mode == "overfit") != (self.overfit is not None):
@@ -89,6 +93,8 @@ class TrialConfig:
             "sample_frames": self.sample_frames,
             "system_metrics": self.system_metrics,
             "fault": self.fault.to_dict() if self.fault is not None else None,
+            "sweep_id": self.sweep_id,
+            "experiment_id": self.experiment_id,
         }
 
     @classmethod

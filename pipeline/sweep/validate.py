@@ -21,11 +21,12 @@ from typing import Any, TypeVar
 from pipeline.params import ParamsError, field_named_by, section_from_mapping
 from pipeline.sweep.grid import PRESET_FIELDS, Row, Search
 from pipeline.sweep.settings import AshaSettings, RunSettings
+from pipeline.sweep.space import ALGORITHMS, read_range
 from vpn.config import PRESETS, TrainConfig, VPNConfig
 
 T = TypeVar("T")
 
-SEARCH_KEYS = ("preset", "preset_width_scale", "rows", "model", "train")
+SEARCH_KEYS = ("algorithm", "seed", "preset", "preset_width_scale", "rows", "model", "train")
 ROW_KEYS = ("name", "model", "train")
 MODEL_FIELDS = tuple(f.name for f in dataclasses.fields(VPNConfig))
 TRAIN_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig))
@@ -95,6 +96,15 @@ def read_search(value: Any, blame: Blame) -> Search:
     for key in raw:
         if key not in SEARCH_KEYS:
             raise blame.fail(f"search.{key}", f"unknown key; known keys: {', '.join(SEARCH_KEYS)}")
+    algorithm, seed = raw.get("algorithm", "grid"), raw.get("seed", 0)
+    if algorithm not in ALGORITHMS:
+        raise blame.fail("search.algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
+        raise blame.fail("search.seed", f"must be an integer >= 0, got {seed!r}")
+    searched = algorithm != "grid"
+    for key in ("preset", "rows"):
+        if searched and raw.get(key) is not None:
+            raise blame.fail(f"search.{key}", "only with algorithm: grid; a searcher draws search.model/train axes")
     presets = raw.get("preset")
     if presets is not None:
         presets = _read_axis(presets, "search.preset", blame)
@@ -113,7 +123,7 @@ def read_search(value: Any, blame: Blame) -> Search:
             if key not in fields:
                 kind = "VPNConfig" if section == "model" else "TrainConfig"
                 raise blame.fail(f"search.{section}.{key}", f"unknown {kind} key; known keys: {', '.join(fields)}")
-            axes[key] = _read_axis(values, f"search.{section}.{key}", blame)
+            axes[key] = _read_axis(values, f"search.{section}.{key}", blame, ranges=searched)
         grids[section] = axes
     if presets:
         clash = [k for k in PRESET_FIELDS if k in grids["model"]]
@@ -123,7 +133,7 @@ def read_search(value: Any, blame: Blame) -> Search:
                 "conflicts with search.preset (a preset fixes enc_blocks, dec_blocks and filter_fraction)",
             )
     rows = _read_rows(raw.get("rows"), blame)
-    return Search(tuple(presets or ()), float(scale), grids["model"], grids["train"], rows)
+    return Search(algorithm, seed, tuple(presets or ()), float(scale), grids["model"], grids["train"], rows)
 
 
 def _read_rows(value: Any, blame: Blame) -> tuple[Row, ...]:
@@ -156,7 +166,15 @@ def _read_rows(value: Any, blame: Blame) -> tuple[Row, ...]:
     return tuple(rows)
 
 
-def _read_axis(values: Any, path: str, blame: Blame) -> tuple[Any, ...]:
+def _read_axis(values: Any, path: str, blame: Blame, ranges: bool = False) -> Any:
+    """A list of distinct values (a choice), or for a searcher (`ranges`) a space.Range too."""
+    if isinstance(values, dict):
+        if not ranges:
+            raise blame.fail(path, f"a range ({values!r}) needs search.algorithm random or optuna; a grid takes a list")
+        try:
+            return read_range(values)
+        except ValueError as e:
+            raise blame.fail(path, str(e)) from e
     if not isinstance(values, list):
         raise blame.fail(path, f"a grid axis must be a list of values, got {values!r}")
     if not values:
