@@ -334,12 +334,29 @@ def test_cluster_config_is_a_valid_ray_cluster_launcher_config():
     assert raw["docker"]["image"].startswith(f"rayproject/ray:{ray.__version__}-py311")
     workers = [t for name, t in raw["available_node_types"].items() if name != raw["head_node_type"]]
     assert workers and all(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # GPU nodes
-    assert raw["file_mounts"] == {"~/vpn": "."}  # the repository on every node
+    assert raw["file_mounts"]["~/vpn"] == "."  # the repository on every node
+    assert set(raw["file_mounts"]) == {"~/vpn", "~/.ray/auth_token", "~/.vpn_mlflow_credentials"}
+    assert any("--app-name basic-auth" in c and "0.0.0.0" not in c for c in raw["head_start_ray_commands"])
     assert "pip install -q -e ~/vpn" in raw["setup_commands"]
     assert any("mlflow server" in c for c in raw["head_start_ray_commands"])
     env = " ".join(raw["setup_commands"] + raw["head_setup_commands"])
     for var in ("VPN_DATA", "VPN_SWEEP_STORAGE", "VPN_WAIT_FOR_NODES", "MLFLOW_TRACKING_URI"):
         assert var in env
+    assert "RAY_AUTH_MODE=token" in env and "VPN_RESULTS_DIR" in env
+
+
+def test_the_onprem_cluster_config_passes_rays_schema():
+    from ray.autoscaler._private.util import prepare_config, validate_config
+
+    raw = yaml.safe_load((REPO / "sweeps/onprem.yaml").read_text())
+    validate_config(prepare_config(raw))
+    assert raw["provider"]["type"] == "local"
+    assert raw["min_workers"] == raw["max_workers"] == len(raw["provider"]["worker_ips"])
+    env = raw["setup_commands"][0]
+    assert f"VPN_HEAD_IP={raw['provider']['head_ip']}" in env  # the two marked copies of the head's address agree
+    for var in ("RAY_AUTH_MODE=token", "MLFLOW_TRACKING_URI", "VPN_SWEEP_STORAGE", "VPN_DATA", "VPN_RESULTS_DIR"):
+        assert var in env
+    assert any("--app-name basic-auth" in c for c in raw["head_start_ray_commands"])
 
 
 # -- resources: GPUs only where the cluster has them ----------------------------------------------------

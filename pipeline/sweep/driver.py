@@ -34,6 +34,10 @@ Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
 <repo>/ray_results. A multi-node cluster needs shared storage here (s3://, gs://, NFS).
 MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.sweep.tracking).
+Tables: --results-dir, else VPN_RESULTS_DIR/<sweep name>, else <repo>/results/<sweep name>.
+Run from Ray's uploaded copy of a working directory (`ray job submit --working-dir .`), the sweep
+refuses to start unless the MLflow store, the storage and the tables are all outside that copy
+(pipeline.sweep.persist): Ray deletes the copy.
 """
 
 from __future__ import annotations
@@ -52,6 +56,7 @@ from pipeline.paths import repo_root
 from pipeline.sweep.data_check import SweepDataError, check_data
 from pipeline.sweep.faults import Faults
 from pipeline.sweep.identity import sweep_id_of
+from pipeline.sweep.persist import RESULTS_ENV, STORAGE_ENV, check_results_persist
 from pipeline.sweep.placement import WAIT_ENV, choose_profile, trainable_of, wait_for_nodes
 from pipeline.sweep.spec import SpecError, Sweep, SweepSpec, load_spec
 from pipeline.sweep.trial import TrialConfig
@@ -64,7 +69,6 @@ QUIET_ENV = {
     "RAY_USAGE_STATS_ENABLED": "0", "MLFLOW_DISABLE_TELEMETRY": "true", "DVC_NO_ANALYTICS": "1",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
 }  # fmt: skip
-STORAGE_ENV = "VPN_SWEEP_STORAGE"
 # Ray Tune's table reporter (CLIReporter) is used only with the legacy output engine.
 # Checkpoints force experiment snapshots (num_to_keep): expected here, so no warning about it.
 LEGACY_OUTPUT_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
@@ -120,6 +124,8 @@ def run_sweep(
     """Run (or resume) one sweep; see the module docstring. `fault` is a test hook passed to the
     trials (pipeline.sweep.faults, e.g. {"kill_at_step": n, "marker": path}: SIGKILL the worker once
     at that step)."""
+    # Refused at once when every result would live in Ray's uploaded copy of a working directory.
+    check_results_persist(repo_root(), _spec_arg(spec), storage=storage, results_dir=results_dir)
     for k, v in {**QUIET_ENV, **LEGACY_OUTPUT_ENV}.items():
         os.environ.setdefault(k, v)
     if isinstance(fault, Mapping):  # as JSON gives it (tests/test_cluster.py)
@@ -331,7 +337,10 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
     trial's model in the registry (pipeline.sweep.registry)."""
     from pipeline.sweep import results
 
-    out_dir = Path(results_dir) if results_dir else None
+    if results_dir:
+        out_dir = Path(results_dir)
+    else:  # VPN_RESULTS_DIR is the parent, like <repo>/results
+        out_dir = Path(os.environ[RESULTS_ENV]) / sweep.name if os.environ.get(RESULTS_ENV) else None
     out = results.write_results(exp.client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
     if register:  # the best of a finished sweep, by the tables' own ranking
         from pipeline.sweep import registry
@@ -342,6 +351,14 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
         except Exception as e:  # the tables are written; a registry that refuses must not fail the sweep
             log.warning("sweep %s: the best trial's model was not registered: %s", sweep_id, e)
     return out
+
+
+def _spec_arg(spec: SweepSpec) -> str:
+    """The spec as a command names it: relative to the repository when it lies there."""
+    try:
+        return str(Path(spec.path).resolve().relative_to(spec.root.resolve()))
+    except ValueError:
+        return str(spec.path)
 
 
 # -- command line --------------------------------------------------------------------------------
@@ -373,7 +390,9 @@ def main(argv: list[str] | None = None) -> int:
         "--storage", help=f"Ray storage path (default: ${STORAGE_ENV}, the profile's, <repo>/ray_results)"
     )
     parser.add_argument("--retry-errored", action="store_true", help="on resume, retry errored trials too")
-    parser.add_argument("--results-dir", help="where the tables go (default: results/<sweep name>)")
+    parser.add_argument(
+        "--results-dir", help=f"where the tables go (default: ${RESULTS_ENV}/<sweep name>, else results/<sweep name>)"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
