@@ -209,6 +209,13 @@ class TrainConfig(_Config):
         from the training digits at every step, as the paper trains: vpn.moving_mnist).
     test_sequences: how many sequences of the test split `Trainer.score` uses at the end of a sweep
         trial (the first ones; None: the whole split, the paper's 10,000).
+    activation_checkpointing: recompute each residual block in the backward pass (true), or not
+        (false); "auto": off on CPU, and on CUDA on only if the step does not fit the GPU without it
+        (vpn.memory.choose_settings). The numbers do not change, only memory and time.
+    micro_batch_size: sequences per forward pass on each worker (gradient accumulation over the
+        worker's share of the batch; it must divide it); None: the whole share at once; "auto": the
+        whole share on CPU, and on CUDA the largest divisor that fits the GPU (vpn.memory). An update
+        equals the whole-batch update up to float rounding.
     """
 
     steps: int = 2000
@@ -233,6 +240,8 @@ class TrainConfig(_Config):
     num_workers: int = 0
     data: str = "fixed"
     test_sequences: int | None = None
+    activation_checkpointing: bool | str = "auto"
+    micro_batch_size: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "log_every", "val_every", "val_batches", "context", "downsample")
@@ -268,3 +277,12 @@ class TrainConfig(_Config):
         t = self.test_sequences
         if t is not None and (isinstance(t, bool) or not isinstance(t, int) or t < 1):
             raise ValueError(f"test_sequences must be an integer >= 1 or null (the whole split), got {t!r}")
+        if not (isinstance(self.activation_checkpointing, bool) or self.activation_checkpointing == "auto"):
+            raise ValueError(
+                f"activation_checkpointing must be true, false or 'auto', got {self.activation_checkpointing!r}"
+            )
+        m = self.micro_batch_size
+        if not (m is None or m == "auto" or (_is_int(m) and m >= 1)):
+            raise ValueError(f"micro_batch_size must be an integer >= 1, null (the whole batch) or 'auto', got {m!r}")
+        if _is_int(m) and m > self.batch_size:
+            raise ValueError(f"micro_batch_size={m} must be <= batch_size={self.batch_size}")
