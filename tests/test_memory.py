@@ -8,6 +8,7 @@ float rounding (1 and 2 data-parallel workers alike); a resumed accumulated run 
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -260,3 +261,17 @@ def test_estimate_matches_a_real_cpu_steps_peak_at_two_sizes():
         estimate = train_memory(model, cfg, (8, hw, hw)).total
         measured = _peak_rss_increase(2, 8, hw, ckpt) - fixed
         assert estimate == pytest.approx(measured, rel=0.08), (hw, ckpt, estimate, measured)
+
+
+def test_vpn_info_prints_the_estimate_under_the_settings_asked(capsys):
+    from vpn.cli import main
+
+    args = ["info", "--preset", "micro", "--batch-size", "4", "--seq-len", "6", "--height", "16", "--width", "16"]
+    assert main([*args, "--precision", "bf16", "--activation-checkpointing", "--micro-batch-size", "2", "--json"]) == 0
+    row = json.loads(capsys.readouterr().out)
+    cfg = TrainConfig(batch_size=4, activation_checkpointing=True, micro_batch_size=2)
+    expected = train_memory(VPNConfig.preset("micro"), cfg, (6, 16, 16), "bf16")
+    assert row["train_memory_gib"] == pytest.approx(expected.total_gib, abs=1e-3)
+    assert (row["precision"], row["activation_checkpointing"], row["micro_batch_size"]) == ("bf16", True, 2)
+    assert main([*args, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["train_memory_gib"] > row["train_memory_gib"]
