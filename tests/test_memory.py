@@ -275,3 +275,22 @@ def test_vpn_info_prints_the_estimate_under_the_settings_asked(capsys):
     assert (row["precision"], row["activation_checkpointing"], row["micro_batch_size"]) == ("bf16", True, 2)
     assert main([*args, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["train_memory_gib"] > row["train_memory_gib"]
+
+
+def test_the_choice_is_logged_once_as_params(tmp_path):
+    """pipeline.sweep.tracking.log_params_once: a restarted trial keeps the first choice and is told of a change."""
+    from mlflow.tracking import MlflowClient
+
+    from pipeline.sweep import tracking
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_id = client.create_run(client.create_experiment("memory")).info.run_id
+    chosen = {"memory.activation_checkpointing": True, "memory.micro_batch_size": None}
+    assert tracking.log_params_once(client, run_id, chosen) == {}
+    assert tracking.log_params_once(client, run_id, chosen) == {}  # the same again: nothing to log
+    other = {**chosen, "memory.micro_batch_size": 2}
+    assert tracking.log_params_once(client, run_id, other) == {"memory.micro_batch_size": "None"}
+    assert client.get_run(run_id).data.params == {
+        "memory.activation_checkpointing": "True",
+        "memory.micro_batch_size": "None",
+    }
