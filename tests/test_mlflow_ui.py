@@ -128,6 +128,9 @@ def test_train_sweep_as_the_ui_shows_it(env):
         tags = run.data.tags
         assert tags[tracking.TAG_GIT_COMMIT] == commit and tags[tracking.TAG_GIT_DIRTY] == str(dirty).lower()
         assert tags[tracking.TAG_SOURCE_NAME] == "pipeline/sweep/driver.py" and tags[tracking.TAG_PRECISION] == "fp32"
+        # what "auto" chose on this CPU: the plain step (vpn.train.Trainer._memory_settings)
+        params = run.data.params
+        assert (params["memory.activation_checkpointing"], params["memory.micro_batch_size"]) == ("False", "None")
     # bits per sub-pixel beside nats per frame, for the categorical head only: nats / (C*H*W ln 2)
     cat, bern = runs["cat"].data.metrics, runs["bern"].data.metrics
     for split in ("train", "val", "test"):

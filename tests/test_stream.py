@@ -207,3 +207,15 @@ def test_a_wrong_test_file_is_named_and_nothing_is_written(tmp_path, mnist, arra
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     with pytest.raises(ValueError, match="colour"):
         GenerateConfig(test_file="x.npy", colour=True)
+
+
+def test_gradient_accumulation_composes_with_the_stream(data):
+    """train.micro_batch_size on streamed sequences: the whole-batch update up to float rounding."""
+    cfg = TrainConfig(steps=2, batch_size=2, log_every=1, seq_len=5, context=2, device="cpu", data="stream")
+    trained = []
+    for micro in (None, 1):
+        trainer = Trainer(tiny_model(), cfg.replace(micro_batch_size=micro), training_source(data, "stream", cfg.seed))
+        trainer.fit(progress=False)
+        trained.append(trainer.model.state_dict())
+    for name, value in trained[0].items():
+        torch.testing.assert_close(trained[1][name], value, rtol=1e-5, atol=1e-6, msg=name)

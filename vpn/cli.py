@@ -1,6 +1,7 @@
 """Command line: python -m vpn info | train | eval | sample.
 
 python -m vpn info --preset full
+python -m vpn info --preset full --batch-size 16 --precision bf16 --activation-checkpointing --json
 python -m vpn train --preset micro --data data/moving_mnist --steps 2000 --out runs/micro
 python -m vpn train --preset micro --data data/moving_mnist --overfit --steps 5000
 python -m vpn eval --checkpoint runs/micro/checkpoint.pt --data data/moving_mnist --split test
@@ -120,6 +121,7 @@ def cmd_info(args: argparse.Namespace) -> int:
                 f"gflops_per_frame_{args.height}x{args.width}": round(
                     model.flops_per_frame(args.height, args.width) / 1e9, 3
                 ),
+                **_train_memory(cfg, args),
             }
         )
     if args.json:
@@ -129,6 +131,27 @@ def cmd_info(args: argparse.Namespace) -> int:
             print("\n".join(f"{k:>28}: {v}" for k, v in row.items()))
             print()
     return 0
+
+
+def _train_memory(cfg: VPNConfig, args: argparse.Namespace) -> dict[str, Any]:
+    """The estimated peak memory of one training step on one device (vpn.memory), and its settings."""
+    from vpn.memory import GIB, train_memory
+
+    train = TrainConfig(
+        batch_size=args.batch_size,
+        activation_checkpointing=args.activation_checkpointing,
+        micro_batch_size=args.micro_batch_size,
+    )
+    estimate = train_memory(cfg, train, (args.seq_len, args.height, args.width), args.precision)
+    return {
+        "batch_size": args.batch_size,
+        "seq_len": args.seq_len,
+        "precision": args.precision,
+        "activation_checkpointing": args.activation_checkpointing,
+        "micro_batch_size": args.micro_batch_size,
+        "saved_activations_gib": round(estimate.saved_activations / GIB, 3),
+        "train_memory_gib": round(estimate.total_gib, 3),
+    }
 
 
 def cmd_train(args: argparse.Namespace) -> int:
@@ -284,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--all", action="store_true", help="every preset")
     p.add_argument("--height", type=int, default=64)
     p.add_argument("--width", type=int, default=64)
+    g = p.add_argument_group("training memory (vpn.memory: one step on one device, estimated on the meta device)")
+    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step on the device")
+    g.add_argument("--seq-len", type=int, default=20, help="frames per sequence")
+    g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, as on CUDA")
+    g.add_argument("--activation-checkpointing", action="store_true", help="recompute each residual block")
+    g.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 

@@ -215,6 +215,13 @@ class TrainConfig(_Config):
     forecast_temperature: the sampling temperature of those draws.
     forecast_sequences: how many test sequences (the first ones) are scored so; None: as many as
         test_sequences. Drawing samples every pixel in turn, so cheap profiles score fewer.
+    activation_checkpointing: recompute each residual block in the backward pass (true), or not
+        (false); "auto": off on CPU, and on CUDA on only if the step does not fit the GPU without it
+        (vpn.memory.choose_settings). The numbers do not change, only memory and time.
+    micro_batch_size: sequences per forward pass on each worker (gradient accumulation over the
+        worker's share of the batch; it must divide it); None: the whole share at once; "auto": the
+        whole share on CPU, and on CUDA the largest divisor that fits the GPU (vpn.memory). An update
+        equals the whole-batch update up to float rounding.
     """
 
     steps: int = 2000
@@ -242,6 +249,8 @@ class TrainConfig(_Config):
     forecast_samples: int = 10
     forecast_temperature: float = 1.0
     forecast_sequences: int | None = None
+    activation_checkpointing: bool | str = "auto"
+    micro_batch_size: int | str | None = "auto"
 
     def __post_init__(self) -> None:
         positive = ("steps", "batch_size", "log_every", "val_every", "val_batches", "context", "downsample")
@@ -286,3 +295,12 @@ class TrainConfig(_Config):
         temp = self.forecast_temperature
         if isinstance(temp, bool) or not isinstance(temp, (int, float)) or not (temp > 0 and math.isfinite(temp)):
             raise ValueError(f"forecast_temperature must be a positive number, got {temp!r}")
+        if not (isinstance(self.activation_checkpointing, bool) or self.activation_checkpointing == "auto"):
+            raise ValueError(
+                f"activation_checkpointing must be true, false or 'auto', got {self.activation_checkpointing!r}"
+            )
+        m = self.micro_batch_size
+        if not (m is None or m == "auto" or (_is_int(m) and m >= 1)):
+            raise ValueError(f"micro_batch_size must be an integer >= 1, null (the whole batch) or 'auto', got {m!r}")
+        if _is_int(m) and m > self.batch_size:
+            raise ValueError(f"micro_batch_size={m} must be <= batch_size={self.batch_size}")

@@ -21,6 +21,7 @@ from collections.abc import Callable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 ConvFactory = Callable[[int, int, int], nn.Module]
 """(in_channels, out_channels, kernel_size) -> a resolution-preserving conv module."""
@@ -251,6 +252,19 @@ class ResidualReLUBlock(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         return x + self.up(F.relu(self.spatial(F.relu(self.down(F.relu(x))))))
+
+
+def run_block(block: nn.Module, x: Tensor, checkpointed: bool) -> Tensor:
+    """block(x), recomputed in the backward pass when `checkpointed` (activation checkpointing).
+
+    Only the block's input is kept for the backward; everything inside it is recomputed there
+    (torch.utils.checkpoint, non-reentrant). The blocks hold no dropout or other randomness, so the
+    recomputation is exact (the RNG state is preserved all the same, checkpoint's default). Outside
+    autograd (no_grad, sampling, scoring) it is a plain call.
+    """
+    if checkpointed and torch.is_grad_enabled():
+        return checkpoint(block, x, use_reentrant=False)
+    return block(x)
 
 
 def residual_block(

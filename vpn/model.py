@@ -31,6 +31,7 @@ from vpn.layers import (
     VerticalConv2d,
     colour_groups,
     residual_block,
+    run_block,
     shift_down,
     to_input,
 )
@@ -54,8 +55,13 @@ class Encoder(nn.Module):
             blocks.append(residual_block(cfg.block, width, _plain_conv, spatial_conv, spatial_conv))
         self.blocks = nn.Sequential(*blocks)
 
+    checkpointed = False  # activation checkpointing per block (VideoPixelNetwork.set_activation_checkpointing)
+
     def forward(self, x: Tensor) -> Tensor:
-        return self.blocks(self.stem(x))
+        h = self.stem(x)
+        for block in self.blocks:
+            h = run_block(block, h, self.checkpointed)
+        return h
 
 
 def _plain_conv(cin: int, cout: int, k: int) -> nn.Module:
@@ -98,12 +104,13 @@ class Decoder(nn.Module):
         )
 
     uses_frame = True
+    checkpointed = False
 
     def forward(self, frame: Tensor, context: Tensor) -> Tensor:
         cond = self.context_in(context).chunk(self.n_blocks + 1, dim=1)  # (n_blocks+1) x (N, 2c, H, W)
         h = self.frame_in(frame) + cond[0]
         for block, bias in zip(self.blocks, cond[1:]):
-            h = block(h + bias)
+            h = run_block(block, h + bias, self.checkpointed)
         return self.head_out(F.relu(self.head_hidden(F.relu(h))))
 
 
@@ -120,6 +127,7 @@ class BaselineDecoder(nn.Module):
     """
 
     uses_frame = False
+    checkpointed = False
 
     def __init__(self, cfg: VPNConfig) -> None:
         super().__init__()
@@ -136,7 +144,7 @@ class BaselineDecoder(nn.Module):
         cond = self.context_in(context).chunk(self.n_blocks + 1, dim=1)  # (n_blocks+1) x (N, 2c, H, W)
         h = cond[0]
         for block, bias in zip(self.blocks, cond[1:]):
-            h = block(h + bias)
+            h = run_block(block, h + bias, self.checkpointed)
         return self.head_out(F.relu(self.head_hidden(F.relu(h))))
 
 
@@ -182,6 +190,7 @@ class StacksDecoder(nn.Module):
     """
 
     uses_frame = True
+    checkpointed = False
 
     def __init__(self, cfg: VPNConfig) -> None:
         super().__init__()
@@ -224,8 +233,10 @@ class StacksDecoder(nn.Module):
         h = self.frame_in_h(frame) + cond_h[0]  # (i, j): pixels left of j in row i, earlier colours
         blocks = zip(self.v_blocks, self.h_blocks, self.links, cond_v[1:], cond_h[1:])
         for v_block, h_block, link, bias_v, bias_h in blocks:
-            v = v_block(v + bias_v)
-            h = h_block(h + bias_h + shift_down(link(v)))  # link(v) at row i-1: rows <= i-1
+            v = run_block(v_block, v + bias_v, self.checkpointed)
+            h = run_block(
+                h_block, h + bias_h + shift_down(link(v)), self.checkpointed
+            )  # link(v) at row i-1: rows <= i-1
         return self.head_out(F.relu(self.head_hidden(F.relu(h))))
 
 
@@ -249,6 +260,17 @@ class VideoPixelNetwork(nn.Module):
         self.encoder = Encoder(cfg)
         self.lstm = ConvLSTM(cfg.residual_channels, cfg.lstm_channels)
         self.decoder = DECODER_CLASSES[cfg.decoder](cfg)
+
+    def set_activation_checkpointing(self, on: bool) -> None:
+        """Recompute every residual block of the encoder and decoder in the backward pass (on) or not.
+
+        Per block, because the blocks hold nearly all of the saved activations: for the full model,
+        one 64x64 sequence of 20 frames in fp32, 13.1 GiB are saved, of which the ConvLSTM keeps
+        0.6 GiB; checkpointing the blocks leaves 2.5 GiB (docs/memory.md). A block then keeps only
+        its input, 2c channels, at the price of running each block's forward twice. The numbers do
+        not change (tests/test_memory.py, float64).
+        """
+        self.encoder.checkpointed = self.decoder.checkpointed = bool(on)
 
     # -- the three stages, reused by the sampler ------------------------------------------------
     def encode(self, frames: Tensor) -> Tensor:

@@ -45,6 +45,7 @@ from vpn.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
 from vpn.config import TrainConfig, VPNConfig
 from vpn.evaluate import Score, prepare, score
 from vpn.model import VideoPixelNetwork
+from vpn.step import micro_batches, update
 
 log = logging.getLogger(__name__)
 
@@ -139,10 +140,38 @@ class Trainer:
         self.optimizer = torch.optim.RMSprop(
             self.model.parameters(), lr=train_cfg.lr, alpha=train_cfg.rmsprop_alpha, eps=train_cfg.rmsprop_eps
         )
+        self.activation_checkpointing, self.micro_batch_size = self._memory_settings()
+        self.model.set_activation_checkpointing(self.activation_checkpointing)
         self.step = 0
         self.best_val = math.inf
 
     # -- one update -----------------------------------------------------------------------------
+    def _memory_settings(self) -> tuple[bool, int | None]:
+        """(activation_checkpointing, micro_batch_size) this trainer runs with: "auto" resolved.
+
+        On CPU "auto" keeps the plain step (no checkpointing, the whole share at once). On CUDA it
+        takes the cheapest settings whose estimated step (vpn.memory) fits the device's memory.
+        """
+        ckpt, micro = self.cfg.activation_checkpointing, self.cfg.micro_batch_size
+        share = self.cfg.batch_size // self.world_size  # sequences per step on this worker
+        if "auto" in (ckpt, micro) and self.device.type == "cuda":
+            from vpn.memory import budget_bytes, choose_settings
+
+            t, _, h, w = self.train_data[0].shape  # (T, C, H, W) before seq_len and downsample
+            frames = (self.cfg.seq_len or t, h // self.cfg.downsample, w // self.cfg.downsample)
+            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            chosen = choose_settings(self.model_cfg, self.cfg, frames, self.precision, budget_bytes(total), share)
+            if chosen is None:
+                raise ValueError(
+                    f"no activation_checkpointing / micro_batch_size fits a step of {share} sequences of "
+                    f"{frames} frames in this GPU's {total:.1f} GiB"
+                )
+            ckpt, micro = chosen[0], chosen[1]
+        ckpt = False if ckpt == "auto" else ckpt
+        micro = None if micro in ("auto", share) else micro
+        micro_batches(share, micro)  # names the field if it does not divide the worker's share
+        return ckpt, micro
+
     def _memory_format(self) -> torch.memory_format:
         fmt = self.cfg.memory_format
         if fmt == "auto":
@@ -171,15 +200,17 @@ class Trainer:
         """
         frames = prepare(batch.to(self.device, non_blocking=True), self.cfg)
         self.model.train()
-        nats = self._train_nats(frames)  # nats per frame, float32
-        dims = frames.shape[2] * frames.shape[3] * frames.shape[4]
-        self.optimizer.zero_grad(set_to_none=True)
-        (nats / dims).backward()
-        if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.grad_clip)
-        self.optimizer.step()
+        nats = update(
+            self._train_nats,
+            self.model,
+            self._forward,
+            self.optimizer,
+            frames,
+            self.micro_batch_size,
+            self.cfg.grad_clip,
+        )
         self.step += 1
-        return nats.detach()
+        return nats
 
     @torch.no_grad()
     def evaluate(self, data: Dataset | None = None, batches: int | None = None) -> float:

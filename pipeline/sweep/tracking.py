@@ -187,6 +187,16 @@ def _param_str(v: Any) -> str:
     return "None" if v is None else repr(v) if isinstance(v, float) else str(v)
 
 
+def log_params_once(c: MlflowClient, run_id: str, params: Mapping[str, Any]) -> dict[str, str]:
+    """Log the params the run does not hold yet (MLflow's params are immutable); returns those it
+    holds with another value (a trial restarted on another GPU may choose other memory settings)."""
+    held = retrying(c.get_run, run_id).data.params
+    new = [Param(k, _param_str(v)) for k, v in params.items() if k not in held]
+    if new:
+        retrying(c.log_batch, run_id, params=new)
+    return {k: held[k] for k, v in params.items() if k in held and held[k] != _param_str(v)}
+
+
 def set_tags(c: MlflowClient, run_id: str, tags: Mapping[str, Any]) -> None:
     retrying(c.log_batch, run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
 

@@ -231,6 +231,14 @@ class _Reporter:
         self.subpixels = frame.numel() if trainer.model_cfg.output == "categorical" else 0
         if run is not None:  # rank 0
             run.set_tags({tracking.TAG_PRECISION: trainer.precision})
+            # What train.activation_checkpointing / micro_batch_size ("auto") resolved to on this device.
+            chosen = {
+                "memory.activation_checkpointing": trainer.activation_checkpointing,
+                "memory.micro_batch_size": trainer.micro_batch_size,
+            }
+            changed = tracking.log_params_once(run.client, run.run_id, chosen)
+            if changed:
+                log.warning("trial %s: memory settings %s now (first run: %s)", cfg.label, chosen, changed)
 
     def _with_bits(self, metrics: Mapping[str, Any]) -> dict[str, Any]:
         if not self.subpixels:
