@@ -21,7 +21,7 @@ import yaml
 from conftest import environ, running_local_ray, write_splits
 from PIL import Image
 
-from pipeline.sweep import pictures, registry, tracking
+from pipeline.sweep import futures, pictures, registry, tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
 from pipeline.sweep.spec import load_spec
 from vpn.checkpoint import load_model
@@ -144,9 +144,16 @@ def test_train_sweep_as_the_ui_shows_it(env):
     best = json.loads((env["root"] / "results_train" / "metrics.json").read_text())["best"]
     best_run = client.get_run(best["run_id"])
     assert best_run.data.tags[registry.TAG_REGISTERED] == "1"
-    (output,) = best_run.outputs.model_outputs  # the runs table's Model column
-    logged = client.get_logged_model(output.model_id)  # in the sweep's experiment, beside its runs
-    assert logged.experiment_id == exp.experiment_id and logged.artifact_location.startswith(exp.artifact_location)
+    # the runs table's Model column: the PyTorch model and the futures pyfunc (tests/test_served_model.py)
+    outputs = {
+        client.get_logged_model(o.model_id).name: client.get_logged_model(o.model_id)
+        for o in best_run.outputs.model_outputs
+    }
+    assert sorted(outputs) == [futures.FUTURES_NAME, registry.MODEL_NAME]
+    for logged in outputs.values():  # in the sweep's experiment, beside its runs
+        assert logged.experiment_id == exp.experiment_id and logged.artifact_location.startswith(exp.artifact_location)
+    (served,) = client.search_model_versions("name='ui_train_futures'")
+    assert served.run_id == best["run_id"] and best_run.data.tags[futures.TAG_FUTURES] == "1"
     (version,) = client.search_model_versions("name='ui_train'")
     assert version.run_id == best["run_id"] and version.tags["trial"] == best["trial"]
     import mlflow.pytorch

@@ -15,8 +15,15 @@ folder also holds the trial's checkpoint, extra_files/checkpoint.pt, which vpn.c
 with weights_only (no code runs), and vpn/'s source (code/), so neither way needs this project
 installed beyond torch.
 
-Registering is idempotent: the run is tagged registered_model_version, and a sweep run again
-without change (a resume) whose best run already holds its model registers nothing new.
+Beside it, in the same run, a second logged model serves futures (pipeline.sweep.futures): a pyfunc,
+registered as `<sweep>_futures`, that takes the data's raw uint8 frames, prepares them as the trial
+did and returns sampled uint8 frames (`mlflow models serve -m models:/depth_width_futures/latest`).
+Two models, because one MLmodel has one pyfunc flavour: the PyTorch flavour's pyfunc is its forward
+pass (logits), and `mlflow.pytorch.load_model` needs that flavour under the sweep's name.
+
+Registering is idempotent: the run is tagged registered_model_version (and registered_futures_version), and a
+sweep run again without change (a resume) whose best run already holds both models registers nothing
+new; a run that holds only the PyTorch one (registered before the futures model existed) gets the other.
 """
 
 from __future__ import annotations
@@ -29,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipeline.paths import repo_root
-from pipeline.sweep import tracking
+from pipeline.sweep import futures, tracking
 
 log = logging.getLogger(__name__)
 
@@ -89,21 +96,16 @@ def _signature(channels: int, height: int, width: int, output: str):
 
 
 def register_best(client, uri: str, sweep: str, summary: Mapping[str, Any]) -> str | None:
-    """Log and register the best trial's model (see the module docstring); returns its version, or
-    None when no trial was ranked or its run holds no checkpoint."""
-    import mlflow.pytorch
-    import numpy as np
-    import torch
-
-    from vpn.checkpoint import load_model
-
+    """Log and register the best trial's models (see the module docstring); returns the PyTorch model's
+    version, or None when no trial was ranked or its run holds no checkpoint. Each of the two models is
+    logged once: a run that holds one (its tag) gets only the other."""
     best = summary.get("best")
     if not best:
         log.info("sweep %s: no finished trial, no model registered", sweep)
         return None
     run = tracking.retrying(client.get_run, best["run_id"])
-    held = run.data.tags.get(TAG_REGISTERED)
-    if held:
+    held, held_futures = run.data.tags.get(TAG_REGISTERED), run.data.tags.get(futures.TAG_FUTURES)
+    if held and held_futures:
         return held
     with tempfile.TemporaryDirectory(prefix="vpn-register-") as d:
         try:
@@ -113,38 +115,64 @@ def register_best(client, uri: str, sweep: str, summary: Mapping[str, Any]) -> s
                 "sweep %s: best trial %s has no readable checkpoint, no model registered: %s", sweep, best["trial"], e
             )
             return None
-        model = load_model(path)
-        params = run.data.params
-        height, width = int(params.get("frame_height", 0)) or -1, int(params.get("frame_width", 0)) or -1
         steps = [m.step for m in tracking.retrying(client.get_metric_history, run.info.run_id, tracking.TRAIN_KEY)]
-        # Created here, in the run's experiment: log_model alone would file it under the process's
-        # active experiment (the Default one, artifacts in ./mlruns), whatever the run's.
-        logged = tracking.retrying(
-            client.create_logged_model, run.info.experiment_id, name=MODEL_NAME, source_run_id=run.info.run_id,
-            params=dict(params),
-            tags={"sweep_id": run.data.tags.get(tracking.TAG_SWEEP_ID, ""), "trial": best["trial"]},
-        )  # fmt: skip
-        # mlflow.pytorch warns on every pickled model; the choice is deliberate (see the docstring).
-        with _store(uri), _level("mlflow.pytorch", logging.ERROR):
-            info = mlflow.pytorch.log_model(
-                model,
-                name=MODEL_NAME,
-                model_id=logged.model_id,
-                run_id=run.info.run_id,
-                registered_model_name=sweep,
-                serialization_format="pickle",  # a VideoPixelNetwork back, with .sample() and .nll()
-                code_paths=[str(repo_root() / "vpn")],
-                extra_files=[path],
-                pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
-                signature=_signature(model.cfg.image_channels, height, width, model.cfg.output),
-                step=max(steps, default=0),  # the model page shows the run's metrics at its last step
-                await_registration_for=0,  # the SQL and server registries create versions READY
-            )
-    version = str(info.registered_model_version)
+        step = max(steps, default=0)  # the model page shows the run's metrics at its last step
+        if not held:
+            held = _log_pytorch(client, uri, run, path, sweep, best, step)
+        if not held_futures:
+            with _store(uri):
+                held_futures = futures.log_futures(client, run, path, sweep, step)
+            _tag_version(client, futures.registered_name(sweep), held_futures, run, best)
+            tracking.set_tags(client, run.info.run_id, {futures.TAG_FUTURES: held_futures})
+            name = futures.registered_name(sweep)
+            log.info("sweep %s: its futures registered as models:/%s/%s", sweep, name, held_futures)
+    return held
+
+
+def _tag_version(client, name: str, version: str, run, best: Mapping[str, Any]) -> None:
     tags = {"sweep_id": run.data.tags.get(tracking.TAG_SWEEP_ID, ""), "trial": best["trial"], "run_id": run.info.run_id}
     tags.update({k: f"{v:.6g}" for k, v in best.items() if isinstance(v, float)})
     for key, value in tags.items():
-        tracking.retrying(client.set_model_version_tag, sweep, version, key, value)
+        tracking.retrying(client.set_model_version_tag, name, version, key, value)
+
+
+def _log_pytorch(client, uri: str, run, path: str, sweep: str, best: Mapping[str, Any], step: int) -> str:
+    """The VideoPixelNetwork of the checkpoint at `path`, logged with mlflow.pytorch into `run` and
+    registered as `sweep`; returns its version."""
+    import mlflow.pytorch
+    import numpy as np
+    import torch
+
+    from vpn.checkpoint import load_model
+
+    model = load_model(path)
+    params = run.data.params
+    height, width = int(params.get("frame_height", 0)) or -1, int(params.get("frame_width", 0)) or -1
+    # Created here, in the run's experiment: log_model alone would file it under the process's
+    # active experiment (the Default one, artifacts in ./mlruns), whatever the run's.
+    logged = tracking.retrying(
+        client.create_logged_model, run.info.experiment_id, name=MODEL_NAME, source_run_id=run.info.run_id,
+        params=dict(params),
+        tags={"sweep_id": run.data.tags.get(tracking.TAG_SWEEP_ID, ""), "trial": best["trial"]},
+    )  # fmt: skip
+    # mlflow.pytorch warns on every pickled model; the choice is deliberate (see the docstring).
+    with _store(uri), _level("mlflow.pytorch", logging.ERROR):
+        info = mlflow.pytorch.log_model(
+            model,
+            name=MODEL_NAME,
+            model_id=logged.model_id,
+            run_id=run.info.run_id,
+            registered_model_name=sweep,
+            serialization_format="pickle",  # a VideoPixelNetwork back, with .sample() and .nll()
+            code_paths=[str(repo_root() / "vpn")],
+            extra_files=[path],
+            pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
+            signature=_signature(model.cfg.image_channels, height, width, model.cfg.output),
+            step=step,
+            await_registration_for=0,  # the SQL and server registries create versions READY
+        )
+    version = str(info.registered_model_version)
+    _tag_version(client, sweep, version, run, best)
     tracking.set_tags(client, run.info.run_id, {TAG_REGISTERED: version})
     log.info("sweep %s: best trial %s registered as models:/%s/%s", sweep, best["trial"], sweep, version)
     return version
