@@ -79,7 +79,11 @@ _DTYPES: dict[str, str] = {
 for _cls in (VPNConfig, TrainConfig):
     for _name, _hint in typing.get_type_hints(_cls).items():
         _base = [a for a in typing.get_args(_hint) if a is not type(None)] or [_hint]
-        _DTYPES[_name] = {bool: "boolean", int: "Int64", float: "float64"}.get(_base[0], "string")
+        # A field of one type (or None) gets that type's column; a union of several (e.g. bool | str for
+        # activation_checkpointing, whose value may be "auto") holds strings.
+        _DTYPES[_name] = (
+            {bool: "boolean", int: "Int64", float: "float64"}.get(_base[0], "string") if len(_base) == 1 else "string"
+        )
 
 
 def _parse(value: str | None) -> Any:
