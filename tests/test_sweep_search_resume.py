@@ -69,7 +69,8 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path):
         # and the next one is under way, past its first checkpoint.
         with log_path.open("w") as log:
             driver = subprocess.Popen(
-                [sys.executable, "-m", "pipeline.sweep", str(path), "--profile", "cpu", "--storage", str(storage)],
+                [sys.executable, "-m", "pipeline.sweep", str(path), "--profile", "cpu", "--storage", str(storage),
+                 "--results-dir", str(tmp_path / "r")],
                 cwd=REPO, env={**os.environ, "RAY_ADDRESS": address}, stdout=log, stderr=subprocess.STDOUT,
             )  # fmt: skip
             try:

@@ -347,8 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     params = load_section(ReportParams, "report", args.params)
     repo = Path(args.params).resolve().parent
+    from pipeline.report.to_mlflow import log_report
+
     for sweep in params.sweeps:
         metrics = build_report(sweep, params, repo)
         counts = json.dumps({k: metrics.get(k) for k in ("trials", "finished", "failed", "best_nll")})
         print(f"report {sweep}: {params.out_dir}/{sweep}/report.md ({counts})")
+        if metrics["trials"]:  # a searched sweep's report into its parent MLflow run; grids: nothing yet
+            parent = log_report(sweep, repo / params.out_dir / sweep, repo / params.results_dir / sweep)
+            if parent:
+                print(f"report {sweep}: logged to MLflow run {parent} (the sweep's parent)")
     return 0
