@@ -18,7 +18,6 @@ from pathlib import Path
 import pandas as pd
 
 from pipeline.sweep import tracking
-from pipeline.sweep.searched_runs import TAG_PARENT_OF
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +38,8 @@ def searched_sweep_id(trials: pd.DataFrame) -> str | None:
 
 def parent_run(client, experiment: str, sweep_id: str) -> str | None:
     """The parent run's id of `sweep_id` in experiment `experiment`, else None."""
+    from pipeline.sweep.searched_runs import TAG_PARENT_OF  # imports Ray: only for a searched sweep
+
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
@@ -57,7 +58,7 @@ def log_report(sweep: str, out_dir: Path, results_dir: Path, client=None) -> str
     client = client or tracking.client(tracking.absolute_uri(tracking.tracking_uri()))
     run_id = parent_run(client, sweep, sweep_id)
     if run_id is None:
-        log.warning("%s: no parent run tagged %s=%s in %s: report not logged", sweep, TAG_PARENT_OF, sweep_id, client)
+        log.warning("%s: no parent run of sweep %s in %s: report not logged", sweep, sweep_id, client.tracking_uri)
         return None
     figures = sorted(p.name for p in out_dir.glob("*.png"))
     for name in (*REPORT_FILES, *figures):
