@@ -492,8 +492,17 @@ def test_report_html_in_a_real_browser(tmp_path):
         "<!doctype html><html><body><img src='missing.png'><table><tr><td>x</td></tr></table></body></html>"
     )
 
+    # a searched sweep with two seeds a draw: its own figures (tests/test_report_stats.py's table)
+    from test_report_stats import searched_table
+
+    table = searched_table(n=6, seeds=2)
+    searched_curves = [(r, step, 100.0 - step / 10, 99.0, 5.0) for r in table["run_id"] for step in (10, 200)]
+    write_tables(tmp_path, "search", table.to_dict("records"), searched_curves)
+    build_report("search", ReportParams(sweeps=("search",)), tmp_path)
+
     with Chromium(executable) as browser:
         page = browser.open(report.as_uri())
+        searched = browser.open((tmp_path / "reports" / "search" / "report.html").as_uri())
         control = browser.open(broken.as_uri())
 
     names = {i["src"].rsplit("/", 1)[-1] for i in page.images}
@@ -503,6 +512,12 @@ def test_report_html_in_a_real_browser(tmp_path):
     assert [t["rows"] for t in page.tables] == [1 + 7, 1 + 9, 1 + len(trials)], page.tables
     assert page.tables[2]["columns"] >= 10 and all(t["height"] > 0 for t in page.tables)
     assert page.errors == []
+    names = {i["src"].rsplit("/", 1)[-1] for i in searched.images}
+    assert names >= {"parallel.png", "importance.png", "compute.png"}, searched.images
+    assert all(i["complete"] and i["width"] > 0 for i in searched.images), searched.images
+    # the seeds' intervals (6 configs), the importances (3 axes), every trial
+    assert [t["rows"] for t in searched.tables] == [1 + 6, 1 + 3, 1 + 12], searched.tables
+    assert searched.errors == []
     # the control page: the missing image is seen as such, with the console error the browser logged
     assert control.images == [{"src": "missing.png", "complete": True, "width": 0}]
     assert any("missing.png" in e or "ERR_FILE_NOT_FOUND" in e for e in control.errors), control.errors

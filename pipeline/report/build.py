@@ -65,6 +65,8 @@ from pipeline.report.paper import (
 )
 from pipeline.report.params import ReportParams
 from pipeline.report.samples import write_samples_figure
+from pipeline.report.search_figures import search_section
+from pipeline.report.stats import paper_contrasts, seed_section
 from pipeline.report.tables import TABLE_COLUMNS, markdown_table
 from pipeline.sweep.results import EXCESS, best_trial, rank_column
 from vpn.files import write_text
@@ -169,6 +171,7 @@ def _add_findings(
     the best run's samples."""
     finished = summary[summary["status"] == "FINISHED"]
     _add_best(page, best, ranked=rank_column(finished, FALLBACK_RANK) == EXCESS)
+    page.lines += seed_section(summary)  # nothing with one seed per config
     page.metrics["iterations_to_converge"] = {
         r["config"]: (None if pd.isna(r["iterations_to_converge"]) else int(r["iterations_to_converge"]))
         for _, r in summary.iterrows()
@@ -179,6 +182,10 @@ def _add_findings(
     page.lines += forecast_lines
     page.figures += forecast_figures
     page.metrics.update(forecast_metrics)
+    search_lines, search_figures, search_metrics = search_section(summary, out)  # searched sweeps only
+    page.lines += search_lines
+    page.figures += search_figures
+    page.metrics.update(search_metrics)
     finished_curves = curves[curves["run_id"].isin(finished["run_id"])]
     title = f"Convergence curves (colour: {series_name(summary)}, style: width)"
     page.figures.append((title, plot_curves(summary, finished_curves, out / "curves.png").name))
@@ -236,6 +243,7 @@ def _add_paper_rows(page: Page, summary: pd.DataFrame, out: Path) -> None:
         "",
         markdown_table(table, list(table.columns)),
         "",
+        *paper_contrasts(summary),  # with >= 2 seeds a row
     ]
     title = "The paper's rows: excess over the floor, ours beside the paper's"
     page.figures.append((title, plot_ablation(table, out / "ablation.png").name))
@@ -339,8 +347,14 @@ def main(argv: list[str] | None = None) -> int:
     matplotlib.use("Agg")
     params = load_section(ReportParams, "report", args.params)
     repo = Path(args.params).resolve().parent
+    from pipeline.report.to_mlflow import log_report
+
     for sweep in params.sweeps:
         metrics = build_report(sweep, params, repo)
         counts = json.dumps({k: metrics.get(k) for k in ("trials", "finished", "failed", "best_nll")})
         print(f"report {sweep}: {params.out_dir}/{sweep}/report.md ({counts})")
+        if metrics["trials"]:  # a searched sweep's report into its parent MLflow run; grids: nothing yet
+            parent = log_report(sweep, repo / params.out_dir / sweep, repo / params.results_dir / sweep)
+            if parent:
+                print(f"report {sweep}: logged to MLflow run {parent} (the sweep's parent)")
     return 0

@@ -20,8 +20,9 @@ second, which shows the cost that runs.
 Verdict. The mean and range of the NLL difference (other - reference) over the matched pairs, and
 how many pairs it favours. Where a config ran with several seeds, the spread of its NLL over seeds
 (the largest standard deviation of any config) is the noise floor: a mean difference within two of
-it is "no clear difference". With one seed per config there is no noise estimate, and the report
-says so.
+it is "no clear difference"; the 95% t interval of the mean difference over the matched pairs (each
+pair shares its seed) is given, with whether it excludes 0 (pipeline.report.stats). With one seed
+per config there is no noise estimate, and the report says so.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ import numpy as np
 import pandas as pd
 
 from pipeline.report.figures import save_figure
+from pipeline.report.stats import t_interval
 from pipeline.report.tables import markdown_table
 from pipeline.sweep.results import EXCESS, rank_column
 
@@ -147,6 +149,11 @@ def verdict(pairs: pd.DataFrame, noise: float | None, score: str = "final NLL") 
         return (
             text
             + " One seed per config: no noise estimate, so this is a single measurement, not a significant difference."
+        )
+    interval = t_interval(diff)
+    if interval is not None:  # each pair shares its seed: the interval of the mean paired difference
+        text += f" Mean difference over the {interval.n} matched pairs: {interval.text()}, " + (
+            "**excludes 0**." if interval.excludes_zero else "includes 0: not a significant difference."
         )
     if abs(diff.mean()) <= 2 * noise:
         return text + f" Seed-to-seed spread up to {noise:.2f} nats/frame: **no clear difference**."

@@ -52,7 +52,7 @@ TRIAL_COLUMNS = (
     "final_val_nats_per_frame", "best_val_nats_per_frame",
     "test_nats_per_frame", "test_floor_nats_per_frame", "test_excess_nats_per_frame", "test_sequences_scored",
     *forecasting.SCALAR_KEYS, *forecasting.BY_FRAME_KEYS,
-    "mean_steps_per_second",
+    "mean_steps_per_second", "est_gpu_hours",
     "converged_step", "floor_nats_per_frame", "tol_nats_per_frame",
     "checkpoint_uri", "artifact_uri", "start_time", "end_time", "duration_s",
 )  # fmt: skip
@@ -64,6 +64,7 @@ _DTYPES: dict[str, str] = {
     "preset_width_scale": "float64", "mu_channels": "Int64", "lstm_channels": "Int64", "sample": "Int64",
     "parameters": "Int64", "flops_per_frame": "Int64", "frame_height": "Int64", "frame_width": "Int64",
     "steps_completed": "Int64", "converged_step": "Int64", "mean_steps_per_second": "float64",
+    "est_gpu_hours": "float64",  # searched trials only (pipeline.sweep.searched_runs)
     "final_train_nats_per_frame": "float64", "best_train_nats_per_frame": "float64",
     "final_val_nats_per_frame": "float64", "best_val_nats_per_frame": "float64",
     "test_nats_per_frame": "float64", "test_floor_nats_per_frame": "float64",
