@@ -83,6 +83,13 @@ class RunSettings:
         g = self.gpus_per_worker
         if g is not None and (g < 0 or (g > 1 and g != int(g))):
             raise ValueError(f"gpus_per_worker must be null, 0, a fraction in (0, 1] or a whole number, got {g}")
+        if n == 1 and self.worker_gpus > 1:
+            # The Trainer of a one-worker trial trains on one device: the others would sit idle.
+            field_name = "gpus_per_worker" if self.gpus_per_worker is not None else "gpus_per_trial"
+            raise ValueError(
+                f"{field_name} must be at most 1 with workers_per_trial=1 (a trial trains on one GPU), got "
+                f"{self.worker_gpus:g}; for several GPUs set workers_per_trial (data parallel, one GPU a worker)"
+            )
         if n > 1 and self.worker_gpus not in (0, 1):
             # NCCL runs one rank per GPU; a rank holding several would use only one of them.
             field_name = "gpus_per_worker" if self.gpus_per_worker is not None else "gpus_per_trial"
