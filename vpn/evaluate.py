@@ -59,6 +59,19 @@ def prepare(frames: Tensor, cfg: TrainConfig) -> Tensor:
 
 
 @torch.no_grad()
+@contextlib.contextmanager
+def full_precision(device_type: str):
+    """fp32 as written: no autocast, and no TF32 in CUDA matmuls or cuDNN convolutions (cuDNN allows
+    TF32 by default), so that a score is the same number wherever it is computed."""
+    flags = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    try:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
+
+
 def score(
     model: VideoPixelNetwork,
     data: Dataset | Tensor,
@@ -77,7 +90,8 @@ def score(
     frames context..T-1 given the frames before (context: cfg.context unless given), and its floor is
     computed on the same prepared targets by bernoulli_lower_bound. Batches of batch_size (default
     cfg.batch_size) on the model's device; the sums stay there until the end. autocast: a context
-    manager factory for the forward pass (the Trainer's bf16 autocast), or None for full precision.
+    manager factory for the forward pass, or None (the default, and what the Trainer and `vpn eval`
+    use) for full_precision: fp32 without TF32, so a trial's test NLL equals `vpn eval`'s.
 
     world_size N > 1 (torch.distributed initialised, every rank calling): rank r scores sequences
     [r*n/N, (r+1)*n/N) in batches of batch_size/N and the sums are all-reduced, so every rank
@@ -100,7 +114,7 @@ def score(
         for start in range(first, last, batch_size):
             batch = torch.stack([data[k] for k in range(start, min(last, start + batch_size))])
             frames = prepare(batch.to(device), cfg)
-            with autocast() if autocast is not None else contextlib.nullcontext():
+            with autocast() if autocast is not None else full_precision(device.type):
                 total += model.nll(frames, context).sum()
             if bernoulli:
                 floor += bernoulli_lower_bound(frames, context).sum()

@@ -23,6 +23,7 @@ bytes with those of a real bf16 autocast forward on CPU.
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -167,14 +168,17 @@ def choose_settings(
     precision: str,
     budget: int,
     batch_size: int | None = None,
+    measure: Callable[..., MemoryEstimate] | None = None,
 ) -> tuple[bool, int | None, MemoryEstimate] | None:
     """The cheapest (activation_checkpointing, micro_batch_size) whose step fits in `budget` bytes.
 
     Cheapest first: the plain step; then checkpointing (a third more compute, no fewer sequences per
     pass); then checkpointing with ever smaller micro-batches (divisors of the worker's share).
     A field the config fixes (not "auto") stays fixed. None when nothing fits. The estimate returned
-    is that of the chosen settings.
+    is that of the chosen settings. measure: train_memory's stand-in with its signature (a cache of it,
+    pipeline.sweep.plan's), default train_memory itself.
     """
+    measure = train_memory if measure is None else measure
     b = train_cfg.batch_size if batch_size is None else batch_size
     ckpts = [False, True] if train_cfg.activation_checkpointing == "auto" else [train_cfg.activation_checkpointing]
     fixed = train_cfg.micro_batch_size
@@ -182,7 +186,7 @@ def choose_settings(
     candidates = [(c, m) for m in micros for c in ckpts]  # whole batch (plain, checkpointed), then smaller
     for ckpt, micro in candidates:
         cfg = train_cfg.replace(activation_checkpointing=ckpt, micro_batch_size=micro)
-        estimate = train_memory(model_cfg, cfg, frames, precision, b)
+        estimate = measure(model_cfg, cfg, frames, precision, b)
         if estimate.total <= budget:
             return ckpt, micro, estimate
     return None

@@ -83,6 +83,19 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def restore_cuda_rng(states: list[Tensor]) -> None:
+    """The checkpoint's CUDA generator states, for the GPUs this process sees.
+
+    A checkpoint holds one state per GPU visible when it was written (a Ray Train worker sees the
+    whole node); a resume may see fewer (a restart placed elsewhere, `vpn train --resume` on a
+    one-GPU box): device i gets state i, and states beyond the visible GPUs are dropped.
+    """
+    if not states or not torch.cuda.is_available():
+        return
+    for i, s in enumerate(states[: torch.cuda.device_count()]):
+        torch.cuda.set_rng_state(s, i)
+
+
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized()
 
@@ -224,9 +237,9 @@ class Trainer:
     @torch.no_grad()
     def score(self, data: Dataset | Tensor, sequences: int | None = None) -> Score:
         """The paper's score of the first `sequences` sequences of `data` (None: all): see `score`."""
-        return score(
-            self.model, data, self.cfg, sequences, autocast=self._autocast, rank=self.rank, world_size=self.world_size
-        )
+        # fp32 without TF32 (vpn.evaluate.full_precision), not the training autocast: the score of a
+        # checkpoint must not depend on where it was computed (`vpn eval` scores in fp32 too).
+        return score(self.model, data, self.cfg, sequences, rank=self.rank, world_size=self.world_size)
 
     # -- the loop -------------------------------------------------------------------------------
     def loader(self, until: int) -> DataLoader:
@@ -326,8 +339,7 @@ class Trainer:
         self.step = int(state["step"])
         self.best_val = float(state["best_val"])
         torch.set_rng_state(state["rng"]["torch"])
-        if state["rng"]["cuda"] and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        restore_cuda_rng(state["rng"]["cuda"])
 
     def save(self, path: str | Path) -> Path:
         """Write a self-describing checkpoint atomically (temp file, then rename)."""

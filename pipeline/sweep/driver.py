@@ -2,6 +2,7 @@
 
     python -m pipeline.sweep sweeps/depth_width.yaml [--profile cpu|gpu|auto] [--data DIR]
                                                      [--storage PATH] [--retry-errored]
+    python -m pipeline.sweep SPEC --profile P --plan [--json]   # the memory and cost plan; no Ray
 
 1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.sweep.spec). With
    an explicit profile the data is checked too (splits present, channels, frames, frame size:
@@ -58,6 +59,7 @@ from pipeline.sweep.faults import Faults
 from pipeline.sweep.identity import sweep_id_of
 from pipeline.sweep.persist import RESULTS_ENV, STORAGE_ENV, check_results_persist
 from pipeline.sweep.placement import WAIT_ENV, choose_profile, trainable_of, wait_for_nodes
+from pipeline.sweep.plan import check_plan, show_plan
 from pipeline.sweep.spec import SpecError, Sweep, SweepSpec, load_spec
 from pipeline.sweep.trial import TrialConfig
 
@@ -134,6 +136,7 @@ def run_sweep(
     sweep = data_info = None
     if profile != "auto":  # everything checkable is checked before Ray starts
         sweep = spec.resolve(profile, data)
+        check_plan(sweep, spec.root)  # a GPU trial that cannot fit its GPU (pipeline.sweep.plan)
         data_info = check_data(sweep)
 
     import ray
@@ -180,6 +183,7 @@ def _resolve_on_cluster(
         gpu = spec.resolve("gpu", data) if "gpu" in spec.profiles else None
         cluster = wait_for_nodes(ray, {"GPU": gpu.run.worker_gpus * gpu.run.workers_per_trial} if gpu else {}, wait_s)
         sweep = spec.resolve(choose_profile(spec, profile, cluster), data)
+        check_plan(sweep, spec.root)  # before any run or trial is made
         data_info = check_data(sweep)
     n, worker = sweep.run.workers_per_trial, {"CPU": sweep.run.worker_cpus, "GPU": sweep.run.worker_gpus}
     need = {k: v * n for k, v in worker.items()}
@@ -393,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--results-dir", help=f"where the tables go (default: ${RESULTS_ENV}/<sweep name>, else results/<sweep name>)"
     )
+    parser.add_argument("--plan", action="store_true", help="print each trial's memory and cost plan; starts no Ray")
+    parser.add_argument("--json", action="store_true", help="with --plan: a JSON list, one object per trial")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -400,6 +406,10 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile != "auto" and args.profile not in spec.profiles:
             known = ", ".join(spec.profiles)
             raise SpecError(f"{args.spec}: profiles: no profile {args.profile!r} (the spec has: {known})")
+        if args.plan:  # pipeline.sweep.plan; auto plans the gpu profile where the spec has one
+            name = args.profile if args.profile != "auto" else ("gpu" if "gpu" in spec.profiles else "cpu")
+            print(show_plan(spec.resolve(name), args.json, spec.root))
+            return 0
         if args.data is None and os.environ.get("VPN_DATA"):
             args.data = os.environ["VPN_DATA"]
         outcome = run_sweep(

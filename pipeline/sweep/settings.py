@@ -53,6 +53,9 @@ class RunSettings:
     seeds: int = 1
     # Stop starting trials once their estimated cost would pass this (pipeline.sweep.budget); null: none.
     budget_gpu_hours: float | None = None
+    # The memory of one GPU the trials run on, in GB (1e9 bytes, as GPUs are sold), for the memory plan
+    # (pipeline.sweep.plan); null: the smallest GPU sweeps/cluster.yaml offers.
+    gpu_memory_gb: float | None = None
     max_failures: int = 2
     storage_path: str | None = None
     asha: AshaSettings = field(default_factory=AshaSettings)
@@ -80,6 +83,13 @@ class RunSettings:
         g = self.gpus_per_worker
         if g is not None and (g < 0 or (g > 1 and g != int(g))):
             raise ValueError(f"gpus_per_worker must be null, 0, a fraction in (0, 1] or a whole number, got {g}")
+        if n == 1 and self.worker_gpus > 1:
+            # The Trainer of a one-worker trial trains on one device: the others would sit idle.
+            field_name = "gpus_per_worker" if self.gpus_per_worker is not None else "gpus_per_trial"
+            raise ValueError(
+                f"{field_name} must be at most 1 with workers_per_trial=1 (a trial trains on one GPU), got "
+                f"{self.worker_gpus:g}; for several GPUs set workers_per_trial (data parallel, one GPU a worker)"
+            )
         if n > 1 and self.worker_gpus not in (0, 1):
             # NCCL runs one rank per GPU; a rank holding several would use only one of them.
             field_name = "gpus_per_worker" if self.gpus_per_worker is not None else "gpus_per_trial"
@@ -97,6 +107,9 @@ class RunSettings:
         b = self.budget_gpu_hours
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
             raise ValueError(f"budget_gpu_hours must be a number > 0 or null, got {b!r}")
+        m = self.gpu_memory_gb
+        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+            raise ValueError(f"gpu_memory_gb must be a number > 0 or null, got {m!r}")
 
     @property
     def worker_cpus(self) -> float:

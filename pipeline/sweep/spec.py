@@ -433,6 +433,14 @@ def _check_sweep(s: _Sections, points: list[Point], blame: Blame) -> None:
             "run.workers_per_trial", f"mode: overfit trains on one sequence: it runs one worker, got {workers}"
         )
     for p in points:
+        if workers > 1 and p.train.seq_len == 2:
+            # Two frames give the ConvLSTM one step, from a zero state: its recurrent convolution gets
+            # no gradient, and DDP (find_unused_parameters=False) fails on the second step.
+            raise blame.fail(
+                "train.seq_len",
+                f"train.seq_len=2 (point {p.label}) leaves the ConvLSTM's recurrent convolution unused, which "
+                f"data-parallel training (run.workers_per_trial={workers}) cannot all-reduce; use seq_len >= 3",
+            )
         if p.train.batch_size % workers:
             raise blame.fail(
                 "train.batch_size",

@@ -164,7 +164,9 @@ def run_trial(cfg: TrialConfig, session, tags: Mapping[str, Any], rank: int = 0)
     """
     run = _TrialRun.open(cfg, tags) if rank == 0 else None
     runner = _overfit if cfg.mode == "overfit" else _train
-    monitor = _system_metrics(cfg) if cfg.system_metrics else None
+    # One monitor a trial, on rank 0: NVML ignores CUDA_VISIBLE_DEVICES, so each rank's would log
+    # every GPU of the node again.
+    monitor = _system_metrics(cfg) if cfg.system_metrics and rank == 0 else None
     try:
         runner(cfg, run, session)
     except NonFiniteLossError as err:

@@ -1,0 +1,284 @@
+"""A sweep's memory plan: for every trial, what one GPU must hold and the settings that make it fit.
+
+    python -m pipeline.sweep SPEC --profile P --plan [--json]      # starts no Ray
+
+Per trial: the parameters, the counted FLOPs of one frame, the estimated peak memory of one training
+step per GPU (vpn.memory.train_memory, on the meta device) without checkpointing or micro-batches
+("plain") and under the settings `auto` would choose on that GPU (vpn.memory.choose_settings, the
+function the Trainer calls), those settings, whether they fit, and the estimated GPU-hours
+(pipeline.sweep.budget.trial_gpu_hours: counted FLOPs at a stated MFU, an estimate). The sweep runs
+the same plan before its first trial (check_plan): a GPU trial that no setting fits is refused there,
+named with the fields and the memory it needs, not found by an out-of-memory error hours later.
+
+The GPU planned for: run.gpu_memory_gb when the spec sets it, else the smallest GPU among
+sweeps/cluster.yaml's node types (a trial of one GPU a worker may land on any of them). GPU memory is
+sold in GB (1e9 bytes); the plan converts to GiB, as torch reports it. A fractional GPU
+(gpus_per_trial 0.33) plans for that fraction of the memory.
+
+The frames are those the budget counts (pipeline.sweep.budget: 64x64 after train.downsample,
+train.seq_len or 20 frames); a step's sequences per GPU are train.batch_size / run.workers_per_trial
+(1 in mode overfit); the precision is bf16 where train.amp is on (autocast on CUDA), else fp32.
+A searched sweep is planned at its space's two corners (memory and cost grow with depth and width).
+Each estimate takes seconds of CPU for a full-size model; they are cached per process by everything
+train_memory reads (ESTIMATES), so a grid's repeated models and settings are measured once.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from pipeline.paths import repo_root
+from pipeline.sweep.budget import FRAME_SIZE, MFU, SEQ_LEN, plan_line, trial_gpu_hours
+from pipeline.sweep.grid import Point
+from pipeline.sweep.spec import SpecError, Sweep
+from vpn.config import TrainConfig, VPNConfig
+from vpn.memory import GIB, HEADROOM, MemoryEstimate, budget_bytes, choose_settings, train_memory
+from vpn.model import VideoPixelNetwork, count_flops_per_frame
+
+GB = 1e9
+CLUSTER_YAML = "sweeps/cluster.yaml"
+# The GPUs of the instance types sweeps/cluster.yaml may name: (GPU, GPUs a node, GB each), from AWS's
+# instance pages and NVIDIA's datasheets.
+INSTANCE_GPUS = {
+    "g6e.xlarge": ("NVIDIA L40S", 1, 48),
+    "g6e.4xlarge": ("NVIDIA L40S", 1, 48),
+    "g6e.12xlarge": ("NVIDIA L40S", 4, 48),
+    "g5.xlarge": ("NVIDIA A10G", 1, 24),
+    "p4d.24xlarge": ("NVIDIA A100", 8, 40),
+    "p4de.24xlarge": ("NVIDIA A100", 8, 80),
+    "p5.48xlarge": ("NVIDIA H100", 8, 80),
+    "p5e.48xlarge": ("NVIDIA H200", 8, 141),
+}
+
+# train_memory's results by everything it reads: the model, the step's sequences, the two memory
+# settings, grad_clip (clipping allocates), the frames and the precision. lr, steps, seeds change no size.
+ESTIMATES: dict[tuple, MemoryEstimate] = {}
+
+
+def cached_train_memory(
+    model_cfg: VPNConfig, train_cfg: TrainConfig, frames: tuple[int, int, int], precision: str, batch_size: int
+) -> MemoryEstimate:
+    """vpn.memory.train_memory, measured once per (model, step shape, settings, frames, precision)."""
+    t = train_cfg
+    key = (model_cfg, batch_size, t.activation_checkpointing, t.micro_batch_size, t.grad_clip, frames, precision)
+    if key not in ESTIMATES:
+        ESTIMATES[key] = train_memory(model_cfg, train_cfg, frames, precision, batch_size)
+    return ESTIMATES[key]
+
+
+@dataclass(frozen=True)
+class GPU:
+    """The GPU a plan is for: its memory in GB (1e9 bytes) and where that figure came from."""
+
+    memory_gb: float
+    source: str
+
+    @property
+    def memory_gib(self) -> float:
+        return self.memory_gb * GB / GIB
+
+
+def cluster_gpu(path: Path) -> GPU | None:
+    """The smallest GPU among the node types of a Ray cluster launcher config; None without GPU nodes.
+
+    An instance type not in INSTANCE_GPUS that looks like a GPU one (g*, p*) is an error: the plan
+    would otherwise ignore the node it might run on.
+    """
+    raw = yaml.safe_load(path.read_text()) or {}
+    found = []
+    for name, node in (raw.get("available_node_types") or {}).items():
+        instance = ((node or {}).get("node_config") or {}).get("InstanceType")
+        if instance in INSTANCE_GPUS:
+            gpu, _, gb = INSTANCE_GPUS[instance]
+            found.append((gb, f"{gpu}, {gb} GB ({instance}, node type {name})"))
+        elif isinstance(instance, str) and instance[:1] in ("g", "p"):
+            raise ValueError(
+                f"{path}: available_node_types.{name}: the GPU of {instance} is unknown to "
+                "pipeline.sweep.plan.INSTANCE_GPUS; set run.gpu_memory_gb"
+            )
+    if not found:
+        return None
+    gb, what = min(found)
+    return GPU(gb, f"the smallest GPU of {path.name}: {what}")
+
+
+def planned_gpu(sweep: Sweep, root: Path | None = None) -> GPU | None:
+    """run.gpu_memory_gb, else cluster.yaml's smallest GPU; None when neither is known."""
+    if sweep.run.gpu_memory_gb is not None:
+        return GPU(float(sweep.run.gpu_memory_gb), f"run.gpu_memory_gb of {sweep.source}")
+    path = (root or repo_root()) / CLUSTER_YAML
+    return cluster_gpu(path) if path.is_file() else None
+
+
+@dataclass(frozen=True)
+class TrialPlan:
+    """One trial's plan (the JSON object of `--plan --json`). Memory in GiB, per GPU (per process on CPU).
+
+    gpu_memory_gib, activation_checkpointing, micro_batch_size: under the settings chosen (the most
+    frugal when nothing fits). fits: within budget_gib (None: a CPU trial, no GPU planned for).
+    """
+
+    label: str
+    parameters: int
+    flops_per_frame: int
+    frames: tuple[int, int, int]
+    sequences_per_gpu: int
+    precision: str
+    plain_memory_gib: float
+    gpu_memory_gib: float
+    activation_checkpointing: bool
+    micro_batch_size: int | None
+    budget_gib: float | None
+    fits: bool | None
+    gpu_hours: float
+
+
+def _frames_and_share(sweep: Sweep, point: Point) -> tuple[tuple[int, int, int], int]:
+    t = point.train
+    side = max(1, FRAME_SIZE // t.downsample)
+    share = 1 if sweep.mode == "overfit" else t.batch_size // sweep.run.workers_per_trial
+    return ((t.seq_len or SEQ_LEN), side, side), share
+
+
+def _fixed(value: Any, auto: Any) -> Any:
+    return auto if value == "auto" else value
+
+
+def plan_trial(sweep: Sweep, point: Point, gpu: GPU | None) -> TrialPlan:
+    """The plan of one point: see the module docstring."""
+    t, gpus = point.train, sweep.run.worker_gpus
+    frames, share = _frames_and_share(sweep, point)
+    on_gpu = gpus > 0 and gpu is not None
+    precision = "bf16" if (t.amp and gpus > 0) else "fp32"
+    plain = cached_train_memory(
+        point.model, t.replace(activation_checkpointing=False, micro_batch_size=None), frames, precision, share
+    )
+    budget = budget_bytes(gpu.memory_gib * min(gpus, 1.0)) if on_gpu else None
+    if budget is None:  # on CPU auto keeps the plain step (vpn.train.Trainer._memory_settings)
+        ckpt, micro = _fixed(t.activation_checkpointing, False), _fixed(t.micro_batch_size, None)
+        cfg = t.replace(activation_checkpointing=ckpt, micro_batch_size=micro)
+        chosen, fits = cached_train_memory(point.model, cfg, frames, precision, share), None
+    else:
+        found = choose_settings(point.model, t, frames, precision, budget, share, measure=cached_train_memory)
+        if found is not None:
+            (ckpt, micro, chosen), fits = found, True
+        else:  # the most frugal candidate, to say how far it is
+            ckpt, micro = _fixed(t.activation_checkpointing, True), _fixed(t.micro_batch_size, 1)
+            cfg = t.replace(activation_checkpointing=ckpt, micro_batch_size=micro)
+            chosen, fits = cached_train_memory(point.model, cfg, frames, precision, share), False
+    with torch.device("meta"):
+        parameters = VideoPixelNetwork(point.model).num_parameters()
+    return TrialPlan(
+        label=point.label,
+        parameters=parameters,
+        flops_per_frame=count_flops_per_frame(point.model, frames[1], frames[2]),
+        frames=frames,
+        sequences_per_gpu=share,
+        precision=precision,
+        plain_memory_gib=plain.total_gib,
+        gpu_memory_gib=chosen.total_gib,
+        activation_checkpointing=bool(ckpt),
+        micro_batch_size=None if micro == share else micro,
+        budget_gib=None if budget is None else budget / GIB,
+        fits=fits,
+        gpu_hours=trial_gpu_hours(sweep, point),
+    )
+
+
+def plan_sweep(sweep: Sweep, gpu: GPU | None) -> list[TrialPlan]:
+    """Every trial's plan, in the sweep's order (a searched sweep: its two corners)."""
+    return [plan_trial(sweep, p, gpu) for p in sweep.points]
+
+
+def check_plan(sweep: Sweep, root: Path | None = None) -> list[TrialPlan]:
+    """The plan of a sweep whose trials have GPUs, refusing one that no setting fits (SpecError).
+
+    A CPU sweep (run.gpus_per_trial / gpus_per_worker 0) is not planned: nothing is measured.
+    """
+    if sweep.run.worker_gpus <= 0:
+        return []
+    gpu = planned_gpu(sweep, root)
+    if gpu is None:
+        return []
+    plans = plan_sweep(sweep, gpu)
+    refused = [p for p in plans if p.fits is False]
+    if refused:
+        raise SpecError(f"{sweep.source}: profiles.{sweep.profile}: {refusal(sweep, refused, gpu)}")
+    return plans
+
+
+def refusal(sweep: Sweep, refused: list[TrialPlan], gpu: GPU) -> str:
+    """Why the first trial that cannot fit is refused: the trial, the fields, the memory."""
+    p = refused[0]
+    more = f" (and {len(refused) - 1} more trial(s))" if len(refused) > 1 else ""
+    return (
+        f"trial {p.label}{more} does not fit one GPU: even with train.activation_checkpointing true and "
+        f"train.micro_batch_size {p.micro_batch_size or p.sequences_per_gpu}, a step of {p.sequences_per_gpu} "
+        f"sequence(s) of {p.frames} frames in {p.precision} needs {p.gpu_memory_gib:.1f} GiB "
+        f"({p.plain_memory_gib:.1f} GiB plain), and a step may use {p.budget_gib:.1f} GiB of the "
+        f"{gpu.memory_gib * min(sweep.run.worker_gpus, 1.0):.1f} GiB planned for (run.gpus_per_trial="
+        f"{sweep.run.worker_gpus:g} of {gpu.source}); lower the model's size or train.seq_len, or raise "
+        "run.workers_per_trial or run.gpu_memory_gb"
+    )
+
+
+def format_plan(sweep: Sweep, plans: list[TrialPlan], gpu: GPU | None) -> str:
+    """The plan as text: a header naming the GPU and its source, one line a trial, the totals."""
+    g = sweep.run.worker_gpus
+    if g > 0 and gpu is not None:
+        share = f"{g:g} of " if g < 1 else ""
+        where = (
+            f"{share}a {gpu.memory_gb:g} GB GPU ({gpu.memory_gib:.1f} GiB) per worker, from {gpu.source}; a step "
+            f"may use {HEADROOM:.0%} of it less 1 GiB (vpn.memory.budget_bytes)"
+        )
+    else:
+        where = "CPU trials (no GPU planned for): memory per trial process, the plain step"
+    corners = " (a searched space: its two corners)" if sweep.search.searched else ""
+    lines = [f"plan of {sweep.name}, profile {sweep.profile}: {len(plans)} trial(s){corners}; {where}"]
+    head = ("trial", "params", "GFLOP/frame", "seqs/GPU", "prec", "plain GiB", "GiB", "ckpt", "micro", "fits", "GPU-h*")
+    rows = [head]
+    for p in plans:
+        fits = "-" if p.fits is None else ("yes" if p.fits else "NO")
+        rows.append((
+            p.label, f"{p.parameters:,}", f"{p.flops_per_frame / 1e9:.2f}", str(p.sequences_per_gpu), p.precision,
+            f"{p.plain_memory_gib:.2f}", f"{p.gpu_memory_gib:.2f}", "yes" if p.activation_checkpointing else "no",
+            str(p.micro_batch_size or "-"), fits, f"{p.gpu_hours:.3g}",
+        ))  # fmt: skip
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
+    lines.append(_totals(sweep, plans))
+    lines.append(
+        f"* GPU-hours: counted FLOPs at {MFU:.0%} MFU of an H100's bf16 peak (pipeline.sweep.budget), an estimate"
+    )
+    if sweep.run.budget_gpu_hours is not None:
+        lines.append(plan_line(sweep.run.budget_gpu_hours, [p.gpu_hours for p in plans], sweep.trial_count))
+    return "\n".join(lines)
+
+
+def _totals(sweep: Sweep, plans: list[TrialPlan]) -> str:
+    fit = sum(p.fits is True for p in plans)
+    fits = "" if all(p.fits is None for p in plans) else f", {fit} fit, {sum(p.fits is False for p in plans)} do not"
+    hours = sum(p.gpu_hours for p in plans)
+    peak = max(p.gpu_memory_gib for p in plans)
+    what = "of the corners" if sweep.search.searched else "in all"
+    return (
+        f"total: {len(plans)} trial(s){fits}; largest step {peak:.2f} GiB a GPU; "
+        f"{hours:.4g} GPU-hours {what} (estimate)"
+    )
+
+
+def plan_json(plans: list[TrialPlan]) -> str:
+    return json.dumps([asdict(p) for p in plans], indent=2)
+
+
+def show_plan(sweep: Sweep, as_json: bool, root: Path | None = None) -> str:
+    """What `--plan` prints (text, or with as_json the JSON list)."""
+    gpu = planned_gpu(sweep, root) if sweep.run.worker_gpus > 0 else None
+    plans = plan_sweep(sweep, gpu)
+    return plan_json(plans) if as_json else format_plan(sweep, plans, gpu)

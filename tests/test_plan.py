@@ -1,0 +1,129 @@
+"""The memory plan (pipeline.sweep.plan): `--plan --json` on a tiny spec, the settings auto would choose,
+the GPU's source, a trial that cannot fit refused before Ray starts; and (slow) every gpu profile in
+sweeps/ fits the GPUs sweeps/cluster.yaml offers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.paths import repo_root
+from pipeline.sweep import driver, plan
+from pipeline.sweep.spec import SpecError, load_spec
+from vpn.memory import CONTEXT_GIB, GIB, HEADROOM
+
+MODEL = {"output": "bernoulli", "enc_blocks": 1, "dec_blocks": 1, "filter_fraction": 0.03125}
+TRAIN = {"steps": 10, "batch_size": 4, "seq_len": 4, "context": 2, "downsample": 4, "device": "cpu"}
+
+
+def spec_of(tmp_path: Path, run: dict, train: dict | None = None) -> Path:
+    spec = {
+        "name": "p",
+        "data": "data",
+        "model": MODEL,
+        "train": {**TRAIN, **(train or {})},
+        "search": {"model": {"dec_blocks": [1, 2]}},
+        "run": {"gpus_per_trial": 1, **run},
+        "profiles": {"gpu": {}},
+    }
+    path = tmp_path / "spec.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return path
+
+
+def gb_for(step_gib: float) -> float:
+    """The GPU memory in GB whose budget (vpn.memory.budget_bytes) is just above a step of step_gib."""
+    return (step_gib * 1.02 + CONTEXT_GIB) / HEADROOM * GIB / plan.GB
+
+
+def estimates(tmp_path: Path) -> dict[str, plan.TrialPlan]:
+    """The plan with a huge GPU: every trial's plain step."""
+    sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": 1000}), root=tmp_path).resolve("gpu")
+    return {p.label: p for p in plan.plan_sweep(sweep, plan.planned_gpu(sweep, tmp_path))}
+
+
+def test_plan_json_lists_every_trial_with_its_settings(tmp_path, capsys):
+    path = spec_of(tmp_path, {"gpu_memory_gb": 1000})
+    assert driver.main([str(path), "--profile", "gpu", "--plan", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in rows] == ["d1", "d2"]
+    for r in rows:
+        for key in ("label", "gpu_memory_gib", "activation_checkpointing", "micro_batch_size", "fits", "gpu_hours"):
+            assert key in r
+        assert r["fits"] is True and r["activation_checkpointing"] is False and r["micro_batch_size"] is None
+        assert r["gpu_memory_gib"] == r["plain_memory_gib"] > 0
+        assert r["precision"] == "bf16" and r["frames"] == [4, 16, 16] and r["sequences_per_gpu"] == 4
+        assert r["gpu_hours"] > 0 and r["parameters"] > 0 and r["flops_per_frame"] > 0
+    assert rows[1]["plain_memory_gib"] > rows[0]["plain_memory_gib"]  # a deeper decoder keeps more
+
+
+def test_plan_chooses_checkpointing_then_micro_batches_as_auto_would(tmp_path):
+    plain = estimates(tmp_path)["d2"]
+    # A GPU just too small for the plain step of the deeper trial: auto must pick something cheaper.
+    gb = gb_for(plain.plain_memory_gib * 0.8)
+    sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": gb}), root=tmp_path).resolve("gpu")
+    got = plan.plan_trial(sweep, sweep.points[1], plan.planned_gpu(sweep, tmp_path))
+    assert got.fits is True
+    assert got.activation_checkpointing or got.micro_batch_size is not None
+    assert got.gpu_memory_gib <= got.budget_gib < got.plain_memory_gib
+    text = plan.show_plan(sweep, as_json=False, root=tmp_path)
+    assert f"run.gpu_memory_gb of {sweep.source}" in text and "an estimate" in text and "total: 2 trial(s)" in text
+
+
+def test_cluster_yaml_names_its_smallest_gpu():
+    gpu = plan.cluster_gpu(repo_root() / "sweeps/cluster.yaml")
+    assert gpu.memory_gb == 48 and "NVIDIA L40S" in gpu.source and "g6e.4xlarge" in gpu.source
+
+
+def test_unknown_gpu_instance_is_an_error(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"available_node_types": {"w": {"node_config": {"InstanceType": "g9.huge"}}}}))
+    with pytest.raises(ValueError, match="available_node_types.w: the GPU of g9.huge"):
+        plan.cluster_gpu(path)
+
+
+def test_a_trial_that_cannot_fit_is_refused_before_ray(tmp_path, monkeypatch):
+    none = load_spec(spec_of(tmp_path, {"gpu_memory_gb": gb_for(0)}), root=tmp_path).resolve("gpu")
+    frugal = min(p.gpu_memory_gib for p in plan.plan_sweep(none, plan.planned_gpu(none, tmp_path)))
+    # Half the most frugal step (checkpointing, micro-batches of 1) of the smallest trial: neither fits.
+    path = spec_of(tmp_path, {"gpu_memory_gb": gb_for(frugal / 2)})
+    monkeypatch.setattr(driver, "connect_ray", lambda: pytest.fail("Ray was started"))
+    with pytest.raises(SpecError) as info:
+        driver.run_sweep(load_spec(path, root=tmp_path), "gpu", results_dir=tmp_path / "r", storage=str(tmp_path))
+    msg = str(info.value)
+    assert "trial d1 (and 1 more trial(s)) does not fit one GPU" in msg
+    for field in ("train.activation_checkpointing", "train.micro_batch_size", "run.gpu_memory_gb", "GiB"):
+        assert field in msg
+    assert msg.startswith(f"{path}: profiles.gpu:")
+
+
+def test_a_cpu_sweep_is_not_planned(tmp_path):
+    sweep = load_spec(spec_of(tmp_path, {"gpus_per_trial": 0, "gpu_memory_gb": 0.001}), root=tmp_path).resolve("gpu")
+    assert plan.check_plan(sweep, tmp_path) == []
+
+
+def test_gpu_memory_gb_is_checked(tmp_path):
+    with pytest.raises(SpecError, match=r"run.gpu_memory_gb.*gpu_memory_gb must be a number > 0"):
+        load_spec(spec_of(tmp_path, {"gpu_memory_gb": 0}), root=tmp_path)
+
+
+GPU_PROFILES = [
+    (spec, profile)
+    for spec in sorted((repo_root() / "sweeps").glob("*.yaml"))
+    if "profiles" in (raw := yaml.safe_load(spec.read_text()))
+    for profile in raw["profiles"]
+    if profile.startswith("gpu")
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("spec", "profile"), GPU_PROFILES, ids=[f"{s.stem}-{p}" for s, p in GPU_PROFILES])
+def test_every_gpu_profile_fits_the_clusters_gpus(spec, profile, capsys):
+    """`--plan --json` of each gpu profile: every trial fits the smallest GPU of sweeps/cluster.yaml."""
+    assert driver.main([str(spec), "--profile", profile, "--plan", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert rows and all(r["budget_gib"] is not None for r in rows)
+    assert [r["label"] for r in rows if not r["fits"]] == []
