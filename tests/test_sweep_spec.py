@@ -343,6 +343,7 @@ def test_cluster_config_is_a_valid_ray_cluster_launcher_config():
     for var in ("VPN_DATA", "VPN_SWEEP_STORAGE", "VPN_WAIT_FOR_NODES", "MLFLOW_TRACKING_URI"):
         assert var in env
     assert "RAY_AUTH_MODE=token" in env and "VPN_RESULTS_DIR" in env
+    assert any("|| dvc pull ||" in c for c in raw["setup_commands"])  # the data from the DVC remote first
 
 
 def test_the_onprem_cluster_config_passes_rays_schema():
@@ -357,6 +358,7 @@ def test_the_onprem_cluster_config_passes_rays_schema():
     for var in ("RAY_AUTH_MODE=token", "MLFLOW_TRACKING_URI", "VPN_SWEEP_STORAGE", "VPN_DATA", "VPN_RESULTS_DIR"):
         assert var in env
     assert any("--app-name basic-auth" in c for c in raw["head_start_ray_commands"])
+    assert any("|| dvc pull ||" in c for c in raw["setup_commands"])  # the data from the DVC remote first
 
 
 # -- resources: GPUs only where the cluster has them ----------------------------------------------------
