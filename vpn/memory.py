@@ -144,7 +144,12 @@ def train_memory(
         after_forward.append(tracker.live)
         return out
 
-    update(nats, model, model, optimizer, batch, micro, train_cfg.grad_clip)  # creates RMSProp's state
+    # RMSProp's state as after a first step, without running one (half the cost of the estimate):
+    # a step on stand-in gradients, which the tracked update's zero_grad then frees, as it frees
+    # the previous step's gradients in training.
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
     with tracker:  # the steady state: gradients and optimizer state exist, as in every later step
         update(nats, model, model, optimizer, batch, micro, train_cfg.grad_clip)
     n_params = sum(p.numel() * p.element_size() for p in model.parameters())
