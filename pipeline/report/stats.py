@@ -81,7 +81,9 @@ def config_columns(summary: pd.DataFrame) -> list[str]:
 def config_keys(summary: pd.DataFrame) -> pd.Series:
     """One string per trial naming its config: trials that differ only in the seed share it."""
     columns = config_columns(summary)
-    return summary[columns].astype(str).agg("|".join, axis=1) if len(summary) else pd.Series(dtype=str)
+    # map(str), not astype(str): pandas 3's string dtype keeps a missing value missing (a float NaN),
+    # which join refuses; str(value) names it ("nan", "<NA>", "None") like any other value.
+    return summary[columns].map(str).agg("|".join, axis=1) if len(summary) else pd.Series(dtype=str)
 
 
 def scored(summary: pd.DataFrame) -> pd.DataFrame:
