@@ -232,7 +232,7 @@ def check_results(server: str, password: str, home: Path, tmp_path: Path) -> Non
         import mlflow.pytorch
         import pandas as pd
 
-        from pipeline.sweep import tracking
+        from pipeline.sweep import registry, tracking
 
         c = tracking.client(server)
         exp = c.get_experiment_by_name("depth_width")
@@ -240,10 +240,11 @@ def check_results(server: str, password: str, home: Path, tmp_path: Path) -> Non
         assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
         trials = pd.read_parquet(home / "vpn" / "results" / "depth_width" / "trials.parquet")
         assert sorted(trials["run_id"]) == sorted(r.info.run_id for r in runs)
-        mlflow.set_tracking_uri(server)
-        mlflow.set_registry_uri(server)
         (tmp_path / "model").mkdir()
-        model = mlflow.pytorch.load_model("models:/depth_width/latest", dst_path=str(tmp_path / "model"))
+        # registry._store: MLflow's process-wide URIs point at the server for this load only, and are
+        # restored after it (left set, they sent later tests' registry calls to this stopped server).
+        with registry._store(server):
+            model = mlflow.pytorch.load_model("models:/depth_width/latest", dst_path=str(tmp_path / "model"))
         assert sum(p.numel() for p in model.parameters()) > 0
     finally:
         for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):

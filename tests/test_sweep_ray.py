@@ -21,7 +21,7 @@ import torch
 import yaml
 from conftest import environ, running_local_ray, write_splits
 
-from pipeline.sweep import results, tracking
+from pipeline.sweep import forecasting, results, tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
 from pipeline.sweep.spec import load_spec
 from vpn.checkpoint import load_model
@@ -140,6 +140,8 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
             data_path=str(env["data"]),
             sample="0",
         )
+        # what train's "auto" memory settings chose at the trial's start: on CPU, today's plain step
+        expected.update({"memory.activation_checkpointing": "False", "memory.micro_batch_size": "None"})
         assert run.data.params == expected
 
         if lr == 1e-3:
@@ -151,7 +153,9 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
             assert all(math.isfinite(v) for v in train_curve) and train_curve[-1] < train_curve[0]
             test_keys = (tracking.TEST_KEY, tracking.TEST_FLOOR_KEY, tracking.TEST_SEQUENCES_KEY)
             logged = {k for k in run.data.metrics if not k.startswith("system/")}  # MLflow's system metrics aside
-            assert logged == {*tracking.CURVE_KEYS, *test_keys}
+            # plus the free-running scores (TrainConfig.forecast_samples defaults to 10: pipeline.sweep.forecasting)
+            forecast_keys = {*forecasting.SCALAR_KEYS, *forecasting.BY_FRAME_KEYS}
+            assert logged == {*tracking.CURVE_KEYS, *test_keys, *forecast_keys}
             assert steps_of(client, run.info.run_id, tracking.TEST_KEY) == [20]  # once, at the end
             artifact = client.download_artifacts(
                 run.info.run_id, tracking.CHECKPOINT_ARTIFACT, str(env["root"] / label)
