@@ -168,3 +168,43 @@ def test_a_grid_gets_no_search_section(tmp_path):
     build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
     text = (tmp_path / "reports" / "demo" / "report.md").read_text()
     assert "which knob matters" not in text and "## Seeds" not in text
+
+
+def _rows_table(excess: dict[str, list[float]]) -> pd.DataFrame:
+    """Trials of the paper's rows, one per (row, seed), at 32x32."""
+    arch = {"baseline": {"decoder": "baseline", "block": "rmb", "dilation": True},
+            "rmb": {"block": "rmb", "dilation": False}, "relu": {"block": "relu", "dilation": False},
+            "relu_dilated": {"block": "relu", "dilation": True}}  # fmt: skip
+    rows = [
+        _trial(f"{row}{s}", row, s, e, row=row, frame_height=32, frame_width=32, **arch[row])
+        for row, values in excess.items()
+        for s, e in enumerate(values)
+    ]
+    return pd.DataFrame(rows)
+
+
+def test_paper_finding_gives_the_baseline_gap_and_rmb_over_relu_with_paired_intervals():
+    from pipeline.report.finding import PAPER_BASELINE_GAP, PAPER_RMB_OVER_RELU, finding_lines, paper_finding
+
+    base, rmb, relu, relu_dil = [37.1, 36.2, 38.0], [15.0, 15.4, 14.9], [16.7, 17.0, 16.2], [17.3, 17.1, 16.9]
+    finding = paper_finding(_rows_table({"baseline": base, "rmb": rmb, "relu": relu, "relu_dilated": relu_dil}))
+    gap = finding.baseline_gap
+    assert (gap.a, gap.b, finding.frames) == ("Baseline", "VPN, RMB, no dilation", "32x32")  # the best VPN row
+    assert gap.value == pytest.approx(np.mean(base) - np.mean(rmb)) and gap.paper == pytest.approx(22.5)
+    ci = sps.ttest_rel(base, rmb).confidence_interval(0.95)
+    assert (gap.interval.low, gap.interval.high) == (pytest.approx(ci.low), pytest.approx(ci.high))
+    blocks = finding.rmb_over_relu  # best RMB (rmb) against best ReLU (relu, not relu_dilated)
+    assert blocks.b == "VPN, ReLU, no dilation" and blocks.value == pytest.approx(np.mean(rmb) - np.mean(relu))
+    assert (PAPER_BASELINE_GAP, PAPER_RMB_OVER_RELU) == (pytest.approx(110.1 - 87.6), pytest.approx(87.6 - 87.7))
+    text = "\n".join(finding_lines(finding))
+    assert f"{gap.value:+.2f} nats/frame" in text and f"[{ci.low:+.2f}, {ci.high:+.2f}]" in text and "+22.5" in text
+    assert finding.to_json()["baseline_gap"]["ci95"] == [pytest.approx(ci.low), pytest.approx(ci.high)]
+
+
+def test_paper_finding_with_one_seed_has_no_interval_and_none_without_a_baseline():
+    from pipeline.report.finding import finding_lines, paper_finding
+
+    one = paper_finding(_rows_table({"baseline": [6.63], "rmb": [5.81], "relu": [5.86]}))
+    assert one.baseline_gap.value == pytest.approx(0.82) and one.baseline_gap.interval is None
+    assert "one seed: no interval" in "\n".join(finding_lines(one))
+    assert paper_finding(_rows_table({"rmb": [5.8], "relu": [5.9]})) is None and finding_lines(None) == []

@@ -53,6 +53,7 @@ from pipeline.report.figures import (
     plot_speed,
     series_name,
 )
+from pipeline.report.finding import finding_lines, paper_finding
 from pipeline.report.forecasts import forecast_section
 from pipeline.report.paper import (
     PAPER_BEST_EXCESS,
@@ -243,8 +244,11 @@ def _add_paper_rows(page: Page, summary: pd.DataFrame, out: Path) -> None:
         "",
         markdown_table(table, list(table.columns)),
         "",
+        *finding_lines(finding := paper_finding(summary)),
         *paper_contrasts(summary),  # with >= 2 seeds a row
     ]
+    if finding is not None:
+        page.metrics["finding"] = finding.to_json()
     title = "The paper's rows: excess over the floor, ours beside the paper's"
     page.figures.append((title, plot_ablation(table, out / "ablation.png").name))
     page.metrics["rows"] = {
