@@ -144,11 +144,17 @@ def finish(driver: subprocess.Popen, log: Path, timeout: float = 300) -> None:
 
 
 def runs_of(client, name: str) -> dict:
-    """Every run of the experiment, deleted ones included, by label: one run per trial means no other."""
+    """Every trial's run of the experiment, deleted ones included, by label: one run per trial means no
+    other (but the sweep's parent run, which every trial's run is nested under)."""
     from mlflow.entities import ViewType
 
+    from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+
     exp = client.get_experiment_by_name(name)
-    runs = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+    every = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+    runs = trial_runs(every)
+    parents = {r.info.run_id for r in every if TAG_PARENT_OF in r.data.tags}
+    assert len(parents) == 1 and {r.data.tags.get(TAG_PARENT) for r in runs} == parents, parents
     labels = [r.info.run_name for r in runs]
     assert len(labels) == len(set(labels)), labels
     return {r.info.run_name: r for r in runs}

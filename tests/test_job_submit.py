@@ -29,6 +29,7 @@ from conftest import free_port, write_splits
 
 from pipeline.sweep import tracking
 from pipeline.sweep.driver import QUIET_ENV
+from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
 from pipeline.sweep.persist import example_line
 
 pytestmark = [
@@ -168,8 +169,11 @@ def test_job_submit_keeps_its_runs_in_the_repository(head, tmp_path):
     shutil.rmtree(head["temp"])
     c = tracking.client(f"sqlite:///{repo}/mlflow.db")
     exp = c.get_experiment_by_name("depth_width")
-    runs = c.search_runs([exp.experiment_id])
+    every = c.search_runs([exp.experiment_id])
+    runs = trial_runs(every)
     assert len(runs) == 2  # the tiny profile's grid: dec_blocks 1 and 2
+    (parent,) = [r for r in every if TAG_PARENT_OF in r.data.tags]  # the sweep's parent, its trials nested
+    assert {r.data.tags[TAG_PARENT] for r in runs} == {parent.info.run_id}
     assert {r.info.status for r in runs} == {"FINISHED"}
     trials = pd.read_parquet(repo / "results" / "depth_width" / "trials.parquet")
     assert sorted(trials["run_id"]) == sorted(r.info.run_id for r in runs)

@@ -11,6 +11,7 @@ from conftest import write_splits
 
 from pipeline.sweep import tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
+from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
 from pipeline.sweep.spec import load_spec
 
 pytestmark = [
@@ -46,7 +47,10 @@ def test_trial_logs_to_a_tracking_server(tmp_path, mlflow_server, monkeypatch):
     client = tracking.client(mlflow_server)
     exp = client.get_experiment_by_name("server_sweep")
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # the server chose and proxies it
-    (run,) = client.search_runs([exp.experiment_id])
+    every = client.search_runs([exp.experiment_id])
+    (run,) = trial_runs(every)
+    (parent,) = [r for r in every if TAG_PARENT_OF in r.data.tags]  # the sweep's, through the server too
+    assert run.data.tags[TAG_PARENT] == parent.info.run_id
     assert run.info.status == "FINISHED"
     assert run.data.tags["sweep"] == "server_sweep" and run.data.tags["profile"] == "cpu"
     assert run.data.params["enc_blocks"] == "1" and run.data.params["filter_fraction"] == "0.03125"

@@ -23,6 +23,7 @@ from PIL import Image
 
 from pipeline.sweep import futures, pictures, registry, tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
+from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
 from pipeline.sweep.spec import load_spec
 from vpn.checkpoint import load_model
 
@@ -105,8 +106,11 @@ def test_train_sweep_as_the_ui_shows_it(env):
 
     client = tracking.client(env["uri"])
     exp = client.get_experiment_by_name("ui_train")
-    runs = {r.info.run_name: r for r in client.search_runs([exp.experiment_id])}
+    every = client.search_runs([exp.experiment_id])
+    runs = {r.info.run_name: r for r in trial_runs(every)}
     assert sorted(runs) == ["bern", "cat"]
+    (parent,) = [r for r in every if TAG_PARENT_OF in r.data.tags]  # the sweep's row, its trials nested
+    assert {r.data.tags[TAG_PARENT] for r in runs.values()} == {parent.info.run_id}
     commit = git("rev-parse", "HEAD")
     dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", ".", ":(exclude)dvc.lock"))
     digest = hashlib.sha256(json.dumps(env["stats"], sort_keys=True).encode()).hexdigest()[:16]
@@ -192,7 +196,7 @@ def test_overfit_runs_log_their_reconstruction(env):
         == {"MLFLOW_TRACKING_URI": env["uri"], "MLFLOW_REGISTRY_URI": None}
     )
     client = tracking.client(env["uri"])
-    (run,) = client.search_runs([client.get_experiment_by_name("ui_overfit").experiment_id])
+    (run,) = trial_runs(client.search_runs([client.get_experiment_by_name("ui_overfit").experiment_id]))
     shots = images(client, run.info.run_id, pictures.RECONSTRUCTION_KEY)
     assert sorted(shots) == [4, 8, 12]  # the first report, the checkpoint, the last step
     # the reconstruction row of the last one is the model's expected frames given the true past

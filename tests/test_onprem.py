@@ -233,10 +233,11 @@ def check_results(server: str, password: str, home: Path, tmp_path: Path) -> Non
         import pandas as pd
 
         from pipeline.sweep import registry, tracking
+        from pipeline.sweep.parent import trial_runs
 
         c = tracking.client(server)
         exp = c.get_experiment_by_name("depth_width")
-        runs = c.search_runs([exp.experiment_id])
+        runs = trial_runs(c.search_runs([exp.experiment_id]))  # the sweep's parent run apart
         assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
         trials = pd.read_parquet(home / "vpn" / "results" / "depth_width" / "trials.parquet")
         assert sorted(trials["run_id"]) == sorted(r.info.run_id for r in runs)

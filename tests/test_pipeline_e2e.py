@@ -108,10 +108,18 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     # the report's numbers are MLflow's
     from mlflow.tracking import MlflowClient
 
+    from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("depth_width")
-    runs = client.search_runs([experiment.experiment_id])
+    every = client.search_runs([experiment.experiment_id])
+    runs = trial_runs(every)  # the sweep's parent run apart: each trial's run is nested under it
     assert len(runs) == 2 and all(r.info.status == "FINISHED" for r in runs)
+    (parent,) = [r for r in every if TAG_PARENT_OF in r.data.tags]
+    assert {r.data.tags[TAG_PARENT] for r in runs} == {parent.info.run_id} and parent.info.status == "FINISHED"
+    # the report stage logged the sweep's report into its parent
+    logged = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
+    assert {"report/report.html", "report/report.md"} <= logged
     last_val = {
         r.info.run_id: max(client.get_metric_history(r.info.run_id, "val_nats_per_frame"), key=lambda m: m.step).value
         for r in runs
@@ -131,7 +139,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
 
     # the paper's rows: five trials on streamed sequences, each scored on the test split with its floor
     ablation = client.get_experiment_by_name("paper_ablation")
-    rows = {r.info.run_name: r for r in client.search_runs([ablation.experiment_id])}
+    rows = {r.info.run_name: r for r in trial_runs(client.search_runs([ablation.experiment_id]))}
     assert sorted(rows) == ["baseline", "relu", "relu_dilated", "rmb", "rmb_dilated"]
     for r in rows.values():
         assert r.info.status == "FINISHED" and r.data.params["data"] == "stream"
@@ -201,8 +209,9 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     trials = pd.read_parquet(work / "results/depth_width/trials.parquet")
     assert len(trials) == 2 and set(trials["steps"]) == {12} and set(trials["steps_completed"]) == {12}
     assert "<= 0.2 (L_0 - L_end)" in (work / "reports/depth_width/report.md").read_text()
-    # the old sweep's runs stay in MLflow beside the new ones
-    assert len(client.search_runs([experiment.experiment_id])) == 4
+    # the old sweep's runs stay in MLflow beside the new ones, each sweep under its own parent
+    every = client.search_runs([experiment.experiment_id])
+    assert len(trial_runs(every)) == 4 and len([r for r in every if TAG_PARENT_OF in r.data.tags]) == 2
 
 
 # The least gap between the baseline's test excess and every VPN row's (nats/frame) that the default (cpu)

@@ -1,5 +1,5 @@
-"""A searched sweep's report logged into its parent MLflow run (pipeline.report.to_mlflow), read back
-from a real SQLite store; a grid's report logs nothing and opens no store."""
+"""A sweep's report logged into its parent MLflow run (pipeline.report.to_mlflow), read back from a real
+SQLite store: a searched sweep's (the whole report stage) and a grid's; a report without a store opens none."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from pipeline.report.build import main
 from pipeline.report.to_mlflow import log_report
 from pipeline.sweep import tracking
-from pipeline.sweep.searched_runs import TAG_PARENT_OF
+from pipeline.sweep.parent import TAG_PARENT_OF
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # MLflow's SQL store
 
@@ -59,11 +59,29 @@ def test_searched_report_lands_in_its_parent_run(tmp_path, monkeypatch):
     assert log_report("search", tmp_path / "reports" / "search", tmp_path / "results" / "search") is None
 
 
-def test_a_grid_logs_nothing_and_opens_no_store(tmp_path, monkeypatch):
+def test_a_grid_report_lands_in_its_parent_and_no_store_is_created(tmp_path, monkeypatch):
     from test_report import synthetic, write_tables
 
-    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    db = tmp_path / "mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{db}")
     trials, curves = synthetic(n_failed=0)
-    write_tables(tmp_path, "demo", trials, curves)  # log_report reads the tables; no report needed
-    assert log_report("demo", tmp_path / "reports" / "demo", tmp_path / "results" / "demo") is None
-    assert not (tmp_path / "mlflow.db").exists()
+    write_tables(tmp_path, "demo", [{**t, "sweep_id": "demo-cpu-42"} for t in trials], curves)
+    reports = tmp_path / "reports" / "demo"
+    reports.mkdir(parents=True)
+    (reports / "report.html").write_text("<html>grid</html>")
+    (reports / "curves.png").write_bytes(b"png")
+    # no store yet (a report built from copied tables): nothing logged, no empty store created
+    assert log_report("demo", reports, tmp_path / "results" / "demo") is None
+    assert not db.exists()
+
+    client = tracking.client(f"sqlite:///{db}")
+    exp = client.create_experiment("demo", artifact_location=(tmp_path / "artifacts").as_uri())
+    parent = client.create_run(exp, tags={TAG_PARENT_OF: "demo-cpu-42"}).info.run_id
+    assert log_report("demo", reports, tmp_path / "results" / "demo") == parent
+    assert {a.path for a in client.list_artifacts(parent, "report")} == {"report/report.html", "report/curves.png"}
+    assert {a.path for a in client.list_artifacts(parent, "results")} == {
+        "results/trials.parquet", "results/curves.parquet"
+    }  # fmt: skip
+    # a table of several sweep ids (not one sweep's): no parent to choose, nothing logged
+    write_tables(tmp_path, "demo", [{**t, "sweep_id": f"demo-cpu-{i}"} for i, t in enumerate(trials)], curves)
+    assert log_report("demo", reports, tmp_path / "results" / "demo") is None

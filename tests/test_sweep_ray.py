@@ -23,6 +23,7 @@ from conftest import environ, running_local_ray, write_splits
 
 from pipeline.sweep import forecasting, results, tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
+from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
 from pipeline.sweep.spec import load_spec
 from vpn.checkpoint import load_model
 from vpn.config import TrainConfig, VPNConfig
@@ -83,12 +84,24 @@ def steps_of(client, run_id: str, key: str) -> list[int]:
     return [s for s, _ in history(client, run_id, key)]
 
 
-def all_runs(client, name: str):
+def every_run(client, name: str):
     """Every run of the experiment, deleted ones included: "one run per trial" means no other."""
     from mlflow.entities import ViewType
 
     exp = client.get_experiment_by_name(name)
     return client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)
+
+
+def all_runs(client, name: str):
+    """Every trial's run of the experiment, deleted ones included: every run but the sweeps' parents."""
+    return trial_runs(every_run(client, name))
+
+
+def parent_of(client, name: str, runs) -> object:
+    """The experiment's one parent run (every run of it is a trial's or this), with `runs` nested under it."""
+    (parent,) = [r for r in every_run(client, name) if TAG_PARENT_OF in r.data.tags]
+    assert {r.data.tags[TAG_PARENT] for r in runs} == {parent.info.run_id}
+    return parent
 
 
 # -- one full sweep: exactly what MLflow holds -------------------------------------------------------
@@ -108,6 +121,16 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     assert exp.tags[tracking.EXPERIMENT_LATEST.format(profile="cpu")] == outcome.sweep_id
     runs = {r.info.run_name: r for r in all_runs(client, "full_sweep")}
     assert sorted(runs) == labels  # one run per trial, no other
+    # ... all under the sweep's parent run, which holds the sweep and its outcome
+    parent = parent_of(client, "full_sweep", runs.values())
+    assert parent.data.tags[TAG_PARENT_OF] == outcome.sweep_id and parent.info.status == "FINISHED"
+    assert parent.data.params["algorithm"] == "grid" and parent.data.params["trials"] == "4"
+    assert parent.data.metrics["trials_run"] == 4
+    assert 0 < parent.data.metrics["est_gpu_hours_used"] <= parent.data.metrics["est_gpu_hours_planned"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["sweep.json"]
+    about = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep.json", str(env["root"]))).read_text())
+    assert about["space"] == {"model.enc_blocks": [1, 2], "train.lr": [1e-3, 1e30]}
+    assert [p["label"] for p in about["points"]] == labels
 
     for point, label in enumerate(labels):
         run = runs[label]
@@ -209,6 +232,9 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     best = finished.loc[finished["test_excess_nats_per_frame"].idxmin()]  # ranked by the excess over the floor
     assert metrics["best"]["trial"] == best["trial"]
     assert metrics["best"]["test_excess_nats_per_frame"] == pytest.approx(best["test_excess_nats_per_frame"])
+    # the parent holds the best trial's scores; the tables (and the registry's best) are the trials' alone
+    assert parent.data.metrics["best_test_excess_nats_per_frame"] == pytest.approx(best["test_excess_nats_per_frame"])
+    assert parent.info.run_id not in set(trials["run_id"])
 
     # `python -m pipeline.sweep.results` rebuilds the same tables from MLflow alone.
     again = env["root"] / "results_again"
@@ -294,6 +320,8 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(env):
                 driver.kill()
     before = {r.info.run_name: r for r in all_runs(client, "interrupted")}
     assert sorted(before) == ["e1", "e2", "e3"]
+    parent_before = parent_of(client, "interrupted", before.values())
+    assert parent_before.info.status == "KILLED"  # the sweep was interrupted
     assert before["e1"].info.status == "FINISHED"
     assert before["e2"].info.status == "KILLED"  # stopped mid-run, marked so until resumed
     assert before["e3"].info.status == "SCHEDULED"  # never started
@@ -306,6 +334,8 @@ def test_interrupted_sweep_resumes_only_unfinished_trials(env):
     assert outcome.statuses == {"e1": "FINISHED", "e2": "FINISHED", "e3": "FINISHED"}
     after = {r.info.run_name: r for r in all_runs(client, "interrupted")}
     assert {k: r.info.run_id for k, r in after.items()} == {k: r.info.run_id for k, r in before.items()}
+    parent = parent_of(client, "interrupted", after.values())  # the resume reattached to the same parent
+    assert parent.info.run_id == parent_before.info.run_id and parent.info.status == "FINISHED"
     # The finished trial was not rerun: not touched at all.
     assert after["e1"].info.end_time == before["e1"].info.end_time
     assert after["e1"].data.tags == before["e1"].data.tags

@@ -13,6 +13,9 @@ from pipeline.sweep import budget, search
 from pipeline.sweep.spec import SpecError, load_spec
 from pipeline.sweep.trial import TrialConfig
 
+# hpbandster 0.7.4 (2018) calls ConfigSpace APIs that ConfigSpace 1.x deprecates (pyproject.toml pins <1.3).
+pytestmark = pytest.mark.filterwarnings("ignore:Please use:DeprecationWarning")
+
 TRAIN = {"steps": 10, "batch_size": 2, "context": 2, "device": "cpu", "log_every": 5, "val_every": 5}
 SPACE = {"model": {"enc_blocks": {"int": [1, 3]}, "dec_blocks": [1, 2]}, "train": {"lr": {"loguniform": [1e-4, 1e-2]}}}
 
@@ -74,7 +77,19 @@ def test_space_is_checked_at_both_ends_and_names_the_field(tmp_path):
     assert "search.train.lr" in error_of(tmp_path, bad, {"num_samples": 2})
     assert "needs search.algorithm" in error_of(tmp_path, {"model": {"enc_blocks": {"int": [1, 2]}}}, {})
     assert "run.num_samples" in error_of(tmp_path, {"algorithm": "optuna", **SPACE}, {})
-    assert "search.algorithm" in error_of(tmp_path, {"algorithm": "bohb", **SPACE}, {"num_samples": 2})
+    assert "search.algorithm" in error_of(tmp_path, {"algorithm": "hyperopt", **SPACE}, {"num_samples": 2})
+
+
+def test_bohb_refuses_asha_beside_it_and_repeats(tmp_path):
+    bohb = {"algorithm": "bohb", **SPACE}
+    message = error_of(tmp_path, bohb, {"num_samples": 2, "asha": {"enabled": True}})
+    assert "run.asha.enabled" in message and "HyperBandForBOHB" in message
+    message = error_of(tmp_path, bohb, {"num_samples": 2, "seeds": 2})
+    assert "run.seeds" in message and "Repeater" in message
+    sweep = sweep_of(tmp_path, "bohb", run={"num_samples": 2, "asha": {"reduction_factor": 2}})
+    hb = search.scheduler(sweep)  # HyperBand on the step count, up to the profile's steps
+    assert type(hb).__name__ == "HyperBandForBOHB" and hb._time_attr == "step" and hb._max_t_attr == 10
+    assert hb._eta == 2
 
 
 def test_grid_with_num_samples_is_told_of_seeds(tmp_path):
@@ -83,7 +98,7 @@ def test_grid_with_num_samples_is_told_of_seeds(tmp_path):
 
 
 # -- the searchers -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("algorithm", ["random", "optuna"])
+@pytest.mark.parametrize("algorithm", ["random", "optuna", "bohb"])
 def test_searchers_draw_inside_the_space_and_repeat_from_the_same_seed(tmp_path, algorithm):
     sweep = sweep_of(tmp_path, algorithm, run={"num_samples": 12})
     first = draws(sweep, 12)
@@ -97,6 +112,40 @@ def test_searchers_draw_inside_the_space_and_repeat_from_the_same_seed(tmp_path,
     assert [c.to_dict() for c in again] == [c.to_dict() for c in first]  # the same spec draws the same
     other = draws(sweep_of(tmp_path, algorithm, run={"num_samples": 12}, seed=4), 12)
     assert [c.train.lr for c in other] != [c.train.lr for c in first]
+
+
+def test_bohb_state_survives_the_tuners_save_and_restore(tmp_path):
+    """As Tune saves a searcher (SearchGenerator.save_to_dir: the wrappers' get_state, TuneBOHB's own
+    pickle) and restores it on a resume: the numbering, the ledger and BOHB's results go on."""
+    from ray.tune.search import SearchGenerator
+
+    sweep = sweep_of(tmp_path, "bohb", run={"num_samples": 6})
+    base = TrialConfig.of_point(sweep, sweep.points[0], None, "sqlite:///unused", None)
+
+    def fresh():
+        s = search.searcher(sweep, "val", budget.FRAME_SIZE)
+        s.set_search_properties(None, None, search.param_space(sweep, base))
+        return s
+
+    def draw(s, ids, results=True):
+        out = []
+        for i in ids:
+            out.append(search.trial_config({**s.constants, **s.suggest(f"trial{i}")}).to_dict())
+            if results:  # as HyperBandForBOHB reports a rung: BOHB records the score at that budget
+                s.on_trial_result(f"trial{i}", {"val": float(i), "step": 3, "hyperband_info": {"budget": 3}})
+        return out
+
+    whole = fresh()
+    first, rest = draw(whole, range(3)), draw(whole, range(3, 6), results=False)
+    s = fresh()
+    assert draw(s, range(3)) == first
+    SearchGenerator(s).save_to_dir(str(tmp_path), session_str="x")
+    back = fresh()
+    SearchGenerator(back).restore_from_dir(str(tmp_path))
+    assert back.count == 3 and len(back.searcher.bohber.configs[3]) == 3  # BOHB's 3 results at budget 3
+    # no model yet (BOHB needs dims + 1 results at a budget): the next draws are ConfigSpace's, seeded
+    assert draw(back, range(3, 6), results=False) == rest
+    assert [c["point"] for c in rest] == [3, 4, 5]
 
 
 def test_seeds_repeat_each_draw_with_consecutive_seeds(tmp_path):
@@ -179,3 +228,42 @@ def test_searched_sweep_with_budget_runs_three_trials_nested_under_its_parent(tm
         assert 1e-4 <= float(r.data.params["lr"]) <= 1e-2
         steps = [m.step for m in client.get_metric_history(r.info.run_id, tracking.TRAIN_KEY)]
         assert steps == [5, 10]  # each step once
+
+
+@pytest.mark.slow
+def test_bohb_sweep_pauses_and_stops_trials_nested_under_its_parent(tmp_path):
+    """TuneBOHB with HyperBandForBOHB through Ray: 3 draws of 9 steps (HyperBand's rungs at steps 1, 3, 9
+    with eta 3), a report and a checkpoint every 3 steps. HyperBand pauses trials at a rung (they go on
+    from their checkpoint) and stops the losers; every run lands under the parent, each step once."""
+    from conftest import environ, running_local_ray, write_splits
+
+    from pipeline.sweep import tracking
+    from pipeline.sweep.driver import QUIET_ENV, run_sweep
+    from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF
+
+    data = write_splits(tmp_path / "data", {"train": 16, "val": 8, "test": 4})
+    train = {**TRAIN, "steps": 9, "log_every": 3, "val_every": 3, "ckpt_every": 3, "seq_len": 6, "context": 3,
+             "val_batches": 1, "forecast_samples": 0}  # fmt: skip
+    space = {"model": {"enc_blocks": [1], "dec_blocks": [1]}, "train": {"lr": {"loguniform": [1e-4, 3e-2]}}}
+    run = {"num_samples": 3, "cpus_per_trial": 1, "max_failures": 0}
+    path = spec_of(tmp_path, {"algorithm": "bohb", "seed": 1, **space}, run, data=str(data), train=train)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with environ({**QUIET_ENV, "MLFLOW_TRACKING_URI": uri}), running_local_ray():
+        outcome = run_sweep(load_spec(path, root=tmp_path), "cpu", storage=str(tmp_path / "ray"))
+    assert sorted(outcome.statuses.values()) == ["FINISHED"] * 3 and not outcome.interrupted
+    client = tracking.client(uri)
+    runs = tracking.sweep_runs(client, outcome.experiment_id, outcome.sweep_id)
+    parent_of = f"tags.{TAG_PARENT_OF} = '{outcome.sweep_id}'"
+    (parent,) = client.search_runs([outcome.experiment_id], filter_string=parent_of)
+    assert len(runs) == 3 and {r.data.tags[TAG_PARENT] for r in runs} == {parent.info.run_id}
+    assert parent.info.status == "FINISHED" and parent.data.params["algorithm"] == "bohb"
+    stopped = [r for r in runs if r.data.tags.get(tracking.TAG_STOPPED_EARLY) == "true"]
+    paused = [r for r in runs if tracking.TAG_RESUMED_FROM in r.data.tags]  # went on from its checkpoint
+    assert stopped and paused, [(r.info.run_name, r.data.tags) for r in runs]
+    last = {}
+    for r in runs:
+        assert 1e-4 <= float(r.data.params["lr"]) <= 3e-2
+        steps = [m.step for m in client.get_metric_history(r.info.run_id, tracking.TRAIN_KEY)]
+        assert steps == sorted(set(steps)) and steps[0] == 3, (r.info.run_name, steps)  # each step once
+        last[r.info.run_name] = steps[-1]
+    assert max(last.values()) == 9 and min(last.values()) < 9, last  # one ran to max_t, one did not

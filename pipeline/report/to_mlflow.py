@@ -1,13 +1,16 @@
-"""After the report stage: a searched sweep's report inside its parent MLflow run.
+"""After the report stage: a sweep's report inside its parent MLflow run.
 
-    run_id = log_report(sweep, out_dir, results_dir)   # None for a grid, or where no parent run is found
+    run_id = log_report(sweep, out_dir, results_dir)   # None where no parent run is found
 
-A searched sweep (its trials carry `est_gpu_hours`) has a parent run, tag sweep_parent_of=<sweep id>
-(pipeline.sweep.searched_runs), which MLflow's UI shows as the sweep's row. Its artifacts get:
+Every sweep execution has a parent run, tag sweep_parent_of=<sweep id> (pipeline.sweep.parent), which
+MLflow's UI shows as the sweep's row; the sweep id is the one of results/<sweep>/trials.parquet. Its
+artifacts get:
 - report/: report.html, report.md, metrics.json and every PNG figure of reports/<sweep>/;
 - results/: trials.parquet, curves.parquet and metrics.json of results/<sweep>/.
-Logging again (the report rebuilt) overwrites the same paths. A grid's runs have no parent yet: nothing
-is logged, and MLflow is not opened (so a report run without a store creates none).
+Logging again (the report rebuilt) overwrites the same paths. Where there is nothing to log to, nothing
+is logged and a line says why: a table of no single sweep id, a SQLite store that does not exist (a
+report built from copied tables creates no store), or a sweep whose parent is not in the store (one
+run before sweeps had parents).
 """
 
 from __future__ import annotations
@@ -25,37 +28,46 @@ REPORT_FILES = ("report.html", "report.md", "metrics.json")
 RESULTS_FILES = ("trials.parquet", "curves.parquet", "metrics.json")
 
 
-def searched_sweep_id(trials: pd.DataFrame) -> str | None:
-    """The sweep id of a searched sweep's trials table; None for a grid (or a table of no sweep id)."""
-    if "est_gpu_hours" not in trials.columns or not trials["est_gpu_hours"].notna().any():
-        return None
+def sweep_id_of(trials: pd.DataFrame) -> str | None:
+    """The sweep id of a trials table (the results stage writes one sweep's trials), else None."""
     ids = trials["sweep_id"].dropna().astype(str).unique() if "sweep_id" in trials.columns else []
     if len(ids) != 1:
-        log.warning("a searched sweep's table with sweep ids %s: no parent run to log to", list(ids))
+        log.warning("a trials table with sweep ids %s: no parent run to log to", list(ids))
         return None
     return str(ids[0])
 
 
 def parent_run(client, experiment: str, sweep_id: str) -> str | None:
     """The parent run's id of `sweep_id` in experiment `experiment`, else None."""
-    from pipeline.sweep.searched_runs import TAG_PARENT_OF  # imports Ray: only for a searched sweep
-
     exp = client.get_experiment_by_name(experiment)
     if exp is None:
         return None
-    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.{TAG_PARENT_OF} = '{sweep_id}'", max_results=1)
+    tag = tracking.TAG_PARENT_OF
+    runs = client.search_runs([exp.experiment_id], filter_string=f"tags.{tag} = '{sweep_id}'", max_results=1)
     return runs[0].info.run_id if runs else None
+
+
+def _store_exists(uri: str) -> bool:
+    """False only for a SQLite store whose file is missing (opening it would create an empty store)."""
+    if not uri.startswith("sqlite:///"):
+        return True
+    return Path(uri.removeprefix("sqlite:///")).is_file() or uri.startswith("sqlite:///:memory:")
 
 
 def log_report(sweep: str, out_dir: Path, results_dir: Path, client=None) -> str | None:
     """Log reports/<sweep>/ and results/<sweep>/ (the module docstring) to the sweep's parent run;
-    its run id, or None where there is none (a grid, no parent found: a warning says which)."""
+    its run id, or None where there is none (a warning says why)."""
     out_dir, results_dir = Path(out_dir), Path(results_dir)
     trials = pd.read_parquet(results_dir / "trials.parquet")
-    sweep_id = searched_sweep_id(trials)
+    sweep_id = sweep_id_of(trials)
     if sweep_id is None:
         return None
-    client = client or tracking.client(tracking.absolute_uri(tracking.tracking_uri()))
+    if client is None:
+        uri = tracking.absolute_uri(tracking.tracking_uri())
+        if not _store_exists(uri):
+            log.warning("%s: no MLflow store at %s: report not logged", sweep, uri)
+            return None
+        client = tracking.client(uri)
     run_id = parent_run(client, sweep, sweep_id)
     if run_id is None:
         log.warning("%s: no parent run of sweep %s in %s: report not logged", sweep, sweep_id, client.tracking_uri)

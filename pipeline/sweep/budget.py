@@ -58,7 +58,7 @@ def check_budget(budget: float | None, costs: list[float], searched: bool) -> No
     if not searched:
         raise ValueError(
             "a grid runs every point (its cost is known before it starts); a budget needs search.algorithm "
-            "random or optuna"
+            "random, optuna or bohb"
         )
     if budget < min(costs):
         raise ValueError(

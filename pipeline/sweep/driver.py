@@ -21,15 +21,17 @@
    experiment folder under the storage path and tags every MLflow run. Rerunning the same command
    with the same identity resumes: finished trials are kept, unfinished ones continue from their
    last checkpoint (`--retry-errored` also retries errored ones). A changed spec, data or model code
-   is a new sweep (its runs sit beside the old ones in the same MLflow experiment).
-4. One MLflow run per grid point is created here, before any trial starts, holding the params
+   is a new sweep (its parent run and trials sit beside the old ones in the same MLflow experiment).
+4. The sweep's parent run is opened (pipeline.sweep.parent: found again on a resume), then one MLflow
+   run per grid point is created, nested under it, before any trial starts, holding the params
    (the configs, preset, parameter count, FLOPs per frame, frame size) and the tags (sweep,
    profile, sweep_id) (pipeline.sweep.runs). Each trial gets its pipeline.sweep.trial.TrialConfig,
-   holding its run's id: the trial reattaches to it, also after a retry or a resume.
+   holding its run's id: the trial reattaches to it, also after a retry or a resume. A searcher's
+   runs are made as its trials start (pipeline.sweep.searched_runs).
 5. At the end results/<name>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
-   (pipeline.sweep.results). Exit status: 0 when every trial reached a final state (FINISHED or FAILED:
-   failures are results, recorded in the table), 130 when the sweep was interrupted (Ctrl+C), 2 for
-   a bad spec or data.
+   (pipeline.sweep.results), and the parent gets the best trial's metrics. Exit status: 0 when every
+   trial reached a final state (FINISHED or FAILED: failures are results, recorded in the table), 130
+   when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data.
 
 Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
@@ -54,6 +56,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.paths import repo_root
+from pipeline.sweep.budget import trial_gpu_hours
 from pipeline.sweep.data_check import SweepDataError, check_data
 from pipeline.sweep.faults import Faults
 from pipeline.sweep.identity import sweep_id_of
@@ -142,7 +145,7 @@ def run_sweep(
     import ray
 
     from pipeline.sweep import tracking
-    from pipeline.sweep.searched_runs import close_parent, open_parent
+    from pipeline.sweep.parent import close_parent, open_parent
 
     started = connect_ray()
     try:
@@ -153,9 +156,8 @@ def run_sweep(
         sweep_id = sweep_id_of(sweep, data_info["identity"])
         exp = _open_experiment(sweep, sweep_id, storage)
         _check_reach(ray, exp)
-        # A searched sweep's parent run, its trials nested (pipeline.sweep.searched_runs); a grid's runs
-        # stay side by side for now.
-        parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id) if sweep.search.searched else None
+        # The sweep's parent run, its trials nested under it (pipeline.sweep.parent); found again on a resume.
+        parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id)
         tuner = _tuner(sweep, sweep_id, exp, data_info, trainable, max_concurrent, retry_errored, fault, parent)
         tuner.fit()
     finally:
@@ -166,10 +168,10 @@ def run_sweep(
     out = None
     if write_tables:
         out = _write_tables(sweep, sweep_id, exp, results_dir, register=not unfinished)
-    if parent is not None:
-        summary = json.loads((out / "metrics.json").read_text()) if out is not None else None
-        runs = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
-        close_parent(exp.client, parent, runs, summary, done=not unfinished)
+    summary = json.loads((out / "metrics.json").read_text()) if out is not None else None
+    runs = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
+    costs = None if sweep.search.searched else {p.label: trial_gpu_hours(sweep, p) for p in sweep.points}
+    close_parent(exp.client, parent, runs, summary, done=not unfinished, costs=costs)
     return SweepOutcome(sweep, sweep_id, exp.experiment_id, exp.uri, exp.path, statuses, unfinished, out)
 
 
@@ -236,11 +238,11 @@ def _tuner(
     """The Tuner of this sweep id: restored from its Ray folder (a resume), else new: a grid with its
     MLflow runs created and one TrialConfig per point, or a searcher; runs nested under `parent`."""
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler
 
     from pipeline.sweep import tracking
     from pipeline.sweep.callbacks import TrackingCallback, trial_name
     from pipeline.sweep.runs import create_runs
+    from pipeline.sweep.search import scheduler
     from pipeline.sweep.searched_runs import searched_tune_args
 
     if tune.Tuner.can_restore(exp.path):
@@ -268,7 +270,7 @@ def _tuner(
         param_space=space,
         tune_config=tune.TuneConfig(
             **drawn,
-            scheduler=_asha(sweep, ASHAScheduler),
+            scheduler=scheduler(sweep),  # ASHA, HyperBandForBOHB (search.algorithm bohb) or none
             max_concurrent_trials=max_concurrent,
             # A new worker costs seconds of imports per trial. Not for data-parallel trials: a
             # trial stopped by ASHA must take its Ray Train workers down with its driver.
@@ -285,22 +287,6 @@ def _tuner(
             progress_reporter=_reporter(sweep, tune),
             verbose=1,
         ),
-    )
-
-
-def _asha(sweep: Sweep, cls):
-    if not sweep.run.asha.enabled:
-        return None
-    from pipeline.sweep.tracking import VAL_KEY
-
-    steps = max(p.train.steps for p in sweep.points)
-    return cls(
-        time_attr="step",
-        metric=VAL_KEY,
-        mode="min",
-        max_t=steps,
-        grace_period=min(sweep.run.asha.grace_steps, steps),
-        reduction_factor=sweep.run.asha.reduction_factor,
     )
 
 

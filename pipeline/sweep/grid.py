@@ -52,7 +52,7 @@ class Search:
     """The grid, or a searched space. Each axis is a non-empty tuple of values (a choice) or, for a
     searcher (algorithm other than grid), a pipeline.sweep.space.Range.
 
-    algorithm: grid (every combination), random, optuna (TPE); seed: the searcher's seed.
+    algorithm: grid (every combination), random, optuna (TPE), bohb (BOHB); seed: the searcher's seed.
     """
 
     algorithm: str = "grid"

@@ -3,6 +3,7 @@
 Each holds the params (both configs, the preset, parameter count, FLOPs per frame, frame size) and
 the tags (sweep, profile, sweep_id, the code's git commit), with the data as a dataset input; it
 starts SCHEDULED, and its trial reattaches to it (TrialConfig.run_id), also after a retry or a resume.
+Each is nested under the sweep's parent run (pipeline.sweep.parent).
 """
 
 from __future__ import annotations
@@ -90,7 +91,7 @@ def create_runs(
     for p in sweep.points:
         params, tags = point_params(sweep, p, frame_hw), point_tags(sweep, p, sweep_id, code)
         if parent is not None:
-            tags["mlflow.parentRunId"] = parent
+            tags[tracking.TAG_PARENT] = parent
         run_id = tracking.create_run(client, experiment_id, p.label, params, tags)
         tracking.retrying(client.log_inputs, run_id, datasets=[dataset])
         run_ids.append(run_id)

@@ -1,11 +1,20 @@
-"""A searched sweep in Ray Tune: its space as Tune domains, the seeded searcher, and each trial's config.
+"""A searched sweep in Ray Tune: its space as Tune domains, the seeded searcher, its scheduler, each trial's config.
 
     param_space = {"trial": base TrialConfig dict (run_id None), "axes": {"model.enc_blocks": tune.randint(...)}}
     search_alg  = NumberedSearcher(Repeater(OptunaSearch(sampler=TPESampler(seed) | RandomSampler(seed)), k), budget)
+                | NumberedSearcher(TuneBOHB(seed), budget)                      # search.algorithm: bohb
+    scheduler   = ASHAScheduler (run.asha.enabled) | HyperBandForBOHB (bohb) | None
 
 - random: Optuna's RandomSampler; optuna: Optuna's TPESampler (n_startup_trials: a third of the draws,
   2 to 10, random before TPE models anything). Both through Ray Tune's OptunaSearch, seeded with
   search.seed: the same spec draws the same configs (TPE's later draws also follow the results).
+- bohb: Ray Tune's TuneBOHB (hpbandster's BOHB, Falkner et al. 2018) with its HyperBandForBOHB
+  scheduler, on the step count: max_t is the profile's train.steps, and 1/reduction_factor of each
+  bracket's trials go on at each rung (run.asha.reduction_factor, HyperBand's eta; ASHA itself stays
+  off, the spec refuses both). HyperBand pauses a trial at its rung (it resumes from its last
+  checkpoint) and stops the ones that lose; BOHB learns from every trial's score at every rung. Its
+  random draws (all of them until it has a model) come from ConfigSpace seeded with search.seed; its
+  model-based draws use numpy's global generator, seeded here too, and also follow the results.
 - run.seeds = k: Ray Tune's Repeater runs each draw k times (config["__trial_index__"] = 0..k-1, the
   seed offset) and tells the searcher the mean of the k validation NLLs.
 - NumberedSearcher numbers the draws (config["__number__"], the trial's point index and label) and
@@ -56,6 +65,9 @@ def param_space(sweep: Any, base: TrialConfig) -> dict[str, Any]:
 
 def searcher(sweep: Any, metric: str, frame_size: int) -> Any:
     """The seeded searcher of `sweep`, repeated run.seeds times, numbered and budgeted."""
+    budget = Budget(sweep.run.budget_gpu_hours) if sweep.run.budget_gpu_hours is not None else None
+    if sweep.search.algorithm == "bohb":  # no Repeater: the spec refuses run.seeds > 1 with bohb
+        return NumberedSearcher(_bohb(sweep.search.seed, metric), budget, frame_size)
     import optuna
     from ray.tune.search import Repeater
     from ray.tune.search.optuna import OptunaSearch
@@ -68,8 +80,48 @@ def searcher(sweep: Any, metric: str, frame_size: int) -> Any:
     inner = OptunaSearch(metric=metric, mode="min", sampler=sampler)
     if sweep.run.seeds > 1:
         inner = Repeater(inner, repeat=sweep.run.seeds, set_index=True)
-    budget = Budget(sweep.run.budget_gpu_hours) if sweep.run.budget_gpu_hours is not None else None
     return NumberedSearcher(inner, budget, frame_size)
+
+
+def _bohb(seed: int, metric: str) -> Any:
+    """Ray Tune's TuneBOHB, seeded; a clear error where hpbandster or ConfigSpace is missing."""
+    import numpy as np
+
+    try:
+        import ConfigSpace  # noqa: F401
+        import hpbandster  # noqa: F401
+    except ImportError as e:  # both are project dependencies (pyproject.toml); an old environment lacks them
+        raise RuntimeError(f"search.algorithm bohb needs hpbandster and ConfigSpace: pip install -e . ({e})") from e
+    from ray.tune.search.bohb import TuneBOHB
+
+    # hpbandster's BOHB draws its model-based configs from numpy's global generator (np.random.rand,
+    # scipy's truncnorm): seeded here, in the driver, which is where the searcher runs.
+    np.random.seed(seed)
+    return TuneBOHB(metric=metric, mode="min", seed=seed)
+
+
+def scheduler(sweep: Any) -> Any:
+    """The sweep's trial scheduler: HyperBandForBOHB for bohb, ASHA where run.asha.enabled, else None."""
+    from ray.tune.schedulers import ASHAScheduler, HyperBandForBOHB
+
+    from pipeline.sweep.tracking import VAL_KEY
+
+    steps = max(p.train.steps for p in sweep.points)  # a searched sweep's points: its space's corners
+    asha = sweep.run.asha
+    if sweep.search.algorithm == "bohb":
+        return HyperBandForBOHB(
+            time_attr="step", metric=VAL_KEY, mode="min", max_t=steps, reduction_factor=asha.reduction_factor
+        )
+    if not asha.enabled:
+        return None
+    return ASHAScheduler(
+        time_attr="step",
+        metric=VAL_KEY,
+        mode="min",
+        max_t=steps,
+        grace_period=min(asha.grace_steps, steps),
+        reduction_factor=asha.reduction_factor,
+    )
 
 
 def trial_config(config: Mapping[str, Any]) -> TrialConfig:
@@ -110,6 +162,9 @@ class NumberedSearcher(Searcher):
         config = self.searcher.suggest(trial_id)
         if config is None or config == self.FINISHED:
             return config
+        # Plain Python values: TuneBOHB hands a choice among ints or floats back as a numpy scalar.
+        if "axes" in config:
+            config = {**config, "axes": {k: v.item() if hasattr(v, "item") else v for k, v in config["axes"].items()}}
         config = {**config, NUMBER: self.count}
         cfg = trial_config({**self.constants, **config})
         if self.budget is not None:
@@ -123,6 +178,17 @@ class NumberedSearcher(Searcher):
 
     def on_trial_result(self, trial_id: str, result: dict) -> None:
         self.searcher.on_trial_result(trial_id, result)
+
+    # HyperBandForBOHB tells the searcher of each trial it pauses and resumes (TuneBOHB counts only
+    # running trials against its concurrency), through whatever wraps it, as ConcurrencyLimiter does.
+    def on_pause(self, trial_id: str) -> None:
+        self.searcher.on_pause(trial_id)
+
+    def on_unpause(self, trial_id: str) -> None:
+        self.searcher.on_unpause(trial_id)
+
+    def set_max_concurrency(self, max_concurrent: int) -> bool:
+        return self.searcher.set_max_concurrency(max_concurrent)
 
     def on_trial_complete(self, trial_id: str, result: dict | None = None, error: bool = False) -> None:
         if self.budget is not None and trial_id in self.steps:

@@ -1,4 +1,4 @@
-"""MLflow runs of a searched sweep, and every sweep's parent run.
+"""MLflow runs of a searched sweep.
 
 A grid's runs are created before any trial starts (pipeline.sweep.runs.create_runs). A searcher's
 trials are drawn while the sweep runs, so their runs are created on the driver as each trial starts
@@ -7,18 +7,13 @@ trial id: a trial restarted after a crash or a resume finds its run (tracking.fi
 second one is made. Each run holds the params of a grid point's run plus `est_gpu_hours`, the trial's
 estimated cost (pipeline.sweep.budget).
 
-The parent run (one per sweep id, tag sweep_parent_of=<sweep id>, found again on a resume): every trial's
-run is nested under it (tag mlflow.parentRunId), so MLflow's UI shows a sweep as one row that expands
-into its trials. It holds the sweep's identity (spec, space, budget) as sweep.json, and when the sweep
-ends the best trial's metrics and the budget's use (close_parent).
+Every trial's run is nested under the sweep's parent run (tag mlflow.parentRunId; pipeline.sweep.parent),
+as a grid's are.
 """
 
 from __future__ import annotations
 
-import json
-import tempfile
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -27,61 +22,11 @@ from pipeline.paths import repo_root
 from pipeline.sweep import tracking
 from pipeline.sweep.budget import FRAME_SIZE, trial_gpu_hours
 from pipeline.sweep.grid import Point
+from pipeline.sweep.parent import COST_PARAM, TAG_PARENT, TAG_PARENT_OF
 from pipeline.sweep.runs import point_params, point_tags
 from pipeline.sweep.search import INDEX, trial_config
 
-TAG_PARENT_OF, TAG_PARENT = "sweep_parent_of", "mlflow.parentRunId"
-COST_PARAM = "est_gpu_hours"
-
-
-def open_parent(client, experiment_id: str, sweep: Any, sweep_id: str) -> str:
-    """The sweep id's parent run: found again (a resume), else created with sweep.json."""
-    runs = client.search_runs([experiment_id], filter_string=f"tags.{TAG_PARENT_OF} = '{sweep_id}'", max_results=1)
-    if runs:
-        tracking.retrying(client.update_run, runs[0].info.run_id, status="RUNNING")
-        return runs[0].info.run_id
-    tags = {TAG_PARENT_OF: sweep_id, tracking.TAG_SWEEP: sweep.name, tracking.TAG_PROFILE: sweep.profile}
-    params = {"algorithm": sweep.search.algorithm, "trials": sweep.trial_count, "seeds": sweep.run.seeds}
-    params["budget_gpu_hours"] = sweep.run.budget_gpu_hours
-    run_id = tracking.create_run(client, experiment_id, sweep_id, params, tags)
-    tracking.retrying(client.update_run, run_id, status="RUNNING")
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "sweep.json"
-        path.write_text(json.dumps({"spec": sweep.source, **sweep.identity()}, indent=1, default=str))
-        tracking.retrying(client.log_artifact, run_id, str(path))
-    return run_id
-
-
-def close_parent(client, parent_id: str, runs: list[Any], summary: Mapping[str, Any] | None, done: bool) -> None:
-    """The best trial's metrics and the budget's use on the parent; FINISHED when the sweep is (else KILLED)."""
-    metrics = {f"best_{k}": float(v) for k, v in ((summary or {}).get("best") or {}).items() if _number(v)}
-    used = sum(_cost_used(r) for r in runs)
-    metrics.update(trials_run=float(len(runs)), est_gpu_hours_used=used)
-    tracking.retrying(client.log_batch, parent_id, metrics=_metrics(metrics))
-    tracking.retrying(client.set_terminated, parent_id, status="FINISHED" if done else "KILLED")
-
-
-def _cost_used(run: Any) -> float:
-    """A run's estimated cost, less what early stopping saved (the part of its steps it never ran)."""
-    cost = float(run.data.params.get(COST_PARAM, "0") or 0)
-    stopped = run.data.tags.get("stopped_at_step")
-    steps = int(run.data.params.get("steps", "0") or 0)
-    if stopped not in (None, "None") and steps:
-        return cost * min(1.0, int(stopped) / steps)
-    return cost
-
-
-def _number(v: Any) -> bool:
-    return isinstance(v, (int, float)) and not isinstance(v, bool)
-
-
-def _metrics(values: Mapping[str, float]) -> list[Any]:
-    import time
-
-    from mlflow.entities import Metric
-
-    now = int(time.time() * 1000)
-    return [Metric(k, v, now, 0) for k, v in values.items()]
+__all__ = ["COST_PARAM", "TAG_PARENT", "TAG_PARENT_OF", "SearchedRuns", "searched_tune_args"]
 
 
 class SearchedRuns(Callback):

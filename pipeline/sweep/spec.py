@@ -32,7 +32,9 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
       cpus_per_worker: null        # each worker's CPUs (null: cpus_per_trial)
       gpus_per_worker: null        # each worker's GPUs (null: gpus_per_trial); 0 or 1 when N > 1
       max_concurrent: 0            # 0: as many as the resources allow
-      num_samples: 1               # each point runs this often, with train.seed + 0, 1, ...
+      seeds: 1                     # each point runs this often, with train.seed + 0, 1, ...
+      num_samples: null            # a searcher's draw count (search.algorithm random, optuna, bohb)
+      budget_gpu_hours: null       # a searcher stops starting trials past this estimate
       max_failures: 2              # a crashed trial is retried from its checkpoint this often
       storage_path: null           # Ray results (null: <repo>/ray_results; s3://, NFS on a cluster)
       asha: {enabled: false, grace_steps: 100, reduction_factor: 3}
@@ -369,12 +371,32 @@ def _check_trial_count(s: _Sections, blame: Blame) -> None:
         raise blame.fail(
             "run.num_samples",
             "a grid runs every point; repeats with train.seed + 0, 1, ... are run.seeds "
-            "(num_samples is the number of configs a searcher draws, search.algorithm random or optuna)",
+            "(num_samples is the number of configs a searcher draws, search.algorithm random, optuna or bohb)",
         )
     if s.search.searched and s.run.num_samples is None:
         raise blame.fail("run.num_samples", f"search.algorithm {s.search.algorithm} needs the number of trials to draw")
     if s.search.searched and s.mode == "overfit":
         raise blame.fail("search.algorithm", "a searcher learns from validation scores; mode: overfit has none")
+    if s.search.algorithm == "bohb":
+        _check_bohb(s, blame)
+
+
+def _check_bohb(s: _Sections, blame: Blame) -> None:
+    """BOHB brings its own early stopping (HyperBandForBOHB) and learns from each trial's every rung."""
+    if s.run.asha.enabled:
+        raise blame.fail(
+            "run.asha.enabled",
+            "search.algorithm bohb stops trials early with its own scheduler (HyperBandForBOHB: max_t "
+            "train.steps, eta run.asha.reduction_factor); ASHA cannot run beside it: set run.asha.enabled: false",
+        )
+    if s.run.seeds > 1:
+        raise blame.fail(
+            "run.seeds",
+            f"search.algorithm bohb runs each config once (got run.seeds={s.run.seeds}): BOHB learns from "
+            "every trial's score at every HyperBand rung, which Ray Tune's Repeater does not pass on (it tells "
+            "the searcher only the mean at the end), and HyperBand would stop a config's seeds one by one; "
+            "use search.algorithm optuna for repeats",
+        )
 
 
 def _corner_points(s: _Sections, blame: Blame) -> list[Point]:

@@ -64,6 +64,8 @@ TAG_RESUMED_FROM, TAG_TRIAL_ID, TAG_TRIAL_NAME = "resumed_from_step", "ray_trial
 TAG_STARTED = "trial_started_ms"
 TAG_RESOURCES = "ray_resources"  # what Ray granted the trial (each worker), e.g. {"CPU": 1.0, "GPU": 0.5}
 TAG_WORKERS = "workers_per_trial"  # data-parallel workers (pipeline.sweep.distributed); 1: the trial itself
+# A sweep's parent run (pipeline.sweep.parent) and its trials' link to it (MLflow's own nesting tag).
+TAG_PARENT_OF, TAG_PARENT = "sweep_parent_of", "mlflow.parentRunId"
 # Experiment tag naming the latest sweep id of a profile: pipeline.sweep.results reads it.
 EXPERIMENT_LATEST = "latest_sweep_id.{profile}"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"

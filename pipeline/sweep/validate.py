@@ -170,7 +170,8 @@ def _read_axis(values: Any, path: str, blame: Blame, ranges: bool = False) -> An
     """A list of distinct values (a choice), or for a searcher (`ranges`) a space.Range too."""
     if isinstance(values, dict):
         if not ranges:
-            raise blame.fail(path, f"a range ({values!r}) needs search.algorithm random or optuna; a grid takes a list")
+            searchers = "random, optuna or bohb"
+            raise blame.fail(path, f"a range ({values!r}) needs search.algorithm {searchers}; a grid takes a list")
         try:
             return read_range(values)
         except ValueError as e:

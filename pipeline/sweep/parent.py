@@ -1,0 +1,98 @@
+"""Every sweep execution's parent MLflow run: the trials are its nested runs (MLflow's mlflow.parentRunId).
+
+MLflow's UI then shows a sweep as one row that expands into its trials, the layout MLflow's docs show
+for a hyperparameter search. One parent per sweep id (tag sweep_parent_of=<sweep id>), found again on a
+resume, so a resumed sweep's trials stay under the same row. It has no sweep_id tag: every lookup of a
+sweep's trials (tracking.sweep_runs: the results tables, the registry's best trial, the report) leaves it out.
+
+What it holds:
+- when the sweep starts (open_parent): params algorithm, trials, seeds, budget_gpu_hours; sweep.json
+  (the spec's source, the space, the sweep's identity: every resolved point of a grid);
+- when the sweep ends (close_parent): best_<metric> for the best trial's scores (results' metrics.json),
+  trials_run, est_gpu_hours_used (the trials' estimated cost less what early stopping saved,
+  pipeline.sweep.budget); FINISHED, or KILLED for an interrupted sweep until a resume finishes it;
+- after the report stage, report/ and results/ (pipeline.report.to_mlflow).
+"""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from pipeline.sweep import tracking
+from pipeline.sweep.space import describe
+
+TAG_PARENT_OF, TAG_PARENT = tracking.TAG_PARENT_OF, tracking.TAG_PARENT
+COST_PARAM = "est_gpu_hours"  # a searched trial's estimated cost (pipeline.sweep.searched_runs)
+
+
+def open_parent(client, experiment_id: str, sweep: Any, sweep_id: str) -> str:
+    """The sweep id's parent run: found again (a resume, a restart), else created with sweep.json."""
+    runs = client.search_runs([experiment_id], filter_string=f"tags.{TAG_PARENT_OF} = '{sweep_id}'", max_results=1)
+    if runs:
+        tracking.retrying(client.update_run, runs[0].info.run_id, status="RUNNING")
+        return runs[0].info.run_id
+    tags = {TAG_PARENT_OF: sweep_id, tracking.TAG_SWEEP: sweep.name, tracking.TAG_PROFILE: sweep.profile}
+    tags[tracking.TAG_MODE] = sweep.mode
+    params = {"algorithm": sweep.search.algorithm, "trials": sweep.trial_count, "seeds": sweep.run.seeds}
+    params["budget_gpu_hours"] = sweep.run.budget_gpu_hours
+    run_id = tracking.create_run(client, experiment_id, sweep_id, params, tags)
+    tracking.retrying(client.update_run, run_id, status="RUNNING")
+    about = {"spec": sweep.source, "space": describe(dict(sweep.search.axes())), **sweep.identity()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "sweep.json"
+        path.write_text(json.dumps(about, indent=1, default=str))
+        tracking.retrying(client.log_artifact, run_id, str(path))
+    return run_id
+
+
+def close_parent(
+    client,
+    parent_id: str,
+    runs: list[Any],
+    summary: Mapping[str, Any] | None,
+    done: bool,
+    costs: Mapping[str, float] | None = None,
+) -> None:
+    """The best trial's metrics and the budget's use on the parent; FINISHED when the sweep is (else KILLED).
+
+    costs: each run's estimated GPU-hours by label, for a grid (whose runs carry no est_gpu_hours);
+    a searched trial's run holds its own."""
+    metrics = {f"best_{k}": float(v) for k, v in ((summary or {}).get("best") or {}).items() if _number(v)}
+    used = sum(_cost_used(r, (costs or {}).get(r.data.tags.get(tracking.TAG_LABEL, ""))) for r in runs)
+    metrics.update(trials_run=float(len(runs)), est_gpu_hours_used=used)
+    if costs is not None:
+        metrics["est_gpu_hours_planned"] = float(sum(costs.values()))
+    tracking.retrying(client.log_batch, parent_id, metrics=_metrics(metrics))
+    tracking.retrying(client.set_terminated, parent_id, status="FINISHED" if done else "KILLED")
+
+
+def trial_runs(runs: list[Any]) -> list[Any]:
+    """The trials' runs of a list of an experiment's runs: every run but the sweeps' parents."""
+    return [r for r in runs if TAG_PARENT_OF not in r.data.tags]
+
+
+def _cost_used(run: Any, cost: float | None = None) -> float:
+    """A run's estimated cost, less what early stopping saved (the part of its steps it never ran)."""
+    if cost is None:
+        cost = float(run.data.params.get(COST_PARAM, "0") or 0)
+    stopped = run.data.tags.get("stopped_at_step")
+    steps = int(run.data.params.get("steps", "0") or 0)
+    if stopped not in (None, "None") and steps:
+        return cost * min(1.0, int(stopped) / steps)
+    return cost
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _metrics(values: Mapping[str, float]) -> list[Any]:
+    from mlflow.entities import Metric
+
+    now = int(time.time() * 1000)
+    return [Metric(k, v, now, 0) for k, v in values.items()]
