@@ -19,8 +19,9 @@ The frames are those the budget counts (pipeline.sweep.budget: 64x64 after train
 train.seq_len or 20 frames); a step's sequences per GPU are train.batch_size / run.workers_per_trial
 (1 in mode overfit); the precision is bf16 where train.amp is on (autocast on CUDA), else fp32.
 A searched sweep is planned at its space's two corners (memory and cost grow with depth and width).
-Each estimate takes seconds of CPU for a full-size model; they are cached per process by everything
-train_memory reads (ESTIMATES), so a grid's repeated models and settings are measured once.
+An estimate takes a fraction of a second of CPU (vpn.memory: each distinct meta op runs once, and
+train_memory measures each vpn.memory.estimate_key once per process), so trials that differ only in
+fields no estimate reads (seed, lr, steps, ...) and auto's candidates share their estimates.
 """
 
 from __future__ import annotations
@@ -37,8 +38,7 @@ from pipeline.paths import repo_root
 from pipeline.sweep.budget import FRAME_SIZE, MFU, SEQ_LEN, plan_line, trial_gpu_hours
 from pipeline.sweep.grid import Point
 from pipeline.sweep.spec import SpecError, Sweep
-from vpn.config import TrainConfig, VPNConfig
-from vpn.memory import GIB, HEADROOM, MemoryEstimate, budget_bytes, choose_settings, train_memory
+from vpn.memory import GIB, HEADROOM, budget_bytes, choose_settings, meta_memo, train_memory
 from vpn.model import VideoPixelNetwork, count_flops_per_frame
 
 GB = 1e9
@@ -55,21 +55,6 @@ INSTANCE_GPUS = {
     "p5.48xlarge": ("NVIDIA H100", 8, 80),
     "p5e.48xlarge": ("NVIDIA H200", 8, 141),
 }
-
-# train_memory's results by everything it reads: the model, the step's sequences, the two memory
-# settings, grad_clip (clipping allocates), the frames and the precision. lr, steps, seeds change no size.
-ESTIMATES: dict[tuple, MemoryEstimate] = {}
-
-
-def cached_train_memory(
-    model_cfg: VPNConfig, train_cfg: TrainConfig, frames: tuple[int, int, int], precision: str, batch_size: int
-) -> MemoryEstimate:
-    """vpn.memory.train_memory, measured once per (model, step shape, settings, frames, precision)."""
-    t = train_cfg
-    key = (model_cfg, batch_size, t.activation_checkpointing, t.micro_batch_size, t.grad_clip, frames, precision)
-    if key not in ESTIMATES:
-        ESTIMATES[key] = train_memory(model_cfg, train_cfg, frames, precision, batch_size)
-    return ESTIMATES[key]
 
 
 @dataclass(frozen=True)
@@ -152,26 +137,31 @@ def _fixed(value: Any, auto: Any) -> Any:
 
 def plan_trial(sweep: Sweep, point: Point, gpu: GPU | None) -> TrialPlan:
     """The plan of one point: see the module docstring."""
+    with meta_memo():  # the model is built on the meta device three times and measured: each op asked once
+        return _plan_trial(sweep, point, gpu)
+
+
+def _plan_trial(sweep: Sweep, point: Point, gpu: GPU | None) -> TrialPlan:
     t, gpus = point.train, sweep.run.worker_gpus
     frames, share = _frames_and_share(sweep, point)
     on_gpu = gpus > 0 and gpu is not None
     precision = "bf16" if (t.amp and gpus > 0) else "fp32"
-    plain = cached_train_memory(
+    plain = train_memory(
         point.model, t.replace(activation_checkpointing=False, micro_batch_size=None), frames, precision, share
     )
     budget = budget_bytes(gpu.memory_gib * min(gpus, 1.0)) if on_gpu else None
     if budget is None:  # on CPU auto keeps the plain step (vpn.train.Trainer._memory_settings)
         ckpt, micro = _fixed(t.activation_checkpointing, False), _fixed(t.micro_batch_size, None)
         cfg = t.replace(activation_checkpointing=ckpt, micro_batch_size=micro)
-        chosen, fits = cached_train_memory(point.model, cfg, frames, precision, share), None
+        chosen, fits = train_memory(point.model, cfg, frames, precision, share), None
     else:
-        found = choose_settings(point.model, t, frames, precision, budget, share, measure=cached_train_memory)
+        found = choose_settings(point.model, t, frames, precision, budget, share)
         if found is not None:
             (ckpt, micro, chosen), fits = found, True
         else:  # the most frugal candidate, to say how far it is
             ckpt, micro = _fixed(t.activation_checkpointing, True), _fixed(t.micro_batch_size, 1)
             cfg = t.replace(activation_checkpointing=ckpt, micro_batch_size=micro)
-            chosen, fits = cached_train_memory(point.model, cfg, frames, precision, share), False
+            chosen, fits = train_memory(point.model, cfg, frames, precision, share), False
     with torch.device("meta"):
         parameters = VideoPixelNetwork(point.model).num_parameters()
     return TrialPlan(
