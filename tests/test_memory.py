@@ -4,6 +4,8 @@ accumulation (train.micro_batch_size) against the plain step, and "auto" on CPU.
 Checkpointing and accumulation must not change the numbers: checkpointed gradients equal plain
 ones in float64 on every parameter, and an accumulated update equals the whole-batch update up to
 float rounding (1 and 2 data-parallel workers alike); a resumed accumulated run is bit-identical.
+The estimate's speed-ups (the meta-op memo, three of n micro-batches, the cache by estimate_key)
+change no byte of it.
 """
 
 from __future__ import annotations

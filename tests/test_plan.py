@@ -1,6 +1,8 @@
-"""The memory plan (pipeline.sweep.plan): `--plan --json` on a tiny spec, the settings auto would choose,
-the GPU's source, a trial that cannot fit refused before Ray starts; and (slow) every gpu profile in
-sweeps/ fits the GPUs sweeps/cluster.yaml offers."""
+"""The memory plan (pipeline.sweep.plan): `--plan --json` on a tiny spec, the settings auto would choose
+(stopping at the first fit, measuring no setting twice), the GPU's source (the spec, cluster.yaml, or on a
+live cluster the probe of its GPUs), a trial that cannot fit refused before Ray starts; and (slow) the
+probe on a real local Ray without CUDA, every gpu profile in sweeps/ fits the GPUs sweeps/cluster.yaml
+offers."""
 
 from __future__ import annotations
 
