@@ -18,6 +18,11 @@ again, as autocast does) and the buffers are bf16. That is what autocast does fo
 convolutions and elementwise ops; the loss casts the logits to fp32 as under autocast. Parameters,
 gradients and optimizer state stay fp32, as in training. tests/test_memory.py compares the saved
 bytes with those of a real bf16 autocast forward on CPU.
+
+Cost: on the meta device a step costs per operation, not per byte, and torch runs many meta kernels
+as Python references. So each distinct meta op runs once per process (_MetaMemo), of n > 3
+micro-batches three run (_measure), and each estimate_key is measured once (train_memory); each is
+checked equal to the byte to the plain measurement in tests/test_memory.py.
 """
 
 from __future__ import annotations
