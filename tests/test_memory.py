@@ -4,10 +4,13 @@ accumulation (train.micro_batch_size) against the plain step, and "auto" on CPU.
 Checkpointing and accumulation must not change the numbers: checkpointed gradients equal plain
 ones in float64 on every parameter, and an accumulated update equals the whole-batch update up to
 float rounding (1 and 2 data-parallel workers alike); a resumed accumulated run is bit-identical.
+The estimate's speed-ups (the meta-op memo, three of n micro-batches, the cache by estimate_key)
+change no byte of it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -19,7 +22,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
 
-from vpn import VPNConfig
+from vpn import VPNConfig, memory
 from vpn.config import TrainConfig
 from vpn.memory import choose_settings, train_memory
 from vpn.model import VideoPixelNetwork
@@ -214,6 +217,103 @@ def test_bf16_simulation_saves_what_autocast_saves():
             model.frame_nll(logits, x).mean()
         estimate = train_memory(cfg, TrainConfig(batch_size=2, **PLAIN), (6, 16, 16), "bf16")
         assert estimate.saved_activations == pytest.approx(sum(saved.values()), rel=0.05), decoder
+
+
+# -- the estimate's speed-ups change no byte ---------------------------------------------------------
+MEMO_CASES = [
+    (VPNConfig.preset("micro", filter_fraction=8 / 128), TrainConfig(batch_size=2, **PLAIN), "fp32"),
+    (
+        VPNConfig.preset("micro", filter_fraction=8 / 128, decoder="stacks", output="bernoulli"),
+        TrainConfig(batch_size=2, activation_checkpointing=True, micro_batch_size=None),
+        "bf16",
+    ),
+    (
+        VPNConfig.preset("micro", filter_fraction=8 / 128, decoder="baseline", block="relu", dilation=True),
+        TrainConfig(batch_size=3, activation_checkpointing=False, micro_batch_size=1),
+        "fp32",
+    ),
+]
+
+
+@pytest.mark.parametrize(("model", "cfg", "precision"), MEMO_CASES, ids=["pixelcnn", "stacks-ckpt-bf16", "relu-micro"])
+def test_the_meta_memo_changes_no_estimate(model, cfg, precision, monkeypatch):
+    """vpn.memory._MetaMemo answers repeated meta ops from a record: every field of the estimate equals,
+    to the byte, the one measured with every op run (the first memoised run fills the memo, the second
+    answers from it)."""
+    args = (model, cfg, (5, 8, 8), precision, cfg.batch_size)
+    memory._MEMO.clear()
+    monkeypatch.setattr(memory._MetaMemo, "memo", False)
+    reference = memory._measure(*args)
+    monkeypatch.setattr(memory._MetaMemo, "memo", True)
+    assert memory._measure(*args) == reference
+    assert memory._measure(*args) == reference
+    assert memory._MEMO  # it was used
+
+
+def test_micro_batches_past_the_second_repeat_its_bytes():
+    """train_memory runs three of n > 3 micro-batches (vpn.memory._measure): equal to the byte to all n."""
+    for micro, ckpt in ((1, False), (2, True), (1, True)):
+        cfg = TrainConfig(batch_size=8, activation_checkpointing=ckpt, micro_batch_size=micro)
+        every = memory._measure(TINY, cfg, (4, 8, 8), "fp32", 8, every_micro_batch=True)
+        assert train_memory(TINY, cfg, (4, 8, 8)) == every, (micro, ckpt)
+    whole = TrainConfig(batch_size=4, activation_checkpointing=False, micro_batch_size=4)  # one pass: the plain step
+    assert memory.estimate_key(TINY, whole, (4, 8, 8)) == memory.estimate_key(
+        TINY, whole.replace(micro_batch_size=None), (4, 8, 8)
+    )
+    assert train_memory(TINY, whole, (4, 8, 8)) == memory._measure(TINY, whole, (4, 8, 8), "fp32", 4)
+
+
+class _Reads:
+    """A TrainConfig that records which of its fields are read."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self._cfg, self.read = cfg, set()
+
+    def __getattr__(self, name):
+        self.read.add(name)
+        return getattr(self._cfg, name)
+
+
+# Each field the cache keys on, and a value that changes the estimate of TrainConfig(batch_size=2, **PLAIN).
+CHANGES = {"batch_size": 4, "activation_checkpointing": True, "micro_batch_size": 1}
+# Keyed on or off although no size tested shows a difference: update() clips only when grad_clip > 0,
+# and the norms it makes never set the peak (RMSProp's temporary per parameter, after them, is larger).
+KEYED_WITHOUT_EFFECT = {"grad_clip": 0.0}
+
+
+def test_the_cache_key_leaves_out_only_what_no_estimate_reads():
+    """vpn.memory.estimate_key: the measurement reads no ignored field but lr and rmsprop_alpha, whose
+    values change nothing; changing any ignored field keeps the key; every other field is listed here
+    with a value that changes the estimate (a new TrainConfig field fails until it is placed)."""
+    base = TrainConfig(batch_size=2, **PLAIN)
+    reads = _Reads(base)
+    reference = memory._measure(TINY, reads, (4, 8, 8), "fp32", 2)
+    assert reads.read & set(memory.IGNORED_TRAIN_FIELDS) <= {"lr", "rmsprop_alpha"}
+    for name, value in (("lr", 0.5), ("rmsprop_alpha", 0.5)):
+        assert memory._measure(TINY, base.replace(**{name: value}), (4, 8, 8), "fp32", 2) == reference, name
+    other = {"steps": 7, "seed": 3, "seq_len": 12, "context": 5, "downsample": 2, "device": "cuda", "amp": False}
+    other |= {"memory_format": "channels_last", "compile": True, "data": "stream", "forecast_samples": 0}
+    key = memory.estimate_key(TINY, base, (4, 8, 8))
+    for name, value in other.items():
+        assert memory.estimate_key(TINY, base.replace(**{name: value}), (4, 8, 8)) == key, name
+    keyed = {f.name for f in dataclasses.fields(TrainConfig)} - set(memory.IGNORED_TRAIN_FIELDS)
+    assert keyed == CHANGES.keys() | KEYED_WITHOUT_EFFECT.keys(), (
+        "place the new field in CHANGES or IGNORED_TRAIN_FIELDS"
+    )
+    for name, value in CHANGES.items():
+        changed = base.replace(**{name: value})
+        assert memory.estimate_key(TINY, changed, (4, 8, 8)) != key, name
+        assert train_memory(TINY, changed, (4, 8, 8)) != train_memory(TINY, base, (4, 8, 8)), name
+    assert memory.estimate_key(TINY, base.replace(grad_clip=0.0), (4, 8, 8)) != key
+    assert memory.estimate_key(TINY, base.replace(grad_clip=5.0), (4, 8, 8)) == key  # only on or off
+
+
+def test_an_estimate_is_measured_once_per_key():
+    memory._measured.cache_clear()
+    cfg = TrainConfig(batch_size=2, **PLAIN)
+    first = train_memory(TINY, cfg, (4, 8, 8))
+    assert train_memory(TINY, cfg.replace(seed=5, lr=1e-2, steps=3), (4, 8, 8)) is first
+    assert memory._measured.cache_info().misses == 1
 
 
 PROBE = """

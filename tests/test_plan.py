@@ -1,18 +1,25 @@
-"""The memory plan (pipeline.sweep.plan): `--plan --json` on a tiny spec, the settings auto would choose,
-the GPU's source, a trial that cannot fit refused before Ray starts; and (slow) every gpu profile in
-sweeps/ fits the GPUs sweeps/cluster.yaml offers."""
+"""The memory plan (pipeline.sweep.plan): `--plan --json` on a tiny spec, the settings auto would choose
+(stopping at the first fit, measuring no setting twice), the GPU's source (the spec, cluster.yaml, or on a
+live cluster the probe of its GPUs), a trial that cannot fit refused before Ray starts; and (slow) the
+probe on a real local Ray without CUDA, every gpu profile in sweeps/ fits the GPUs sweeps/cluster.yaml
+offers."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
 import pytest
 import yaml
+from conftest import environ, running_local_ray
 
 from pipeline.paths import repo_root
 from pipeline.sweep import driver, plan
+from pipeline.sweep.driver import QUIET_ENV
+from pipeline.sweep.placement import GPUProbe
 from pipeline.sweep.spec import SpecError, load_spec
+from vpn import memory
 from vpn.memory import CONTEXT_GIB, GIB, HEADROOM
 
 MODEL = {"output": "bernoulli", "enc_blocks": 1, "dec_blocks": 1, "filter_fraction": 0.03125}
@@ -71,6 +78,75 @@ def test_plan_chooses_checkpointing_then_micro_batches_as_auto_would(tmp_path):
     assert got.gpu_memory_gib <= got.budget_gib < got.plain_memory_gib
     text = plan.show_plan(sweep, as_json=False, root=tmp_path)
     assert f"run.gpu_memory_gb of {sweep.source}" in text and "an estimate" in text and "total: 2 trial(s)" in text
+
+
+def test_auto_stops_at_the_first_fit_and_measures_no_setting_twice(tmp_path, monkeypatch):
+    plain = estimates(tmp_path)["d2"]
+    sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": gb_for(plain.plain_memory_gib * 0.8)}), root=tmp_path)
+    sweep = sweep.resolve("gpu")
+    measured = []
+    real = memory._measure
+    monkeypatch.setattr(memory, "_measure", lambda *a, **k: measured.append(a[1]) or real(*a, **k))
+    memory._measured.cache_clear()
+    point = sweep.points[1]
+    got = plan.plan_trial(sweep, point, plan.planned_gpu(sweep, tmp_path))
+    settings = [(c.activation_checkpointing, c.micro_batch_size) for c in measured]
+    assert got.fits and settings[0] == (False, None) and len(settings) == len(set(settings))
+    assert settings[-1] == (got.activation_checkpointing, got.micro_batch_size)  # nothing after the first fit
+    again = dataclasses.replace(point, train=point.train.replace(seed=7, lr=0.1, steps=3))
+    assert plan.plan_trial(sweep, again, plan.planned_gpu(sweep, tmp_path)).gpu_memory_gib == got.gpu_memory_gib
+    assert len(measured) == len(settings)  # the same trial but for fields no estimate reads: measured once
+
+
+def test_the_gpu_planned_for_comes_from_the_probe_where_it_saw_one(tmp_path):
+    """plan.gpu_from_probe, the rule the driver applies to pipeline.sweep.placement.probe_gpus's answer."""
+    cluster = plan.cluster_gpu(repo_root() / "sweeps/cluster.yaml")
+    both = GPUProbe((("n1", "NVIDIA H100 80GB HBM3", 85_000_000_000), ("n2", "NVIDIA L40S", 47_700_000_000)))
+    gpu, where = plan.gpu_from_probe(cluster, both)
+    assert gpu.memory_gb == pytest.approx(47.7) and "NVIDIA L40S" in gpu.source and "smallest of 2 node(s)" in where
+    spec_gb = plan.GPU(24.0, "run.gpu_memory_gb of spec.yaml")
+    assert plan.gpu_from_probe(spec_gb, both)[0] is spec_gb  # a cap the spec chose below the real GPU
+    assert plan.gpu_from_probe(plan.GPU(100.0, "run.gpu_memory_gb of spec.yaml"), both)[0] == gpu
+    none = GPUProbe(why_none="no node of the Ray cluster offers a GPU")
+    assert plan.gpu_from_probe(cluster, none) == (cluster, f"no GPU visible ({none.why_none}), using {cluster.source}")
+    assert plan.gpu_from_probe(None, none)[0] is None
+    # The probed GPU is what the check then plans for: one too small refuses a trial the spec's GPU fits.
+    sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": 1000}), root=tmp_path).resolve("gpu")
+    small, _ = plan.gpu_from_probe(plan.planned_gpu(sweep, tmp_path), GPUProbe((("n", "a GPU", 2**30),)))
+    with pytest.raises(SpecError, match="the cluster's GPU as torch reads it: a GPU, 1.0 GiB"):
+        plan.check_plan(sweep, tmp_path, small)
+
+
+@pytest.mark.slow  # starts Ray
+def test_the_probe_on_a_ray_without_cuda_sees_no_gpu(tmp_path, caplog):
+    """A real local Ray offering one (logical) GPU: the probe's task runs there and finds no CUDA device,
+    so the check on the cluster says so and plans with the spec's figure."""
+    import ray
+
+    from pipeline.sweep import placement
+
+    sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": 1000}), root=tmp_path).resolve("gpu")
+    with environ(QUIET_ENV), running_local_ray(num_gpus=1):
+        probe = placement.probe_gpus(ray, timeout_s=120)
+        assert probe.gpus == () and "torch there sees no CUDA device" in probe.why_none
+        with caplog.at_level("INFO", logger="pipeline.sweep.plan"):
+            assert [p.fits for p in plan.check_plan_on_cluster(ray, sweep, tmp_path)] == [True, True]
+    assert f"no GPU visible ({probe.why_none}), using run.gpu_memory_gb of {sweep.source}" in caplog.text
+
+
+def test_the_probe_of_a_cluster_without_gpus_runs_nothing():
+    class NoGPURay:
+        @staticmethod
+        def nodes():
+            return [{"NodeID": "n", "Alive": True, "Resources": {"CPU": 2.0}}]
+
+        @staticmethod
+        def remote(*args, **kwargs):
+            pytest.fail("a task was started")
+
+    from pipeline.sweep.placement import probe_gpus
+
+    assert probe_gpus(NoGPURay()) == GPUProbe(why_none="no node of the Ray cluster offers a GPU")
 
 
 def test_cluster_yaml_names_its_smallest_gpu():

@@ -62,7 +62,7 @@ from pipeline.sweep.faults import Faults
 from pipeline.sweep.identity import sweep_id_of
 from pipeline.sweep.persist import RESULTS_ENV, STORAGE_ENV, check_results_persist
 from pipeline.sweep.placement import WAIT_ENV, choose_profile, trainable_of, wait_for_nodes
-from pipeline.sweep.plan import check_plan, show_plan
+from pipeline.sweep.plan import check_plan, check_plan_on_cluster, show_plan
 from pipeline.sweep.spec import SpecError, Sweep, SweepSpec, load_spec
 from pipeline.sweep.trial import TrialConfig
 
@@ -150,6 +150,7 @@ def run_sweep(
     started = connect_ray()
     try:
         sweep, data_info, cluster = _resolve_on_cluster(ray, spec, profile, data, sweep, data_info)
+        check_plan_on_cluster(ray, sweep, spec.root)  # the GPUs' real memory, before any trial (pipeline.sweep.plan)
         # Every check of the trials' placement before anything is created.
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         trainable, max_concurrent = trainable_of(sweep, cluster, nodes)

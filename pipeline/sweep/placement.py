@@ -16,6 +16,8 @@ never be placed would otherwise wait forever.
   head), and the sweep runs at most as many trials at once as the cluster holds worker groups
   (max_concurrent_trials), so idle drivers do not pile up waiting for workers.
 - `trainable_of`: the Tune trainable with those resources.
+- `probe_gpus`: the memory of the live nodes' GPUs, measured on them (one task of one GPU a node), for
+  the sweep's memory plan (pipeline.sweep.plan.check_plan_on_cluster).
 """
 
 from __future__ import annotations
@@ -181,3 +183,49 @@ def trainable_of(sweep: Sweep, cluster: Mapping[str, float], nodes: list[Mapping
     )  # fmt: skip
     driver = tune.with_parameters(distributed.driver, plan=placed.to_dict())
     return tune.with_resources(driver, placed.driver), sweep.run.max_concurrent or placed.max_concurrent
+
+
+GPU_PROBE_TIMEOUT_S = 120.0
+
+
+@dataclass(frozen=True)
+class GPUProbe:
+    """What probe_gpus found: (node id, GPU name, total bytes) of each node that answered with a CUDA
+    device, and, where none did, why (no node offers a GPU, torch there sees none, no answer in time)."""
+
+    gpus: tuple[tuple[str, str, int], ...] = ()
+    why_none: str = ""
+
+
+def _gpu_memory() -> tuple[str, int] | None:
+    """On a Ray worker granted one GPU: its name and total memory in bytes; None where torch sees none."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    props = torch.cuda.get_device_properties(0)
+    return props.name, int(props.total_memory)
+
+
+def probe_gpus(ray, timeout_s: float = GPU_PROBE_TIMEOUT_S) -> GPUProbe:
+    """The GPUs of the cluster's live nodes, read by torch on each node that offers some: a task of
+    num_gpus=1 pinned to each (NodeAffinitySchedulingStrategy), so a node type whose GPU differs is
+    measured too. Nodes still booting are not seen; a task not run within timeout_s (every GPU busy)
+    is cancelled, and the nodes that answered count."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n["NodeID"] for n in ray.nodes() if n.get("Alive") and n.get("Resources", {}).get("GPU", 0) > 0]
+    if not nodes:
+        return GPUProbe(why_none="no node of the Ray cluster offers a GPU")
+    task = ray.remote(num_gpus=1, num_cpus=0, max_retries=0)(_gpu_memory)
+    refs = {n: task.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote() for n in nodes}
+    done, pending = ray.wait(list(refs.values()), num_returns=len(refs), timeout=timeout_s)
+    for ref in pending:
+        ray.cancel(ref, force=True)
+    answers = {n: ray.get(ref) for n, ref in refs.items() if ref in done}
+    gpus = tuple((n, *a) for n, a in answers.items() if a is not None)
+    if gpus:
+        return GPUProbe(gpus)
+    if not answers:
+        return GPUProbe(why_none=f"no node with a GPU ran the probe within {timeout_s:g} s")
+    return GPUProbe(why_none=f"Ray offers GPUs on {len(answers)} node(s), but torch there sees no CUDA device")

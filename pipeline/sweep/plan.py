@@ -11,7 +11,11 @@ the same plan before its first trial (check_plan): a GPU trial that no setting f
 named with the fields and the memory it needs, not found by an out-of-memory error hours later.
 
 The GPU planned for: run.gpu_memory_gb when the spec sets it, else the smallest GPU among
-sweeps/cluster.yaml's node types (a trial of one GPU a worker may land on any of them). GPU memory is
+sweeps/cluster.yaml's node types (a trial of one GPU a worker may land on any of them). `--plan`
+starts no Ray, so that is all it knows. A sweep on a live Ray cluster checks again once it has joined
+it, before the first trial, with its GPUs' real memory (check_plan_on_cluster: torch on each GPU node,
+pipeline.sweep.placement.probe_gpus; run.gpu_memory_gb still caps it); where no GPU is visible it
+says so and uses the figure above. GPU memory is
 sold in GB (1e9 bytes); the plan converts to GiB, as torch reports it. A fractional GPU
 (gpus_per_trial 0.33) plans for that fraction of the memory.
 
@@ -19,13 +23,15 @@ The frames are those the budget counts (pipeline.sweep.budget: 64x64 after train
 train.seq_len or 20 frames); a step's sequences per GPU are train.batch_size / run.workers_per_trial
 (1 in mode overfit); the precision is bf16 where train.amp is on (autocast on CUDA), else fp32.
 A searched sweep is planned at its space's two corners (memory and cost grow with depth and width).
-Each estimate takes seconds of CPU for a full-size model; they are cached per process by everything
-train_memory reads (ESTIMATES), so a grid's repeated models and settings are measured once.
+An estimate takes a fraction of a second of CPU (vpn.memory: each distinct meta op runs once, and
+train_memory measures each vpn.memory.estimate_key once per process), so trials that differ only in
+fields no estimate reads (seed, lr, steps, ...) and auto's candidates share their estimates.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -36,11 +42,12 @@ import yaml
 from pipeline.paths import repo_root
 from pipeline.sweep.budget import FRAME_SIZE, MFU, SEQ_LEN, plan_line, trial_gpu_hours
 from pipeline.sweep.grid import Point
+from pipeline.sweep.placement import GPUProbe
 from pipeline.sweep.spec import SpecError, Sweep
-from vpn.config import TrainConfig, VPNConfig
-from vpn.memory import GIB, HEADROOM, MemoryEstimate, budget_bytes, choose_settings, train_memory
+from vpn.memory import GIB, HEADROOM, budget_bytes, choose_settings, meta_memo, train_memory
 from vpn.model import VideoPixelNetwork, count_flops_per_frame
 
+log = logging.getLogger(__name__)
 GB = 1e9
 CLUSTER_YAML = "sweeps/cluster.yaml"
 # The GPUs of the instance types sweeps/cluster.yaml may name: (GPU, GPUs a node, GB each), from AWS's
@@ -55,21 +62,6 @@ INSTANCE_GPUS = {
     "p5.48xlarge": ("NVIDIA H100", 8, 80),
     "p5e.48xlarge": ("NVIDIA H200", 8, 141),
 }
-
-# train_memory's results by everything it reads: the model, the step's sequences, the two memory
-# settings, grad_clip (clipping allocates), the frames and the precision. lr, steps, seeds change no size.
-ESTIMATES: dict[tuple, MemoryEstimate] = {}
-
-
-def cached_train_memory(
-    model_cfg: VPNConfig, train_cfg: TrainConfig, frames: tuple[int, int, int], precision: str, batch_size: int
-) -> MemoryEstimate:
-    """vpn.memory.train_memory, measured once per (model, step shape, settings, frames, precision)."""
-    t = train_cfg
-    key = (model_cfg, batch_size, t.activation_checkpointing, t.micro_batch_size, t.grad_clip, frames, precision)
-    if key not in ESTIMATES:
-        ESTIMATES[key] = train_memory(model_cfg, train_cfg, frames, precision, batch_size)
-    return ESTIMATES[key]
 
 
 @dataclass(frozen=True)
@@ -152,26 +144,31 @@ def _fixed(value: Any, auto: Any) -> Any:
 
 def plan_trial(sweep: Sweep, point: Point, gpu: GPU | None) -> TrialPlan:
     """The plan of one point: see the module docstring."""
+    with meta_memo():  # the model is built on the meta device three times and measured: each op asked once
+        return _plan_trial(sweep, point, gpu)
+
+
+def _plan_trial(sweep: Sweep, point: Point, gpu: GPU | None) -> TrialPlan:
     t, gpus = point.train, sweep.run.worker_gpus
     frames, share = _frames_and_share(sweep, point)
     on_gpu = gpus > 0 and gpu is not None
     precision = "bf16" if (t.amp and gpus > 0) else "fp32"
-    plain = cached_train_memory(
+    plain = train_memory(
         point.model, t.replace(activation_checkpointing=False, micro_batch_size=None), frames, precision, share
     )
     budget = budget_bytes(gpu.memory_gib * min(gpus, 1.0)) if on_gpu else None
     if budget is None:  # on CPU auto keeps the plain step (vpn.train.Trainer._memory_settings)
         ckpt, micro = _fixed(t.activation_checkpointing, False), _fixed(t.micro_batch_size, None)
         cfg = t.replace(activation_checkpointing=ckpt, micro_batch_size=micro)
-        chosen, fits = cached_train_memory(point.model, cfg, frames, precision, share), None
+        chosen, fits = train_memory(point.model, cfg, frames, precision, share), None
     else:
-        found = choose_settings(point.model, t, frames, precision, budget, share, measure=cached_train_memory)
+        found = choose_settings(point.model, t, frames, precision, budget, share)
         if found is not None:
             (ckpt, micro, chosen), fits = found, True
         else:  # the most frugal candidate, to say how far it is
             ckpt, micro = _fixed(t.activation_checkpointing, True), _fixed(t.micro_batch_size, 1)
             cfg = t.replace(activation_checkpointing=ckpt, micro_batch_size=micro)
-            chosen, fits = cached_train_memory(point.model, cfg, frames, precision, share), False
+            chosen, fits = train_memory(point.model, cfg, frames, precision, share), False
     with torch.device("meta"):
         parameters = VideoPixelNetwork(point.model).num_parameters()
     return TrialPlan(
@@ -196,14 +193,15 @@ def plan_sweep(sweep: Sweep, gpu: GPU | None) -> list[TrialPlan]:
     return [plan_trial(sweep, p, gpu) for p in sweep.points]
 
 
-def check_plan(sweep: Sweep, root: Path | None = None) -> list[TrialPlan]:
+def check_plan(sweep: Sweep, root: Path | None = None, gpu: GPU | None = None) -> list[TrialPlan]:
     """The plan of a sweep whose trials have GPUs, refusing one that no setting fits (SpecError).
 
+    gpu: the GPU to plan for (default planned_gpu: the spec's run.gpu_memory_gb, else cluster.yaml's).
     A CPU sweep (run.gpus_per_trial / gpus_per_worker 0) is not planned: nothing is measured.
     """
     if sweep.run.worker_gpus <= 0:
         return []
-    gpu = planned_gpu(sweep, root)
+    gpu = planned_gpu(sweep, root) if gpu is None else gpu
     if gpu is None:
         return []
     plans = plan_sweep(sweep, gpu)
@@ -211,6 +209,38 @@ def check_plan(sweep: Sweep, root: Path | None = None) -> list[TrialPlan]:
     if refused:
         raise SpecError(f"{sweep.source}: profiles.{sweep.profile}: {refusal(sweep, refused, gpu)}")
     return plans
+
+
+def gpu_from_probe(planned: GPU | None, probe: GPUProbe) -> tuple[GPU | None, str]:
+    """The GPU a sweep on a live cluster plans for, and a line saying where it comes from.
+
+    The smallest GPU the probe measured (pipeline.sweep.placement.probe_gpus: torch on the nodes),
+    unless the spec's run.gpu_memory_gb asks for less (a cap the spec chose); without a probed GPU,
+    `planned` (planned_gpu: run.gpu_memory_gb, else cluster.yaml's smallest GPU), said so.
+    """
+    if not probe.gpus:
+        if planned is None:
+            return None, f"no GPU visible ({probe.why_none}) and no GPU memory known: the trials are not planned"
+        return planned, f"no GPU visible ({probe.why_none}), using {planned.source}"
+    _, name, total = min(probe.gpus, key=lambda g: g[2])
+    nodes = f"the smallest of {len(probe.gpus)} node(s)" if len(probe.gpus) > 1 else "1 node"
+    probed = GPU(total / GB, f"the cluster's GPU as torch reads it: {name}, {total / GIB:.1f} GiB ({nodes})")
+    spec_cap = planned is not None and planned.source.startswith("run.gpu_memory_gb")
+    if spec_cap and planned.memory_gb < probed.memory_gb:
+        return planned, f"using {planned.source}, below {probed.source}"
+    return probed, f"using {probed.source}"
+
+
+def check_plan_on_cluster(ray, sweep: Sweep, root: Path | None = None) -> list[TrialPlan]:
+    """check_plan with the GPUs' real memory, before the first trial of a sweep on a live Ray cluster
+    (gpu_from_probe); logs where the figure came from. A CPU sweep probes nothing."""
+    if sweep.run.worker_gpus <= 0:
+        return []
+    from pipeline.sweep.placement import probe_gpus
+
+    gpu, where = gpu_from_probe(planned_gpu(sweep, root), probe_gpus(ray))
+    log.info("memory plan of %s, profile %s: %s", sweep.name, sweep.profile, where)
+    return check_plan(sweep, root, gpu) if gpu is not None else []
 
 
 def refusal(sweep: Sweep, refused: list[TrialPlan], gpu: GPU) -> str:
@@ -235,7 +265,8 @@ def format_plan(sweep: Sweep, plans: list[TrialPlan], gpu: GPU | None) -> str:
         share = f"{g:g} of " if g < 1 else ""
         where = (
             f"{share}a {gpu.memory_gb:g} GB GPU ({gpu.memory_gib:.1f} GiB) per worker, from {gpu.source}; a step "
-            f"may use {HEADROOM:.0%} of it less 1 GiB (vpn.memory.budget_bytes)"
+            f"may use {HEADROOM:.0%} of it less 1 GiB (vpn.memory.budget_bytes). --plan starts no Ray: a sweep on a "
+            "live cluster checks again with its GPUs' real memory before the first trial"
         )
     else:
         where = "CPU trials (no GPU planned for): memory per trial process, the plain step"
