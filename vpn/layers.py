@@ -291,6 +291,13 @@ class ConvLSTM(nn.Module):
     The input half of the gates is computed for all time steps in one batched convolution; only the
     recurrent half runs step by step. The first step starts from h = c = 0, where conv_h(h) = 0 and
     f * c = 0 exactly, so it skips both (the same numbers, one recurrent convolution fewer).
+
+    Under bf16 autocast the gates come out of the convolutions in bf16, but the cell state c is kept
+    and updated in fp32: it accumulates f * c + i * g over every frame (19 steps for 20 frames), and
+    bf16's 8-bit mantissa would round it at each one. The gates' activations stay bf16 (what the
+    backward pass saves of them), and h = o * tanh(c) is bf16 as before, as the convolutions that
+    read it would cast it anyway: the backward pass keeps one fp32 tensor a step, c, where it kept
+    bf16. In fp32 and fp64 nothing is cast and the formula is the plain one.
     """
 
     def __init__(self, in_channels: int, hidden_channels: int, kernel_size: int = 3) -> None:
@@ -309,16 +316,20 @@ class ConvLSTM(nn.Module):
     def cell(self, gates_x: Tensor, state: tuple[Tensor, Tensor] | None) -> tuple[Tensor, Tensor]:
         """One step from precomputed input gates (N, 4*hidden, H, W) -> new (h, c).
 
-        state None is the zero state (h, c) = 0.
+        state None is the zero state (h, c) = 0. c is at least fp32 (see the class docstring).
         """
+        cell = torch.promote_types(gates_x.dtype, torch.float32)  # bf16 -> fp32; fp32, fp64 unchanged
         if state is None:
             i, _, o, g = gates_x.chunk(4, dim=1)  # 4 x (N, hidden, H, W); f multiplies c = 0
-            c = torch.sigmoid(i) * torch.tanh(g)
+            c = torch.sigmoid(i).to(cell) * torch.tanh(g)
         else:
             h, c = state
             i, f, o, g = (gates_x + self.conv_h(h)).chunk(4, dim=1)  # 4 x (N, hidden, H, W)
-            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-        h = torch.sigmoid(o) * torch.tanh(c)
+            if c.dtype == i.dtype:
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            else:  # bf16 gates, fp32 c: both products in fp32 (type promotion), saving the gates in bf16
+                c = torch.addcmul(torch.sigmoid(f) * c, torch.sigmoid(i), torch.tanh(g))
+        h = torch.sigmoid(o) * torch.tanh(c.to(o.dtype))
         return h, c
 
     def step(self, x: Tensor, state: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:

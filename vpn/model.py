@@ -304,7 +304,7 @@ class VideoPixelNetwork(nn.Module):
         """
         target = frames[:, 1:]  # (B, T-1, C, H, W)
         if self.cfg.output == "categorical":
-            return per_frame(categorical_cross_entropy(logits, target))
+            return per_frame(_categorical_nll(logits, target))
         return per_frame(bernoulli_cross_entropy(grey_targets(target), logits=logits))
 
     def nll(self, frames: Tensor, context: int = 10) -> Tensor:
@@ -364,6 +364,24 @@ class VideoPixelNetwork(nn.Module):
             raise ValueError(f"frames must be (B, T, {self.cfg.image_channels}, H, W), got {tuple(frames.shape)}")
         if frames.shape[1] < min_frames:
             raise ValueError(f"need at least {min_frames} frames, got T={frames.shape[1]}")
+
+
+def _categorical_nll(logits: Tensor, target: Tensor) -> Tensor:
+    """- log p(x) of each sub-pixel: logits (B, T', C, 256, H, W), target uint8 (B, T', C, H, W)
+    -> float32 (B, T', C, H, W).
+
+    Channels_last logits (the decoder's NHWC output on CUDA) hold a sub-pixel's 256 values side by
+    side, so they are scored as rows: the log_softmax over dim 1 of (N, 256, H, W) in
+    categorical_cross_entropy would first copy every logit into NCHW order (an extra logits-sized
+    tensor at the loss's peak). Contiguous logits take categorical_cross_entropy as they are.
+    """
+    rows = logits.permute(0, 1, 4, 5, 2, 3)  # (B, T', H, W, C, 256): the memory order of channels_last
+    if logits.is_contiguous() or not rows.is_contiguous():
+        return categorical_cross_entropy(logits, target)
+    k = rows.shape[-1]
+    flat_target = target.permute(0, 1, 3, 4, 2).reshape(-1).long()  # (B*T'*H*W*C,), the rows' order
+    nll = F.cross_entropy(rows.float().reshape(-1, k), flat_target, reduction="none")  # (B*T'*H*W*C,)
+    return nll.view(rows.shape[:-1]).permute(0, 1, 4, 2, 3)  # (B, T', C, H, W)
 
 
 def count_flops_per_frame(cfg: VPNConfig, height: int = 64, width: int = 64) -> int:

@@ -24,6 +24,12 @@ so both methods draw its whole frame from one decoder pass.
 Colours: at pixel p colour g the decoder's outputs of group g depend on colours < g of p only, so
 recomputing p once per colour gives exact logits; after the last colour the caches at p are final,
 because no output at p ever reads p's last colour (mask A excludes it, and B's only see groups <=).
+
+Randomness: each frame's uniforms come from one torch.rand call of the frame's shape (B, C, H, W)
+on the generator's device, moved to the model's device once (`uniforms`); sub-pixel (b, c, i, j)
+is drawn with u[b, c, i, j]. So every method draws the same frame from the same seed, a CPU
+generator gives the same frames on a CPU and a CUDA model, and a frame costs one copy to the
+device, not one per pixel (a sync each, from pageable memory).
 """
 
 from __future__ import annotations
@@ -50,19 +56,32 @@ if TYPE_CHECKING:  # annotations only: the model calls the sampler (VideoPixelNe
 METHODS = ("cached", "naive")
 
 
-def draw(logits: Tensor, output: str, temperature: float, generator: torch.Generator | None) -> Tensor:
-    """One value per row from the model's distribution: logits (B, K) -> uint8 (B,).
+def uniforms(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device | str) -> Tensor:
+    """Uniforms in [0, 1) of `shape`, from one torch.rand call, on `device`.
 
-    categorical: K = 256, a softmax draw of the intensity by inverting its CDF with one uniform per
-    row (torch.multinomial draws K exponentials per row: a quarter of the cached sampler's time at
+    They are drawn on the generator's own device (torch's global generator of `device` when None)
+    and moved once: a CPU generator driving a CUDA model gives the same numbers as on a CPU model,
+    and a frame costs one host-to-device copy instead of one per pixel (each from pageable memory,
+    so each a sync).
+    """
+    source = generator.device if generator is not None else device
+    return torch.rand(*shape, generator=generator, device=source).to(device)
+
+
+def draw(logits: Tensor, output: str, temperature: float, generator: torch.Generator | None) -> Tensor:
+    """One value per row from the model's distribution: logits (B, K) -> uint8 (B,); see draw_with."""
+    return draw_with(logits, output, temperature, uniforms((len(logits),), generator, logits.device))
+
+
+def draw_with(logits: Tensor, output: str, temperature: float, u: Tensor) -> Tensor:
+    """One value per row given its uniform: logits (B, K), u (B,) in [0, 1) on logits' device -> uint8 (B,).
+
+    categorical: K = 256, a softmax draw of the intensity by inverting its CDF with the row's uniform
+    (torch.multinomial draws K exponentials per row: a quarter of the cached sampler's time at
     batch 64 on a CPU). bernoulli: K = 1, a coin with p = sigmoid(logit / T) choosing 0 or 255.
     """
     scaled = logits.float() / temperature
-    # One uniform per row, from the generator on its own device (a CPU generator may drive a CUDA model).
-    u = torch.rand(
-        len(scaled), 1, generator=generator, device=generator.device if generator is not None else scaled.device
-    )
-    u = u.to(scaled.device)  # (B, 1) in [0, 1)
+    u = u[:, None]  # (B, 1)
     if output == "categorical":
         cdf = F.softmax(scaled, dim=-1).cumsum(dim=-1)  # (B, K), non-decreasing, last ~ 1
         # The first k with cdf[k] > u * total: k is drawn with probability cdf[k] - cdf[k-1], and a
@@ -131,22 +150,24 @@ def decode_frame(
     """
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    h, w = context.shape[-2:]
+    b, _, h, w = context.shape
     n_pixels = h * w if n_pixels is None else min(n_pixels, h * w)
-    if not model.decoder.uses_frame:
-        return _decode_independent(model, context, generator, temperature, record_logits, n_pixels)
-    if method == "naive":
-        return _decode_naive(model, context, generator, temperature, record_logits, n_pixels)
-    if model.cfg.decoder not in _CACHED:
+    if model.decoder.uses_frame and method == "cached" and model.cfg.decoder not in _CACHED:
         raise ValueError(f"the cached sampler has no rule for decoder={model.cfg.decoder!r}; use method='naive'")
-    return _CACHED[model.cfg.decoder](model, context, generator, temperature, record_logits, n_pixels)
+    # Sub-pixel (b, c, i, j) is drawn with u[b, c, i, j], whatever the method and the order it draws
+    # in; the whole frame's uniforms even for a prefix (n_pixels), so a prefix is the frame's prefix.
+    u = uniforms((b, model.cfg.image_channels, h, w), generator, context.device)  # (B, C, H, W)
+    if not model.decoder.uses_frame:
+        return _decode_independent(model, context, u, temperature, record_logits, n_pixels)
+    decode = _decode_naive if method == "naive" else _CACHED[model.cfg.decoder]
+    return decode(model, context, u, temperature, record_logits, n_pixels)
 
 
-def _decode_independent(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
+def _decode_independent(model, context, u, temperature, record_logits, n_pixels) -> Tensor:
     """A decoder that does not read the frame (the baseline): one pass, every sub-pixel drawn at once.
 
     Draws are made in the sequential samplers' order (raster position, then colour) so that
-    record_logits lines up with theirs; one uniform per sub-pixel, as there.
+    record_logits lines up with theirs; each sub-pixel with its own uniform of u (B, C, H, W), as there.
     """
     b, _, h, w = context.shape
     c = model.cfg.image_channels
@@ -155,13 +176,14 @@ def _decode_independent(model, context, generator, temperature, record_logits, n
     per_position = logits.permute(3, 4, 1, 0, 2).reshape(h * w * c, b, k)[: n_pixels * c]  # (P*C, B, K)
     if record_logits is not None:
         record_logits.extend(x.float().cpu() for x in per_position)
-    values = draw(per_position.reshape(-1, k), model.cfg.output, temperature, generator)  # (P*C*B,)
+    per_u = u.permute(2, 3, 1, 0).reshape(-1)[: n_pixels * c * b]  # (P*C*B,), the order of per_position
+    values = draw_with(per_position.reshape(-1, k), model.cfg.output, temperature, per_u)  # (P*C*B,)
     canvas = torch.zeros(h * w * c, b, dtype=torch.uint8, device=context.device)
     canvas[: n_pixels * c] = values.view(-1, b)
     return canvas.view(h, w, c, b).permute(3, 2, 0, 1).contiguous()  # (B, C, H, W)
 
 
-def _decode_naive(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
+def _decode_naive(model, context, u, temperature, record_logits, n_pixels) -> Tensor:
     b, _, h, w = context.shape
     c = model.cfg.image_channels
     canvas = torch.zeros(b, c, h, w, dtype=torch.uint8, device=context.device)
@@ -171,7 +193,7 @@ def _decode_naive(model, context, generator, temperature, record_logits, n_pixel
             logits = model.decode(canvas, context)[:, colour, :, i, j]  # (B, K)
             if record_logits is not None:
                 record_logits.append(logits.float().cpu())
-            canvas[:, colour, i, j] = draw(logits, model.cfg.output, temperature, generator)
+            canvas[:, colour, i, j] = draw_with(logits, model.cfg.output, temperature, u[:, colour, i, j])
     return canvas
 
 
@@ -254,7 +276,7 @@ def _mu_gate(g: Tensor, h: Tensor) -> Tensor:
     return s[:, :c] * torch.tanh(inner)
 
 
-def _decode_cached(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
+def _decode_cached(model, context, u, temperature, record_logits, n_pixels) -> Tensor:
     cfg = model.cfg
     b, _, h, w = context.shape
     colours, mu = cfg.image_channels, cfg.mu_channels
@@ -311,7 +333,7 @@ def _decode_cached(model, context, generator, temperature, record_logits, n_pixe
             )  # (B, K)
             if record_logits is not None:
                 record_logits.append(logits.float().cpu())
-            value = draw(logits, cfg.output, temperature, generator)
+            value = draw_with(logits, cfg.output, temperature, u[:, colour, i, j])
             canvas[:, colour, i, j] = value
             pixels[:, i + 1, j + 1, colour] = to_input(value, pixels.dtype)
     return canvas
@@ -375,7 +397,7 @@ class _VerticalRows:
         return links
 
 
-def _decode_cached_stacks(model, context, generator, temperature, record_logits, n_pixels) -> Tensor:
+def _decode_cached_stacks(model, context, u, temperature, record_logits, n_pixels) -> Tensor:
     cfg = model.cfg
     dec = model.decoder
     b, _, h, w = context.shape
@@ -423,7 +445,7 @@ def _decode_cached_stacks(model, context, generator, temperature, record_logits,
             logits = torch.addmm(head_out[colour][1], hidden, head_out[colour][0])  # (B, K)
             if record_logits is not None:
                 record_logits.append(logits.float().cpu())
-            value = draw(logits, cfg.output, temperature, generator)
+            value = draw_with(logits, cfg.output, temperature, u[:, colour, i, j])
             canvas[:, colour, i, j] = value
             pixels[:, j + 1, colour] = to_input(value, pixels.dtype)
     return canvas

@@ -10,10 +10,11 @@
   clipping threshold means the same at every frame size; everything reported is nats per frame.
 - Host syncs happen only every `log_every` steps: losses stay on the device in between. A non-finite
   loss is detected there and raises NonFiniteLossError.
-- Speed (measured in benchmarks/, see benchmarks/RESULTS.md): bf16 autocast and channels_last on
-  CUDA by default; torch.compile of the forward pass and loss on request (`compile`); bf16 autocast
-  on CPU on request (`cpu_amp`, where the CPU has native bf16). None of them changes the parameters
-  or the checkpoint format.
+- Speed (measured in benchmarks/, see benchmarks/RESULTS.md): bf16 autocast, channels_last and
+  cuDNN's autotuner (`autotune_convolutions`: a trial's shapes are static) on CUDA by default;
+  torch.compile of the forward pass and loss on request (`compile`); bf16 autocast on CPU on
+  request (`cpu_amp`, where the CPU has native bf16). None of them changes the parameters or the
+  checkpoint format.
 - Logging and checkpointing hang off two hooks of `fit`, so the same loop serves the CLI and the
   Ray Tune trainable.
 - Data parallel: when torch.distributed is initialised (N ranks; the caller starts the process group,
@@ -83,6 +84,25 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def autotune_convolutions(device: torch.device) -> None:
+    """On CUDA, let cuDNN time its convolution algorithms once per shape and keep the fastest.
+
+    A trial's shapes are static (one batch size, clip length and frame size; validation and the
+    sampler add a few more), so each is timed once and every later step reuses the choice. On CPU
+    nothing changes. cuDNN may then pick a different (equally exact) algorithm than on another run.
+    """
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+def gpu_memory_gib(device: torch.device) -> float:
+    """The memory this process may allocate on a CUDA device, in GiB: the device's memory times the
+    caching allocator's cap (torch.cuda.set_per_process_memory_fraction; 1 unless a fractional-GPU
+    trial set one), so that "auto" memory settings plan for the share this trial was given."""
+    total = torch.cuda.get_device_properties(device).total_memory
+    return total * torch.cuda.get_per_process_memory_fraction(device) / 2**30
+
+
 def restore_cuda_rng(states: list[Tensor]) -> None:
     """The checkpoint's CUDA generator states, for the GPUs this process sees.
 
@@ -112,6 +132,7 @@ class Trainer:
     ) -> None:
         self.model_cfg, self.cfg = model_cfg, train_cfg
         self.device = resolve_device(train_cfg.device)
+        autotune_convolutions(self.device)
         self.train_data = as_dataset(train_data)
         self.val_data = as_dataset(val_data) if val_data is not None else None
         if is_stream(self.train_data) != (train_cfg.data == "stream"):
@@ -172,12 +193,12 @@ class Trainer:
 
             t, _, h, w = self.train_data[0].shape  # (T, C, H, W) before seq_len and downsample
             frames = (self.cfg.seq_len or t, h // self.cfg.downsample, w // self.cfg.downsample)
-            total = torch.cuda.get_device_properties(self.device).total_memory / 2**30
+            total = gpu_memory_gib(self.device)
             chosen = choose_settings(self.model_cfg, self.cfg, frames, self.precision, budget_bytes(total), share)
             if chosen is None:
                 raise ValueError(
                     f"no activation_checkpointing / micro_batch_size fits a step of {share} sequences of "
-                    f"{frames} frames in this GPU's {total:.1f} GiB"
+                    f"{frames} frames in the {total:.1f} GiB this process may use of its GPU"
                 )
             ckpt, micro = chosen[0], chosen[1]
         ckpt = False if ckpt == "auto" else ckpt

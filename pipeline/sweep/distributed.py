@@ -8,7 +8,8 @@ table, ASHA and the driver-side TrackingCallback see a data-parallel trial as an
 - Placement (pipeline.sweep.placement.plan, before any trial starts): each worker asks for the
   per-worker resources (pipeline.sweep.spec.RunSettings: cpus_per_worker, gpus_per_worker), the
   driver for none; a trial that no placement can ever hold stops the sweep at once, naming the fields.
-- Workers (`worker`): each rank runs pipeline.sweep.trainable.run_trial with ray.train as its session.
+- Workers (`worker`): each rank runs pipeline.sweep.trainable.run_trial with ray.train as its session,
+  on the GPU Ray Train gave it (`rank_device`), whatever CUDA device train.device names.
   TorchTrainer has started the process group (NCCL on GPUs, gloo on CPUs), so vpn.train.Trainer
   shards each step's global batch by rank and wraps the model in DDP: N workers compute the
   one-worker curve up to float rounding. Rank 0 alone talks to MLflow and writes checkpoints; every
@@ -32,7 +33,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.sweep import tracking
@@ -95,6 +96,7 @@ def driver(config: Mapping[str, Any], plan: Mapping[str, Any]) -> None:
 def worker(loop_config: Mapping[str, Any]) -> None:
     """One rank of a data-parallel trial (Ray Train worker function)."""
     import ray.train
+    import ray.train.torch
     import torch
 
     from pipeline.sweep.trainable import NonFiniteLoss, TrialClosed, run_trial
@@ -107,9 +109,32 @@ def worker(loop_config: Mapping[str, Any]) -> None:
         tracking.TAG_TRIAL_NAME: loop_config["trial_name"],
         tracking.TAG_RESOURCES: json.dumps(plan["worker"], sort_keys=True),  # per worker
     }
+    cfg = TrialConfig.from_dict(loop_config["trial"])
+    cfg = cfg.replace(train=cfg.train.replace(device=rank_device(cfg.train.device, ray.train.torch.get_device)))
     try:
-        run_trial(TrialConfig.from_dict(loop_config["trial"]), ray.train, tags, rank=rank)
+        run_trial(cfg, ray.train, tags, rank=rank)
     except NonFiniteLoss:
         return  # not a crash to retry: the driver raises it for Tune (module docstring)
     except TrialClosed as e:  # stopped (ASHA): Ray ends the other ranks with the driver; no restart
         log.info("%s", e)
+
+
+def rank_device(name: str, ray_device: Callable[[], Any]) -> str:
+    """The device a data-parallel rank trains on, for train.device `name`.
+
+    A CUDA device (auto on a GPU worker, cuda, cuda:0) becomes the GPU Ray Train gave this rank
+    (ray_device: ray.train.torch.get_device). Ray Train shows every worker of a node all of the
+    node's granted GPUs, so an explicit cuda:0 would put every rank of the node on GPU 0. A CPU
+    device stays as it is.
+    """
+    from vpn.train import resolve_device
+
+    if resolve_device(name).type != "cuda":
+        return name
+    device = ray_device()
+    if device.type != "cuda":
+        raise ValueError(
+            f"train.device={name!r} but Ray Train gave this worker no GPU (it runs on {device}); "
+            "set run.gpus_per_worker: 1, or train.device: cpu"
+        )
+    return str(device)

@@ -64,7 +64,7 @@ from pipeline.sweep.trial import TrialConfig
 from vpn.data import MovingMNIST, training_source
 from vpn.evaluate import prepare
 from vpn.overfit import fit_sequence, one_sequence
-from vpn.train import NonFiniteLossError, Trainer
+from vpn.train import NonFiniteLossError, Trainer, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -101,12 +101,26 @@ def trial(config: Mapping[str, Any]) -> None:
     granted = dict(ctx.get_trial_resources().required_resources)  # e.g. {"CPU": 1.0, "GPU": 0.5}
     # Threads = the CPUs Ray granted this trial (trials share the node's cores).
     torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
+    cap_gpu_memory(float(granted.get("GPU", 0)), resolve_device(cfg.train.device))
     tags = {
         tracking.TAG_TRIAL_ID: ctx.get_trial_id(),
         tracking.TAG_TRIAL_NAME: ctx.get_trial_name(),
         tracking.TAG_RESOURCES: json.dumps(granted, sort_keys=True),
     }
     run_trial(cfg, tune, tags)
+
+
+def cap_gpu_memory(gpus: float, device: torch.device) -> float | None:
+    """Cap this process's share of a GPU that it shares (0 < gpus < 1: Ray packs 1 / gpus trials on
+    one GPU, and they share its memory). torch's caching allocator then takes at most that fraction
+    of the device's memory: a trial that outgrows its share fails alone, with an out-of-memory error
+    of its own, instead of starving the trials beside it, and "auto" memory settings plan for the
+    share (vpn.train.gpu_memory_gib). Returns the fraction set, or None (a whole GPU, or none)."""
+    if not 0 < gpus < 1 or device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    torch.cuda.set_per_process_memory_fraction(float(gpus), index)
+    return float(gpus)
 
 
 def searched_run(cfg: TrialConfig, trial_id: str, wait_s: float = 30.0) -> TrialConfig:
@@ -342,7 +356,8 @@ def _train(cfg: TrialConfig, run: _TrialRun | None, tune) -> None:
     trainer, _ = _restore(
         tune,
         lambda: Trainer(cfg.model, train_cfg, train_data, val_data),
-        lambda p: Trainer.from_checkpoint(p, train_data, val_data),
+        # This process's device, not the one rank 0 saved (data parallel: each rank has its own GPU).
+        lambda p: Trainer.from_checkpoint(p, train_data, val_data, device=train_cfg.device),
         run,
         cfg.run_id,
     )
@@ -389,7 +404,7 @@ def _overfit(cfg: TrialConfig, run: _TrialRun | None, tune) -> None:
     trainer, meta = _restore(
         tune,
         lambda: Trainer(cfg.model, problem.train_cfg, problem.batch),
-        lambda p: Trainer.from_checkpoint(p, problem.batch),
+        lambda p: Trainer.from_checkpoint(p, problem.batch, device=problem.train_cfg.device),
         run,
         cfg.run_id,
     )
