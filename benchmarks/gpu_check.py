@@ -188,10 +188,12 @@ def sweep_part(scale: Scale) -> list[Result]:
 def sweep_runs(scale: Scale, uri: str) -> list[Result]:
     """Every trial's run: FINISHED, its training curve, its memory params and MLflow's system metrics."""
     from pipeline.sweep import tracking
+    from pipeline.sweep.parent import trial_runs
 
     client = tracking.client(uri)
     exp = client.get_experiment_by_name("gpu_check")
-    runs = client.search_runs([exp.experiment_id]) if exp is not None else []
+    # the trials' runs, not the sweep's parent run (which holds the spec and the best trial, no curve)
+    runs = trial_runs(client.search_runs([exp.experiment_id])) if exp is not None else []
     cuda = scale.device == "cuda"
     gpu_key = "system/gpu_0_utilization_percentage"
     per_run = {}
