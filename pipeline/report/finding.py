@@ -20,8 +20,8 @@ from dataclasses import dataclass
 
 import pandas as pd
 
-from pipeline.report.paper import PAPER_ROWS, paper_row
-from pipeline.report.stats import Interval, config_keys, excess_by_seed, paired_difference, scored
+from pipeline.report.paper import PAPER_ROWS
+from pipeline.report.stats import Interval, excess_by_seed, paired_difference, paper_row_trials, scored
 
 _PAPER = {name: nll for name, nll in PAPER_ROWS.values()}
 _BASELINE = PAPER_ROWS[("baseline", None, None)][0]
@@ -62,14 +62,6 @@ class Finding:
         return {"frames": self.frames, "baseline_gap": self.baseline_gap.to_json(), "rmb_over_relu": rmb}
 
 
-def _rows(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
-    """The scored trials of each paper row that ran as one config: {paper row name: its trials}."""
-    ok = scored(summary)
-    names = pd.Series([(p or ("",))[0] for p in (paper_row(r) for _, r in ok.iterrows())], index=ok.index)
-    keys = config_keys(ok)
-    return {n: ok[names == n] for n in names.unique() if n and keys[names == n].nunique() == 1}
-
-
 def _gap(rows: dict[str, pd.DataFrame], a: str, b: str, paper: float) -> Gap:
     value = float(rows[a]["excess"].mean() - rows[b]["excess"].mean())
     return Gap(a, b, value, paper, paired_difference(excess_by_seed(rows[a]), excess_by_seed(rows[b])))
@@ -82,7 +74,7 @@ def _best(rows: dict[str, pd.DataFrame], names: list[str]) -> str | None:
 
 def paper_finding(summary: pd.DataFrame) -> Finding | None:
     """The finding of a sweep that ran the baseline and at least one VPN row of the paper; else None."""
-    rows = _rows(summary)
+    rows = paper_row_trials(summary)
     best_vpn = _best(rows, _VPN)
     if _BASELINE not in rows or best_vpn is None:
         return None

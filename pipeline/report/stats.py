@@ -148,6 +148,15 @@ def seed_section(summary: pd.DataFrame, level: float = LEVEL) -> list[str]:
     ]
 
 
+def paper_row_trials(summary: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The scored trials of each paper row that ran as one config: {paper row name: its trials}
+    (a row run as several configs has no pairing by seed, so it is left out)."""
+    ok = scored(summary)
+    names = pd.Series([(p or ("",))[0] for p in (paper_row(r) for _, r in ok.iterrows())], index=ok.index)
+    keys = config_keys(ok)
+    return {n: ok[names == n] for n in names.unique() if n and keys[names == n].nunique() == 1}
+
+
 # The paper's comparisons between its rows (Table 2): (a, b, what a - b measures).
 PAPER_CONTRASTS = (
     ("VPN, RMB, dilation", "VPN, RMB, no dilation", "dilation, RMB blocks"),
@@ -161,14 +170,7 @@ PAPER_CONTRASTS = (
 def paper_contrasts(summary: pd.DataFrame, level: float = LEVEL) -> list[str]:
     """The paper's row-to-row comparisons, each the paired-by-seed interval of the excess difference
     (a - b); only rows run as one config, with >= 2 seeds both ran. Empty when none has."""
-    ok = scored(summary)
-    names = pd.Series([(p or ("",))[0] for p in (paper_row(r) for _, r in ok.iterrows())], index=ok.index)
-    keys = config_keys(ok)
-    by_row = {
-        name: excess_by_seed(ok[names == name])
-        for name in names.unique()
-        if name and keys[names == name].nunique() == 1  # one config per row, else no pairing
-    }
+    by_row = {name: excess_by_seed(trials) for name, trials in paper_row_trials(summary).items()}
     lines = []
     for a, b, what in PAPER_CONTRASTS:
         diff = paired_difference(by_row.get(a, {}), by_row.get(b, {}), level) if a in by_row and b in by_row else None
