@@ -1,4 +1,5 @@
-"""What several test modules share: tiny data, a free port, the environment, a local Ray, an `mlflow server`.
+"""What several test modules share: tiny data, a copy of the checkout as a git repository, a free port,
+the environment, a local Ray, an `mlflow server`.
 
 Helpers are plain functions and context managers (import them: `from conftest import local_ray`),
 so that a module-scoped fixture can set the environment its Ray workers inherit before Ray starts;
@@ -9,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -21,6 +23,20 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+REPO = Path(__file__).resolve().parents[1]
+
+
+# The files whose tests take minutes, longest first: pytest runs the suite in two processes
+# (pyproject.toml: pytest-xdist, each file in one process, in collection order), and a long file
+# started last would leave one process working alone at the end.
+LONGEST_FILES = ("test_paper_finding.py", "test_cluster.py", "test_onprem.py", "test_pipeline_e2e.py")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """LONGEST_FILES first, in that order, then the rest as collected (the order within a file kept)."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # a stable sort
+
 
 def write_splits(folder: Path, counts: Mapping[str, int], frames: int = 6, p: float = 0.25, seed: int = 0) -> Path:
     """Random sparse sequences, uint8 (N, frames, 1, 8, 8) in {0, 255}, as <folder>/<split>.npy for each split."""
@@ -29,6 +45,45 @@ def write_splits(folder: Path, counts: Mapping[str, int], frames: int = 6, p: fl
     for split, n in counts.items():
         np.save(folder / f"{split}.npy", (rng.random((n, frames, 1, 8, 8)) < p).astype(np.uint8) * 255)
     return folder
+
+
+def copy_repo(dest: Path) -> None:
+    """The files git would carry (tracked and untracked-but-not-ignored): no data, no stores."""
+    listed = (
+        subprocess.run(
+            ["git", "ls-files", "--cached", "--others", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
+    for rel in filter(None, listed):
+        src = REPO / rel
+        if src.is_file():
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, dest / rel)
+
+
+def git_repo(work: Path) -> dict[str, str]:
+    """Make the copy a git repository (DVC's home) and return the environment its stages run in."""
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_TRACKING_URI", "RAY_ADDRESS")}
+    env.update(
+        DVC_NO_ANALYTICS="1",
+        RAY_USAGE_STATS_ENABLED="0",
+        MLFLOW_DISABLE_TELEMETRY="true",
+        PYTHONPATH=str(work),  # the copy's pipeline/ and vpn/, in the driver and in Ray's workers
+        RAY_ADDRESS="local",  # a Ray of the sweeps' own, even where another runs on this machine
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}",
+    )
+    for cmd in (
+        ["git", "init", "-q"],
+        ["git", "add", "-A"],
+        ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "copy"],
+    ):
+        subprocess.run(cmd, cwd=work, env=env, check=True, capture_output=True)
+    return env
 
 
 def free_port() -> int:

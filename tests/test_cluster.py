@@ -198,12 +198,18 @@ def assert_whole_curve(client, run, reference: dict[int, dict[str, float]], test
 def test_sweep_survives_a_lost_node(cluster):
     """One-worker trials: the node under a trial dies at step 25; the trial resumes from step 20."""
     spec = write_spec(cluster, "lost_node", {"model": {"enc_blocks": [1, 2]}}, {})
-    marker = cluster["root"] / "lost_node.marker"
-    driver, log = start_sweep(cluster, spec, {"hold_at_step": 25, "marker": str(marker)})
+    marker, registered = cluster["root"] / "lost_node.marker", cluster["root"] / "lost_node.checkpoints"
+    fault = {"hold_at_step": 25, "marker": str(marker), "checkpoint_marker": str(registered)}
+    driver, log = start_sweep(cluster, spec, fault)
     note = wait_for("a trial to reach step 25", lambda: marker_note(marker), driver, log)
-    # The trial's report at step 20 (with its checkpoint) has reached the Tune driver; give the
-    # driver's loop time to register it before the node goes.
-    time.sleep(5)
+
+    def step_20_registered() -> bool:  # by both trials: the held one's is among them
+        lines = registered.read_text().splitlines() if registered.exists() else []
+        return len({n["trial"] for n in map(json.loads, lines) if n["step"] == 20}) == 2
+
+    # The step-20 report reaches Tune before its checkpoint is registered (a separate `save` call):
+    # killed in between, the trial would resume from step 10.
+    wait_for("Tune to register both trials' step-20 checkpoints", step_20_registered, driver, log)
     kill_node_of(cluster, note["node_id"])
     finish(driver, log)
 

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
-from conftest import free_port, write_splits
+from conftest import copy_repo, free_port, write_splits
 
 from pipeline.sweep import tracking
 from pipeline.sweep.driver import QUIET_ENV
@@ -43,15 +43,8 @@ SPEC = "sweeps/depth_width.yaml --profile tiny"
 
 
 def copy_repository(dest: Path) -> Path:
-    """The repository's files as git sees them (tracked and untracked, not ignored), with tiny data."""
-    listed = subprocess.run(
-        ["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"],
-        cwd=REPO, check=True, capture_output=True,
-    ).stdout.decode().split("\0")  # fmt: skip
-    for name in filter(None, listed):
-        if (REPO / name).is_file():
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(REPO / name, dest / name)
+    """The repository's files as git sees them (conftest.copy_repo), with tiny data."""
+    copy_repo(dest)
     write_splits(dest / "data" / "moving_mnist", {"train": 8, "val": 4, "test": 4})
     return dest
 

@@ -150,6 +150,20 @@ def test_score_is_model_nll_and_its_floor_the_lower_bound(data):
     assert result.nats_per_frame > result.floor_nats_per_frame  # a cross-entropy is never below its floor
 
 
+def test_score_builds_no_autograd_graph(data):
+    """`vpn eval` calls score directly, outside any no_grad: a graph kept by the running sum would hold
+    every batch's activations until the last one (the whole test set's, on a GPU)."""
+    cfg = TrainConfig(batch_size=2, seq_len=6, context=2, downsample=2, device="cpu")
+    model = VideoPixelNetwork(tiny_model())
+    grad_enabled = []
+    model.register_forward_hook(lambda module, args, out: grad_enabled.append(torch.is_grad_enabled()))
+    test = MovingMNIST(data, "test")
+    score(model, test, cfg, sequences=4)
+    score(model, test, cfg, sequences=4, autocast=lambda: torch.autocast("cpu", torch.bfloat16))
+    assert grad_enabled == [False] * 4  # two batches of two, twice
+    assert torch.is_grad_enabled()  # and as it was afterwards
+
+
 def test_floor_at_the_data_stages_framing_is_stats_json(data):
     """Frames context..T-1 of the whole test split at full size: the floor is the stage's lower bound."""
     cfg = TrainConfig(batch_size=2, context=TINY.context, device="cpu")

@@ -58,7 +58,6 @@ def prepare(frames: Tensor, cfg: TrainConfig) -> Tensor:
     return frames
 
 
-@torch.no_grad()
 @contextlib.contextmanager
 def full_precision(device_type: str):
     """fp32 as written: no autocast, and no TF32 in CUDA matmuls or cuDNN convolutions (cuDNN allows
@@ -72,6 +71,7 @@ def full_precision(device_type: str):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = flags
 
 
+@torch.no_grad()  # no graph: kept alive by the running sum, every batch's would stay until the end
 def score(
     model: VideoPixelNetwork,
     data: Dataset | Tensor,

@@ -3,7 +3,9 @@ __main__) so that the pickled experiment state refers to them by an importable n
 
 from __future__ import annotations
 
+import json
 import logging
+from pathlib import Path
 from typing import Any
 
 from ray.tune import Callback
@@ -71,6 +73,22 @@ class TrackingCallback(Callback):
             error = _last_line(trial.get_error()) or "trial failed (see the Ray trial's error.txt)"
             tracking.set_tags(self.client, run.info.run_id, {tracking.TAG_ERROR: error[:5000]})
             tracking.retrying(self.client.set_terminated, run.info.run_id, status="FAILED")
+
+
+class CheckpointMarker(Callback):
+    """The test hook `checkpoint_marker` (pipeline.sweep.faults): one JSON line {"trial", "step"} per
+    checkpoint Tune registers. Tune calls on_checkpoint from the same loop iteration that then
+    registers it, so once the line is read the checkpoint is the one a restart resumes from."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def on_checkpoint(self, iteration: int, trials: list, trial: Any, checkpoint: Any, **info: Any) -> None:
+        # The save was asked for by the result carrying the checkpoint, and the trial's next step
+        # waits for it: last_result is that result.
+        line = json.dumps({"trial": trial_name(trial), "step": (trial.last_result or {}).get("step")})
+        with Path(self.path).open("a") as out:  # one writer (this driver), one short line per write
+            out.write(line + "\n")
 
 
 def _last_line(text: Any) -> str:

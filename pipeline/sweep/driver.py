@@ -241,7 +241,7 @@ def _tuner(
     from ray import tune
 
     from pipeline.sweep import tracking
-    from pipeline.sweep.callbacks import TrackingCallback, trial_name
+    from pipeline.sweep.callbacks import CheckpointMarker, TrackingCallback, trial_name
     from pipeline.sweep.runs import create_runs
     from pipeline.sweep.search import scheduler
     from pipeline.sweep.searched_runs import searched_tune_args
@@ -258,6 +258,8 @@ def _tuner(
             exp.path, trainable, resume_unfinished=True, resume_errored=retry_errored, restart_errored=False
         )
     callbacks = [TrackingCallback(exp.uri)]
+    if fault is not None and fault.checkpoint_marker:  # a test's hook (pipeline.sweep.faults)
+        callbacks.append(CheckpointMarker(fault.checkpoint_marker))
     if sweep.search.searched:  # drawn as it runs (pipeline.sweep.search), each run made as its trial starts
         space, drawn, more = searched_tune_args(sweep, sweep_id, exp, data_info, fault, parent)
         callbacks += more

@@ -14,6 +14,12 @@ A test passes `run_sweep(..., fault={...})`; the dict becomes a `Faults` in the 
     300 s), so that a test can kill this worker's node at a known step.
   kill_driver_at_step: on rank 0 of a data-parallel trial, SIGKILL the trial's driver (driver_pid),
     write the step to `driver_marker`, then wait to be torn down.
+
+One fault is the sweep driver's, not a trial's: `checkpoint_marker`, a file to which the driver appends
+{"trial", "step"} (a JSON line) each time Ray Tune registers a trial's checkpoint
+(pipeline.sweep.callbacks.CheckpointMarker). A trial's report reaches Tune before its checkpoint is
+registered (Tune fetches it with a separate `save` call on the trial's actor), so a test that kills a
+node must wait for this line, not for the trial's own marker, to know which checkpoint it resumes from.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ class Faults:
     kill_driver_at_step: int | None = None
     driver_marker: str | None = None
     driver_pid: int | None = None
+    checkpoint_marker: str | None = None
 
     def __post_init__(self) -> None:
         if (self.kill_at_step is not None or self.hold_at_step is not None) and not self.marker:
