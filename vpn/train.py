@@ -246,7 +246,6 @@ class Trainer:
         self.step += 1
         return nats
 
-    @torch.no_grad()
     def evaluate(self, data: Dataset | None = None, batches: int | None = None) -> float:
         """Mean nats/frame over frames context..T-1 of the first `batches` batches of `data` (val)."""
         data = self.val_data if data is None else as_dataset(data)
@@ -255,7 +254,6 @@ class Trainer:
         batches = self.cfg.val_batches if batches is None else batches
         return self.score(data, batches * self.cfg.batch_size).nats_per_frame
 
-    @torch.no_grad()
     def score(self, data: Dataset | Tensor, sequences: int | None = None) -> Score:
         """The paper's score of the first `sequences` sequences of `data` (None: all): see `score`."""
         # fp32 without TF32 (vpn.evaluate.full_precision), not the training autocast: the score of a
