@@ -3,7 +3,7 @@
     python -m benchmarks.bench_ddp --preset micro --size 64 --batch 4 --seq-len 4 --workers 2 \
         --device cpu --out benchmarks/results/ddp_cpu.json
 
-What a sweep trial does with run.workers_per_trial = N (pipeline.sweep.distributed), without Ray around it:
+What a sweep trial does with run.workers_per_trial = N (pipeline.sweep.trials.distributed), without Ray around it:
 N processes in a torch.distributed group (gloo on CPU, NCCL on CUDA, one GPU per rank), each running
 vpn.train.Trainer.train_step on its B/N sequences of the same global batch of B; DDP averages the
 gradients. Against it, one process running the same Trainer on all B sequences (on CPU once per

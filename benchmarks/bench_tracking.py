@@ -7,7 +7,7 @@ from 64x64, 6-frame clips, context 3, batch 8, 200 steps, validation every 50 st
 on one thread as Ray grants it, logging to a temporary SQLite store as the sweeps do. Synthetic
 frames: the cost does not depend on what they show.
 
-1. samples: a training step, a validation (Trainer.evaluate) and one picture (pipeline.sweep.pictures.
+1. samples: a training step, a validation (Trainer.evaluate) and one picture (pipeline.sweep.record.pictures.
    sample_strip, `--sample-frames` frames drawn after the context by the cached sampler, then
    tracking.log_image), timed interleaved. A trial's share = V x picture / (S x step + V x
    (validation + picture)), with S steps and V validations.
@@ -31,7 +31,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import environment, interleaved, markdown_table, median, paired_ratio, write_json
-from pipeline.sweep import pictures, tracking
+from pipeline.sweep.record import pictures, tracking
 from vpn import VPNConfig
 from vpn.config import TrainConfig
 from vpn.evaluate import prepare

@@ -187,8 +187,8 @@ def sweep_part(scale: Scale) -> list[Result]:
 
 def sweep_runs(scale: Scale, uri: str) -> list[Result]:
     """Every trial's run: FINISHED, its training curve, its memory params and MLflow's system metrics."""
-    from pipeline.sweep import tracking
-    from pipeline.sweep.parent import trial_runs
+    from pipeline.sweep.record import tracking
+    from pipeline.sweep.record.parent import trial_runs
 
     client = tracking.client(uri)
     exp = client.get_experiment_by_name("gpu_check")

@@ -31,7 +31,7 @@ class ParamsError(ValueError):
     key: the key of the section at fault, where one is (None: the file, or the section as a whole).
     problem: what is wrong, without the message's leading "<source>: " and, where `key` is set,
     without its place: a caller that names places its own way (a sweep spec names the field's path
-    in the spec, pipeline.sweep.validate) says the same thing from these two.
+    in the spec, pipeline.sweep.spec.validate) says the same thing from these two.
     """
 
     def __init__(self, message: str, *, key: str | None = None, problem: str | None = None) -> None:

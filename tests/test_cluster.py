@@ -1,7 +1,7 @@
 """A sweep on a real multi-node Ray cluster survives losing a node; data-parallel trials survive too.
 
 One machine plays the cluster (ray.cluster_utils.Cluster, as Ray's own tests do): a head node that
-runs no training (no CPU; it offers pipeline.sweep.placement.DRIVER_RESOURCE, so the drivers of
+runs no training (no CPU; it offers pipeline.sweep.cluster.placement.DRIVER_RESOURCE, so the drivers of
 data-parallel trials live there, as sweeps/cluster.yaml places them) and two worker nodes of one
 CPU each. The sweeps run as `python -m pipeline.sweep` driver processes joining it through
 RAY_ADDRESS, with storage in a local folder (shared: it is one machine) and MLflow behind an
@@ -26,9 +26,9 @@ import torch
 import yaml
 from conftest import environ, free_port, running_mlflow_server, write_splits
 
-from pipeline.sweep import tracking
+from pipeline.sweep.cluster.placement import DRIVER_RESOURCE
 from pipeline.sweep.driver import QUIET_ENV
-from pipeline.sweep.placement import DRIVER_RESOURCE
+from pipeline.sweep.record import tracking
 from vpn.config import TrainConfig, VPNConfig
 from vpn.data import MovingMNIST
 from vpn.train import Trainer
@@ -97,7 +97,8 @@ def start_sweep(cluster, spec: Path, fault: dict | None = None) -> tuple[subproc
     """`python -m pipeline.sweep` as a driver process joining the cluster (fault: the test hook, as JSON)."""
     log = cluster["root"] / f"{spec.stem}.log"
     code = (
-        "import json, sys; from pipeline.sweep.driver import run_sweep; from pipeline.sweep.spec import load_spec; "
+        "import json, sys; from pipeline.sweep.driver import run_sweep; "
+        "from pipeline.sweep.spec.sweep import load_spec; "
         "o = run_sweep(load_spec(sys.argv[1]), 'cpu', storage=sys.argv[2], fault=json.loads(sys.argv[3]) or None, "
         "write_tables=False); sys.exit(130 if o.interrupted else 0)"
     )
@@ -151,7 +152,7 @@ def runs_of(client, name: str) -> dict:
     other (but the sweep's parent run, which every trial's run is nested under)."""
     from mlflow.entities import ViewType
 
-    from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+    from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
 
     exp = client.get_experiment_by_name(name)
     every = client.search_runs([exp.experiment_id], run_view_type=ViewType.ALL)

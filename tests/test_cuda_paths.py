@@ -15,8 +15,8 @@ import torch
 import yaml
 from torch.profiler import ProfilerActivity, profile
 
-from pipeline.sweep import distributed, trainable
-from pipeline.sweep.spec import SpecError, load_spec
+from pipeline.sweep.spec.sweep import SpecError, load_spec
+from pipeline.sweep.trials import distributed, trainable
 from vpn import sample as vpn_sample
 from vpn import train as vpn_train
 from vpn.config import TrainConfig, VPNConfig

@@ -133,8 +133,8 @@ def test_one_process_is_unchanged():
 
 # -- the spec and the placement ----------------------------------------------------------------------
 def resolve(tmp_path, run: dict, train: dict | None = None, **top):
-    """A one-point spec with these run (and train) settings, resolved: a pipeline.sweep.spec.Sweep."""
-    from pipeline.sweep.spec import load_spec
+    """A one-point spec with these run (and train) settings, resolved: a pipeline.sweep.spec.sweep.Sweep."""
+    from pipeline.sweep.spec.sweep import load_spec
 
     spec = {"name": "dp", "model": {"output": "bernoulli"}, "train": {"batch_size": 4, **(train or {})},
             "search": {"model": {"enc_blocks": [1]}}, "run": run, "profiles": {"cpu": {}}, **top}  # fmt: skip
@@ -173,7 +173,7 @@ def resolve(tmp_path, run: dict, train: dict | None = None, **top):
     ],
 )
 def test_spec_names_the_field_of_an_impossible_data_parallel_setting(tmp_path, run, train, top, field, message):
-    from pipeline.sweep.spec import SpecError
+    from pipeline.sweep.spec.sweep import SpecError
 
     with pytest.raises(SpecError) as err:
         resolve(tmp_path, run, train, **top)
@@ -190,7 +190,7 @@ def test_per_worker_resources_default_to_the_trials_and_n_is_part_of_the_identit
 
 
 def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog):
-    from pipeline.sweep.placement import DRIVER_MEMORY, DRIVER_RESOURCE, plan
+    from pipeline.sweep.cluster.placement import DRIVER_MEMORY, DRIVER_RESOURCE, plan
 
     gpu_nodes = [{"CPU": 0.0, DRIVER_RESOURCE: 1.0}, {"CPU": 16.0, "GPU": 8.0}, {"CPU": 16.0, "GPU": 8.0}]
     run = resolve(tmp_path, {"workers_per_trial": 4, "cpus_per_worker": 4, "gpus_per_worker": 1}).run
@@ -218,8 +218,8 @@ def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog
 
 def test_the_sweep_refuses_a_trial_no_placement_holds(tmp_path):
     pytest.importorskip("ray")
-    from pipeline.sweep.data_check import SweepDataError
-    from pipeline.sweep.placement import trainable_of
+    from pipeline.sweep.cluster.placement import trainable_of
+    from pipeline.sweep.spec.data_check import SweepDataError
 
     sweep = resolve(tmp_path, {"workers_per_trial": 2, "gpus_per_worker": 1})
     nodes = [{"CPU": 8.0, "GPU": 1.0}]

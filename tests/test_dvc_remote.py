@@ -21,8 +21,8 @@ import pytest
 import yaml
 from test_data_pipeline import REPO, TINY_PARAMS, run, write_fake_idx_dir, write_params
 
-from pipeline.sweep.data_check import json_dumps
-from pipeline.sweep.tracking import dataset_input
+from pipeline.sweep.record.tracking import dataset_input
+from pipeline.sweep.spec.data_check import json_dumps
 from vpn.data import read_stats
 
 pytestmark = [pytest.mark.slow]

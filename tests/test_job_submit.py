@@ -27,10 +27,10 @@ import pandas as pd
 import pytest
 from conftest import copy_repo, free_port, write_splits
 
-from pipeline.sweep import tracking
+from pipeline.sweep.cluster.persist import example_line
 from pipeline.sweep.driver import QUIET_ENV
-from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
-from pipeline.sweep.persist import example_line
+from pipeline.sweep.record import tracking
+from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
 
 pytestmark = [
     pytest.mark.slow,

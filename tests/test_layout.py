@@ -4,7 +4,10 @@
 - `vpn/` imports no Ray, MLflow or DVC, not even inside a function (it is the model library);
 - no module over MAX_MODULE_LINES lines and no function over MAX_FUNCTION_LINES lines there;
 - every DVC stage's deps cover each `vpn/` or `pipeline/` file its command's module imports,
-  transitively, so that editing one reruns the stage.
+  transitively, so that editing one reruns the stage;
+- `pipeline/sweep/` is its wings (SWEEP_WINGS, lowest first): a wing imports only the wings before it,
+  the spec wing knows no Ray or MLflow and the record wing no Ray, no wing holds more than
+  MAX_WING_MODULES modules, and at most MAX_LOOSE_MODULES modules stand beside them.
 
 Each check is a function of a source root, unit-tested below on a tiny synthetic package in tmp_path
 that holds exactly the fault the check names.
@@ -26,6 +29,13 @@ MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 80
 # What the model library must not know of (style.md: vpn/ knows nothing of Ray, MLflow or DVC).
 FORBIDDEN_IN_VPN = ("ray", "mlflow", "dvc")
+# The sweep package's wings, lowest first (issue 26): each may import only those before it.
+SWEEP = "pipeline.sweep"
+SWEEP_WINGS = ("spec", "record", "trials", "cluster")
+# What a wing must not know of: what a sweep is needs no Ray or MLflow, what MLflow keeps no Ray.
+FORBIDDEN_IN_WING = {"spec": ("ray", "mlflow", "dvc"), "record": ("ray", "dvc")}
+MAX_WING_MODULES = 12
+MAX_LOOSE_MODULES = 2  # beside __init__ and __main__: the driver, which runs a sweep through every wing
 
 
 # ------------------------------------------------------------------------------------------------
@@ -252,6 +262,49 @@ def uncovered_deps(root: Path, dvc_yaml: Path, packages: Iterable[str] = PACKAGE
     return found
 
 
+def wing_of(module: str, package: str = SWEEP) -> str | None:
+    """The wing of a module of `package` (pipeline.sweep.record.runs -> record); None for one outside
+    every wing (the package's own __init__, __main__ and loose modules, or another package)."""
+    if not module.startswith(package + "."):
+        return None
+    parts = module[len(package) + 1 :].split(".")
+    return parts[0] if len(parts) > 1 else None
+
+
+def wing_violations(graph: dict[str, set[str]], wings: tuple[str, ...], package: str = SWEEP) -> list[str]:
+    """`a -> b` for each import from a wing to a later wing, or to a module of `package` outside every
+    wing (the loose modules stand above the wings), or into a folder that is no known wing."""
+    rank = {wing: i for i, wing in enumerate(wings)}
+    found = []
+    for module, targets in sorted(graph.items()):
+        wing = wing_of(module, package)
+        if wing is None:
+            continue
+        if wing not in rank:
+            found.append(f"{module}: in {package}.{wing}, which is no wing ({', '.join(wings)})")
+            continue
+        for target in sorted(targets):
+            if not target.startswith(package + ".") or target == f"{package}.{wing}":
+                continue
+            other = wing_of(target, package)
+            if other is None or other not in rank or rank[other] > rank[wing]:
+                where = f"the {other} wing" if other in rank else "outside the wings"
+                found.append(f"{module} -> {target} (the {wing} wing imports {where})")
+    return found
+
+
+def wing_sizes(root: Path, package: str = SWEEP) -> tuple[dict[str, int], list[str]]:
+    """(modules per wing, excluding its __init__; the package's loose modules beside __init__/__main__)."""
+    folder = root.joinpath(*package.split("."))
+    sizes = {
+        d.name: len([f for f in d.glob("*.py") if f.name != "__init__.py"])
+        for d in sorted(folder.iterdir())
+        if (d / "__init__.py").is_file()
+    }
+    loose = sorted(f.stem for f in folder.glob("*.py") if f.name not in ("__init__.py", "__main__.py"))
+    return sizes, loose
+
+
 # ------------------------------------------------------------------------------------------------
 # The repository
 
@@ -264,6 +317,30 @@ def test_no_import_cycle_in_vpn_or_pipeline():
 def test_vpn_imports_no_ray_mlflow_or_dvc():
     found = forbidden_imports(REPO, "vpn", FORBIDDEN_IN_VPN)
     assert not found, "vpn/ must know nothing of Ray, MLflow or DVC:\n" + "\n".join(found)
+
+
+def test_the_sweep_wings_import_downwards_only():
+    found = wing_violations(import_graph(REPO), SWEEP_WINGS)
+    assert not found, "pipeline/sweep's wings must import only the wings before them:\n" + "\n".join(found)
+
+
+def test_the_spec_and_record_wings_know_no_ray():
+    found = [
+        line
+        for wing, forbidden in FORBIDDEN_IN_WING.items()
+        for line in forbidden_imports(REPO, f"pipeline/sweep/{wing}", forbidden)
+    ]
+    assert not found, "\n".join(found)
+
+
+def test_the_sweep_wings_stay_small_and_documented():
+    sizes, loose = wing_sizes(REPO)
+    assert sorted(sizes) == sorted(SWEEP_WINGS), f"pipeline/sweep's sub-packages {sorted(sizes)} are not its wings"
+    assert all(n <= MAX_WING_MODULES for n in sizes.values()), sizes
+    assert len(loose) <= MAX_LOOSE_MODULES, f"loose modules in pipeline/sweep: {loose}"
+    for wing in SWEEP_WINGS:  # each wing says what it holds and what it may import
+        doc = ast.get_docstring(ast.parse((REPO / "pipeline/sweep" / wing / "__init__.py").read_text()))
+        assert doc and "May import" in doc, f"pipeline/sweep/{wing}/__init__.py: no docstring saying what it may import"
 
 
 def test_no_module_or_function_over_the_bounds():
@@ -391,3 +468,29 @@ def test_deps_check_catches_an_import_the_stage_does_not_depend_on(tmp_path):
         "uncovered: pipeline/helpers.py (imported by `python -m pipeline.stage`) is not in its deps",
         "uncovered: vpn/layers.py (imported by `python -m pipeline.stage`) is not in its deps",
     ]
+
+
+def test_wing_check_catches_an_upward_import_and_one_into_the_loose_driver(tmp_path):
+    root = write_package(
+        tmp_path,
+        {
+            "pipeline/__init__.py": "",
+            "pipeline/sweep/__init__.py": "",
+            "pipeline/sweep/driver.py": "from pipeline.sweep.low import a\nfrom pipeline.sweep.high import b\n",
+            "pipeline/sweep/low/__init__.py": "",
+            "pipeline/sweep/low/a.py": "def f():\n    from pipeline.sweep.high.b import g  # upwards, in a function\n",
+            "pipeline/sweep/low/c.py": "from pipeline.sweep import driver\n",  # the loose driver stands above
+            "pipeline/sweep/high/__init__.py": "",
+            "pipeline/sweep/high/b.py": "from pipeline.sweep.low import a\nfrom pipeline.sweep.high import d\n",
+            "pipeline/sweep/high/d.py": "",
+            "pipeline/sweep/odd/__init__.py": "",
+            "pipeline/sweep/odd/e.py": "",
+        },
+    )
+    graph = import_graph(root, ["pipeline"])
+    assert wing_violations(graph, ("low", "high"), "pipeline.sweep") == [
+        "pipeline.sweep.low.a -> pipeline.sweep.high.b (the low wing imports the high wing)",
+        "pipeline.sweep.low.c -> pipeline.sweep.driver (the low wing imports outside the wings)",
+        "pipeline.sweep.odd.e: in pipeline.sweep.odd, which is no wing (low, high)",
+    ]
+    assert wing_sizes(root, "pipeline.sweep") == ({"high": 2, "low": 2, "odd": 1}, ["driver"])

@@ -382,10 +382,11 @@ def test_vpn_info_prints_the_estimate_under_the_settings_asked(capsys):
 
 
 def test_the_choice_is_logged_once_as_params(tmp_path):
-    """pipeline.sweep.tracking.log_params_once: a restarted trial keeps the first choice and is told of a change."""
+    """pipeline.sweep.record.tracking.log_params_once: a restarted trial keeps the first choice and is told of
+    a change."""
     from mlflow.tracking import MlflowClient
 
-    from pipeline.sweep import tracking
+    from pipeline.sweep.record import tracking
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_id = client.create_run(client.create_experiment("memory")).info.run_id

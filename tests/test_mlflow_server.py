@@ -9,10 +9,10 @@ import torch
 import yaml
 from conftest import write_splits
 
-from pipeline.sweep import tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
-from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
-from pipeline.sweep.spec import load_spec
+from pipeline.sweep.record import tracking
+from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+from pipeline.sweep.spec.sweep import load_spec
 
 pytestmark = [
     pytest.mark.slow,

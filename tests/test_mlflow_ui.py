@@ -21,10 +21,10 @@ import yaml
 from conftest import environ, running_local_ray, write_splits
 from PIL import Image
 
-from pipeline.sweep import futures, pictures, registry, tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
-from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
-from pipeline.sweep.spec import load_spec
+from pipeline.sweep.record import futures, pictures, registry, tracking
+from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+from pipeline.sweep.spec.sweep import load_spec
 from vpn.checkpoint import load_model
 
 pytestmark = [

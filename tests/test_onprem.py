@@ -232,8 +232,8 @@ def check_results(server: str, password: str, home: Path, tmp_path: Path) -> Non
         import mlflow.pytorch
         import pandas as pd
 
-        from pipeline.sweep import registry, tracking
-        from pipeline.sweep.parent import trial_runs
+        from pipeline.sweep.record import registry, tracking
+        from pipeline.sweep.record.parent import trial_runs
 
         c = tracking.client(server)
         exp = c.get_experiment_by_name("depth_width")

@@ -1,4 +1,4 @@
-"""pipeline.sweep.persist: a sweep run from Ray's uploaded copy of a working directory is refused unless
+"""pipeline.sweep.cluster.persist: a sweep run from Ray's uploaded copy of a working directory is refused unless
 its MLflow store, Ray storage and results tables all live outside the copy (fast; no Ray)."""
 
 from __future__ import annotations
@@ -8,10 +8,10 @@ import subprocess
 
 import pytest
 
-from pipeline.sweep.data_check import SweepDataError
+from pipeline.sweep.cluster.persist import check_results_persist, example_line, uploaded_copy
 from pipeline.sweep.driver import run_sweep
-from pipeline.sweep.persist import check_results_persist, example_line, uploaded_copy
-from pipeline.sweep.spec import load_spec
+from pipeline.sweep.spec.data_check import SweepDataError
+from pipeline.sweep.spec.sweep import load_spec
 
 
 @pytest.fixture()

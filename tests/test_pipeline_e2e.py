@@ -65,7 +65,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     # the report's numbers are MLflow's
     from mlflow.tracking import MlflowClient
 
-    from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+    from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
 
     client = MlflowClient(f"sqlite:///{work / 'mlflow.db'}")
     experiment = client.get_experiment_by_name("depth_width")
@@ -107,7 +107,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
         assert table.loc[name, "test_excess_nats_per_frame"] == pytest.approx(
             r.data.metrics["test_nats_per_frame"] - r.data.metrics["test_floor_nats_per_frame"]
         )
-    # free-running scores (pipeline.sweep.forecasting): logged, carried by trials.parquet, reported
+    # free-running scores (pipeline.sweep.record.forecasting): logged, carried by trials.parquet, reported
     for name, r in rows.items():
         assert r.data.metrics["test_forecast_samples"] == 2 and r.data.metrics["test_forecast_sequences"] == 1
         for m in ("mse", "mae", "ssim", "psnr"):

@@ -1,4 +1,4 @@
-"""The memory plan (pipeline.sweep.plan): `--plan --json` on a tiny spec, the settings auto would choose
+"""The memory plan (pipeline.sweep.cluster.plan): `--plan --json` on a tiny spec, the settings auto would choose
 (stopping at the first fit, measuring no setting twice), the GPU's source (the spec, cluster.yaml, or on a
 live cluster the probe of its GPUs), a trial that cannot fit refused before Ray starts; and (slow) the
 probe on a real local Ray without CUDA, every gpu profile in sweeps/ fits the GPUs sweeps/cluster.yaml
@@ -15,10 +15,11 @@ import yaml
 from conftest import environ, running_local_ray
 
 from pipeline.paths import repo_root
-from pipeline.sweep import driver, plan
+from pipeline.sweep import driver
+from pipeline.sweep.cluster import plan
+from pipeline.sweep.cluster.placement import GPUProbe
 from pipeline.sweep.driver import QUIET_ENV
-from pipeline.sweep.placement import GPUProbe
-from pipeline.sweep.spec import SpecError, load_spec
+from pipeline.sweep.spec.sweep import SpecError, load_spec
 from vpn import memory
 from vpn.memory import CONTEXT_GIB, GIB, HEADROOM
 
@@ -99,7 +100,7 @@ def test_auto_stops_at_the_first_fit_and_measures_no_setting_twice(tmp_path, mon
 
 
 def test_the_gpu_planned_for_comes_from_the_probe_where_it_saw_one(tmp_path):
-    """plan.gpu_from_probe, the rule the driver applies to pipeline.sweep.placement.probe_gpus's answer."""
+    """plan.gpu_from_probe, the rule the driver applies to pipeline.sweep.cluster.placement.probe_gpus's answer."""
     cluster = plan.cluster_gpu(repo_root() / "sweeps/cluster.yaml")
     both = GPUProbe((("n1", "NVIDIA H100 80GB HBM3", 85_000_000_000), ("n2", "NVIDIA L40S", 47_700_000_000)))
     gpu, where = plan.gpu_from_probe(cluster, both)
@@ -123,13 +124,13 @@ def test_the_probe_on_a_ray_without_cuda_sees_no_gpu(tmp_path, caplog):
     so the check on the cluster says so and plans with the spec's figure."""
     import ray
 
-    from pipeline.sweep import placement
+    from pipeline.sweep.cluster import placement
 
     sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": 1000}), root=tmp_path).resolve("gpu")
     with environ(QUIET_ENV), running_local_ray(num_gpus=1):
         probe = placement.probe_gpus(ray, timeout_s=120)
         assert probe.gpus == () and "torch there sees no CUDA device" in probe.why_none
-        with caplog.at_level("INFO", logger="pipeline.sweep.plan"):
+        with caplog.at_level("INFO", logger="pipeline.sweep.cluster.plan"):
             assert [p.fits for p in plan.check_plan_on_cluster(ray, sweep, tmp_path)] == [True, True]
     assert f"no GPU visible ({probe.why_none}), using run.gpu_memory_gb of {sweep.source}" in caplog.text
 
@@ -144,7 +145,7 @@ def test_the_probe_of_a_cluster_without_gpus_runs_nothing():
         def remote(*args, **kwargs):
             pytest.fail("a task was started")
 
-    from pipeline.sweep.placement import probe_gpus
+    from pipeline.sweep.cluster.placement import probe_gpus
 
     assert probe_gpus(NoGPURay()) == GPUProbe(why_none="no node of the Ray cluster offers a GPU")
 

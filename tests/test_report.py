@@ -61,7 +61,7 @@ def synthetic(n_failed: int = 1):
 
 
 def with_forecasts(trials, horizon: int = 3):
-    """Free-running scores on the finished trials (pipeline.sweep.forecasting's columns), trial k
+    """Free-running scores on the finished trials (pipeline.sweep.record.forecasting's columns), trial k
     better than trial k-1, worsening over the horizon."""
     for k, t in enumerate(trials, start=1):
         if t["status"] != "FINISHED":
@@ -335,13 +335,13 @@ def test_overfit_report_shows_the_blog_posts_figure(tmp_path):
 
 
 def test_report_from_a_real_mlflow_store_with_a_failed_trial_and_an_empty_experiment(tmp_path):
-    """The path the pipeline takes: MLflow runs -> pipeline.sweep.results tables -> report. A failed run
+    """The path the pipeline takes: MLflow runs -> pipeline.sweep.record.results tables -> report. A failed run
     is marked with its error; an experiment without runs gives a report that says so."""
     from mlflow.entities import Metric
     from mlflow.tracking import MlflowClient
 
-    from pipeline.sweep import tracking
-    from pipeline.sweep.results import write_results
+    from pipeline.sweep.record import tracking
+    from pipeline.sweep.record.results import write_results
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}", registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
     exp = client.create_experiment("real", artifact_location=(tmp_path / "art").as_uri())
@@ -524,11 +524,11 @@ def test_report_html_in_a_real_browser(tmp_path):
 
 
 def test_one_ranking_for_the_results_the_report_and_the_decoder_comparison():
-    """pipeline.sweep.results' ranking, each rule on a small table: the least test excess where any
+    """pipeline.sweep.record.results' ranking, each rule on a small table: the least test excess where any
     trial has one (trials without one left out), else the least of the fallback column; the excess
     is skipped where the caller says so (overfit mode); None where no trial has a value."""
     from pipeline.report.decoders import with_score
-    from pipeline.sweep.results import EXCESS, best_trial, rank_column, summary
+    from pipeline.sweep.record.results import EXCESS, best_trial, rank_column, summary
 
     trials = pd.DataFrame(
         {

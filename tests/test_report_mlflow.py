@@ -10,8 +10,8 @@ import pytest
 
 from pipeline.report.build import main
 from pipeline.report.to_mlflow import log_report
-from pipeline.sweep import tracking
-from pipeline.sweep.parent import TAG_PARENT_OF
+from pipeline.sweep.record import tracking
+from pipeline.sweep.record.parent import TAG_PARENT_OF
 
 pytestmark = pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # MLflow's SQL store
 

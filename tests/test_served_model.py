@@ -1,4 +1,4 @@
-"""The registered futures model (pipeline.sweep.futures): raw frames in, the trial's preparation, sampled
+"""The registered futures model (pipeline.sweep.record.futures): raw frames in, the trial's preparation, sampled
 uint8 frames out, equal to model.sample with the same seed, through pyfunc.load_model and through a
 REST request to `mlflow models serve` on loopback. The PyTorch model stays registered beside it."""
 
@@ -17,8 +17,8 @@ import pytest
 import torch
 from conftest import environ, free_port
 
-from pipeline.sweep import futures, registry, tracking
 from pipeline.sweep.driver import QUIET_ENV
+from pipeline.sweep.record import futures, registry, tracking
 from vpn import VPNConfig
 from vpn.checkpoint import load_model
 from vpn.config import TrainConfig
@@ -76,7 +76,7 @@ class Context:
 
 def test_futures_model_predicts_model_sample_of_the_prepared_frames(tmp_path):
     """The model's code alone, as MLflow calls it (fast: no store)."""
-    from pipeline.sweep.futures_model import FuturesModel
+    from pipeline.sweep.record.futures_model import FuturesModel
 
     checkpoint = Trainer(TINY, CFG, torch.from_numpy(raw_frames(4, 6, 0))).save(tmp_path / "checkpoint.pt")
     served = FuturesModel()

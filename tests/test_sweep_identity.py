@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.sweep.identity import code_files, code_identity
+from pipeline.sweep.spec.identity import code_files, code_identity
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -25,10 +25,12 @@ def test_a_module_the_trainable_imports_is_part_of_the_identity_and_an_unrelated
             "vpn/unrelated.py": "Y = 2\n",
             "pipeline/__init__.py": "",
             "pipeline/sweep/__init__.py": "",
-            "pipeline/sweep/tracking.py": "import os\n",
-            "pipeline/sweep/trainable.py": "import torch\nfrom pipeline.sweep import tracking\n\n"
+            "pipeline/sweep/record/__init__.py": "",
+            "pipeline/sweep/record/tracking.py": "import os\n",
+            "pipeline/sweep/trials/__init__.py": "",
+            "pipeline/sweep/trials/trainable.py": "import torch\nfrom pipeline.sweep.record import tracking\n\n"
             "def trial():\n    from vpn.newmodule import X  # a function-level import counts too\n",
-            "pipeline/sweep/distributed.py": "from pipeline.sweep.trainable import trial\n",
+            "pipeline/sweep/trials/distributed.py": "from pipeline.sweep.trials.trainable import trial\n",
             "pipeline/report/build.py": "from vpn.unrelated import Y\n",
         },
     )
@@ -36,9 +38,11 @@ def test_a_module_the_trainable_imports_is_part_of_the_identity_and_an_unrelated
     assert files == (
         "pipeline/__init__.py",
         "pipeline/sweep/__init__.py",
-        "pipeline/sweep/distributed.py",
-        "pipeline/sweep/tracking.py",
-        "pipeline/sweep/trainable.py",
+        "pipeline/sweep/record/__init__.py",
+        "pipeline/sweep/record/tracking.py",
+        "pipeline/sweep/trials/__init__.py",
+        "pipeline/sweep/trials/distributed.py",
+        "pipeline/sweep/trials/trainable.py",
         "vpn/__init__.py",
         "vpn/config.py",
         "vpn/newmodule.py",
@@ -52,8 +56,20 @@ def test_a_module_the_trainable_imports_is_part_of_the_identity_and_an_unrelated
 
 def test_the_repositorys_trial_code():
     files = code_files(REPO)
-    for name in ("vpn/model.py", "vpn/train.py", "vpn/overfit.py", "pipeline/sweep/trainable.py",
-                 "pipeline/sweep/distributed.py", "pipeline/sweep/tracking.py", "pipeline/sweep/trial.py"):  # fmt: skip
+    for name in (
+        "vpn/model.py",
+        "vpn/train.py",
+        "vpn/overfit.py",
+        "pipeline/sweep/trials/trainable.py",
+        "pipeline/sweep/trials/distributed.py",
+        "pipeline/sweep/record/tracking.py",
+        "pipeline/sweep/trials/trial.py",
+    ):
         assert name in files, name
-    for name in ("vpn/cli.py", "pipeline/sweep/driver.py", "pipeline/sweep/results.py", "pipeline/report/build.py"):
+    for name in (
+        "vpn/cli.py",
+        "pipeline/sweep/driver.py",
+        "pipeline/sweep/record/results.py",
+        "pipeline/report/build.py",
+    ):
         assert name not in files, name

@@ -21,10 +21,10 @@ import torch
 import yaml
 from conftest import environ, running_local_ray, write_splits
 
-from pipeline.sweep import forecasting, results, tracking
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
-from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
-from pipeline.sweep.spec import load_spec
+from pipeline.sweep.record import forecasting, results, tracking
+from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+from pipeline.sweep.spec.sweep import load_spec
 from vpn.checkpoint import load_model
 from vpn.config import TrainConfig, VPNConfig
 from vpn.data import MovingMNIST
@@ -176,7 +176,8 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
             assert all(math.isfinite(v) for v in train_curve) and train_curve[-1] < train_curve[0]
             test_keys = (tracking.TEST_KEY, tracking.TEST_FLOOR_KEY, tracking.TEST_SEQUENCES_KEY)
             logged = {k for k in run.data.metrics if not k.startswith("system/")}  # MLflow's system metrics aside
-            # plus the free-running scores (TrainConfig.forecast_samples defaults to 10: pipeline.sweep.forecasting)
+            # plus the free-running scores (TrainConfig.forecast_samples defaults to 10:
+            # pipeline.sweep.record.forecasting)
             forecast_keys = {*forecasting.SCALAR_KEYS, *forecasting.BY_FRAME_KEYS}
             assert logged == {*tracking.CURVE_KEYS, *test_keys, *forecast_keys}
             assert steps_of(client, run.info.run_id, tracking.TEST_KEY) == [20]  # once, at the end
@@ -236,7 +237,7 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     assert parent.data.metrics["best_test_excess_nats_per_frame"] == pytest.approx(best["test_excess_nats_per_frame"])
     assert parent.info.run_id not in set(trials["run_id"])
 
-    # `python -m pipeline.sweep.results` rebuilds the same tables from MLflow alone.
+    # `python -m pipeline.sweep.record.results` rebuilds the same tables from MLflow alone.
     again = env["root"] / "results_again"
     assert results.main(["full_sweep", "--out", str(again)]) == 0
     pd.testing.assert_frame_equal(pd.read_parquet(again / "trials.parquet"), trials)

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.sweep import budget, search
-from pipeline.sweep.spec import SpecError, load_spec
-from pipeline.sweep.trial import TrialConfig
+from pipeline.sweep.spec.sweep import SpecError, budget, load_spec
+from pipeline.sweep.trials import search
+from pipeline.sweep.trials.trial import TrialConfig
 
 # hpbandster 0.7.4 (2018) calls ConfigSpace APIs that ConfigSpace 1.x deprecates (pyproject.toml pins <1.3).
 pytestmark = pytest.mark.filterwarnings("ignore:Please use:DeprecationWarning")
@@ -197,9 +197,9 @@ def test_budget_below_one_trial_or_on_a_grid_is_refused(tmp_path):
 def test_searched_sweep_with_budget_runs_three_trials_nested_under_its_parent(tmp_path):
     from conftest import environ, running_local_ray, write_splits
 
-    from pipeline.sweep import tracking
     from pipeline.sweep.driver import QUIET_ENV, run_sweep
-    from pipeline.sweep.searched_runs import TAG_PARENT, TAG_PARENT_OF
+    from pipeline.sweep.record import tracking
+    from pipeline.sweep.trials.searched_runs import TAG_PARENT, TAG_PARENT_OF
 
     data = write_splits(tmp_path / "data", {"train": 16, "val": 8, "test": 4})
     space = {"model": {"enc_blocks": [1], "dec_blocks": [1]}, "train": {"lr": {"loguniform": [1e-4, 1e-2]}}}
@@ -237,9 +237,9 @@ def test_bohb_sweep_pauses_and_stops_trials_nested_under_its_parent(tmp_path):
     from their checkpoint) and stops the losers; every run lands under the parent, each step once."""
     from conftest import environ, running_local_ray, write_splits
 
-    from pipeline.sweep import tracking
     from pipeline.sweep.driver import QUIET_ENV, run_sweep
-    from pipeline.sweep.parent import TAG_PARENT, TAG_PARENT_OF
+    from pipeline.sweep.record import tracking
+    from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF
 
     data = write_splits(tmp_path / "data", {"train": 16, "val": 8, "test": 4})
     train = {**TRAIN, "steps": 9, "log_every": 3, "val_every": 3, "ckpt_every": 3, "seq_len": 6, "context": 3,

@@ -14,9 +14,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.sweep import budget, search, tracking
-from pipeline.sweep.spec import load_spec
-from pipeline.sweep.trial import TrialConfig
+from pipeline.sweep.record import tracking
+from pipeline.sweep.spec.sweep import budget, load_spec
+from pipeline.sweep.trials import search
+from pipeline.sweep.trials.trial import TrialConfig
 
 pytestmark = [
     pytest.mark.slow,
@@ -45,7 +46,7 @@ def test_interrupted_search_resumes_without_duplicates(tmp_path):
     from conftest import environ, running_local_ray, write_splits
 
     from pipeline.sweep.driver import QUIET_ENV, run_sweep
-    from pipeline.sweep.searched_runs import TAG_PARENT, TAG_PARENT_OF
+    from pipeline.sweep.trials.searched_runs import TAG_PARENT, TAG_PARENT_OF
 
     data = write_splits(tmp_path / "data", {"train": 16, "val": 8, "test": 4})
     train = {"steps": STEPS, "batch_size": 2, "seq_len": 6, "context": 3, "device": "cpu", "log_every": LOG_EVERY,

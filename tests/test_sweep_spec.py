@@ -16,8 +16,8 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline.sweep.data_check import SweepDataError, check_data
-from pipeline.sweep.spec import SpecError, load_spec
+from pipeline.sweep.spec.data_check import SweepDataError, check_data
+from pipeline.sweep.spec.sweep import SpecError, load_spec
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -363,7 +363,7 @@ def test_the_onprem_cluster_config_passes_rays_schema():
 
 # -- resources: GPUs only where the cluster has them ----------------------------------------------------
 def test_gpus_are_requested_only_where_the_cluster_has_them(tmp_path, caplog):
-    from pipeline.sweep.placement import choose_profile, trial_resources
+    from pipeline.sweep.cluster.placement import choose_profile, trial_resources
 
     spec = load_spec(
         write_spec(

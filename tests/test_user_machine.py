@@ -121,7 +121,7 @@ def test_trials_silence_rays_per_checkpoint_lines():
 
     from ray.train._internal import storage
 
-    from pipeline.sweep.trainable import quiet_framework_logs
+    from pipeline.sweep.trials.trainable import quiet_framework_logs
 
     assert "Checkpoint successfully created" in inspect.getsource(storage)  # the line this silences
     quiet_framework_logs()

@@ -1,7 +1,7 @@
 """The blog post's experiment: train on one sequence until its NLL reaches the sequence's floor.
 
 One loop (`fit_sequence`) serves both callers: `overfit` (`python -m vpn train --overfit`, with a
-progress bar) and the sweep's overfit trials (pipeline.sweep.trainable, which resumes from
+progress bar) and the sweep's overfit trials (pipeline.sweep.trials.trainable, which resumes from
 checkpoints and logs, checkpoints and draws pictures in its per-step hook). `one_sequence` prepares
 what both train on, so the floor, the tolerance and the Trainer's config are the same in both.
 """

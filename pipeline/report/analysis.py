@@ -33,7 +33,7 @@ def load_results(results_dir: Path, sweep: str) -> tuple[pd.DataFrame, pd.DataFr
         except Exception as err:  # pyarrow raises several types for a corrupt file
             raise ResultsError(f"{path}: not a readable Parquet table: {err}") from err
     trials, curves = tables
-    # pipeline.sweep.results' names -> the short names used in the figures and the table
+    # pipeline.sweep.record.results' names -> the short names used in the figures and the table
     # (`steps` there is the trial's step budget; the table shows the steps it actually ran.)
     if "steps_completed" in trials:
         trials = trials.rename(columns={"steps": "step_budget"})

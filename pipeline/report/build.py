@@ -1,7 +1,7 @@
 """Report stage: a sweep's results tables -> reports/<sweep>/report.md, report.html and PNG figures.
 
 Reads results/<sweep>/trials.parquet (one row per trial) and curves.parquet (one row per trial and
-logged step), which pipeline.sweep.results reads back from MLflow, so every number here is MLflow's.
+logged step), which pipeline.sweep.record.results reads back from MLflow, so every number here is MLflow's.
 
 Figures (seaborn):
 - curves.png: nats/frame against step, one line per config, colour = depth, style = width;
@@ -69,7 +69,7 @@ from pipeline.report.samples import write_samples_figure
 from pipeline.report.search_figures import search_section
 from pipeline.report.stats import paper_contrasts, seed_section
 from pipeline.report.tables import TABLE_COLUMNS, markdown_table
-from pipeline.sweep.results import EXCESS, best_trial, rank_column
+from pipeline.sweep.record.results import EXCESS, best_trial, rank_column
 from vpn.files import write_text
 
 log = logging.getLogger(__name__)

@@ -36,12 +36,12 @@ import pandas as pd
 from pipeline.report.figures import save_figure
 from pipeline.report.stats import t_interval
 from pipeline.report.tables import markdown_table
-from pipeline.sweep.results import EXCESS, rank_column
+from pipeline.sweep.record.results import EXCESS, rank_column
 
 REFERENCE = "pixelcnn"
 # The axes that set a model's size: a pair may differ in them (that is how sizes are matched).
 SIZE_COLUMNS = ("enc_blocks", "dec_blocks", "filter_fraction")
-# The conditions a pair shares (pipeline.sweep.results' columns, as pipeline.report.analysis.load_results names
+# The conditions a pair shares (pipeline.sweep.record.results' columns, as pipeline.report.analysis.load_results names
 # them): the model's fields but the decoder and the sizes, the training fields that change the
 # result (not logging, checkpointing or the device), the seed's sample, and the frame size.
 CONDITIONS = (

@@ -1,6 +1,6 @@
 """The report's free-running section: our trials' MSE, MAE, SSIM, PSNR beside OpenSTL's Moving MNIST rows.
 
-Ours: each train-mode trial's free-running scores (pipeline.sweep.forecasting, vpn.forecast), read
+Ours: each train-mode trial's free-running scores (pipeline.sweep.record.forecasting, vpn.forecast), read
 from trials.parquet. The table leads with the metrics of the per-pixel mean of the k samples: the
 Bernoulli head draws binary frames, and against grey targets a binary draw pays for every grey
 pixel however good the model is, while OpenSTL's deterministic models, trained with MSE, predict the

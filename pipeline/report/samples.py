@@ -42,7 +42,7 @@ def sample_frames(best: pd.Series, params: ReportParams, repo: Path):
         return None
     import mlflow.artifacts
 
-    from pipeline.sweep.tracking import tracking_uri
+    from pipeline.sweep.record.tracking import tracking_uri
 
     with tempfile.TemporaryDirectory(prefix="vpn-report-") as dest:
         path = Path(mlflow.artifacts.download_artifacts(artifact_uri=uri, dst_path=dest, tracking_uri=tracking_uri()))

@@ -3,7 +3,7 @@
     lines, figures, metrics = search_section(summary, out_dir)
 
 summary: pipeline.report.analysis.summarise's table. A sweep is searched when its trials carry
-`est_gpu_hours` (pipeline.sweep.searched_runs logs it on searched trials only). Its axes are the
+`est_gpu_hours` (pipeline.sweep.trials.searched_runs logs it on searched trials only). Its axes are the
 config fields (pipeline.report.stats.config_columns, the label left out) whose value varies over the
 finished trials.
 
@@ -19,7 +19,7 @@ finished trials.
 Training compute C = 3 x F x (T - 1) x B x S FLOPs: F the counted forward FLOPs of one frame
 (`flops_per_frame`, at the frame size trained on), T - 1 the frames a clip predicts, B the batch
 size, S the steps the trial ran (early-stopped trials ran fewer); 3 x for forward and backward, as
-pipeline.sweep.budget counts a trial's cost.
+pipeline.sweep.spec.budget counts a trial's cost.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from pipeline.report.analysis import pareto_front
 from pipeline.report.figures import save_figure
 from pipeline.report.stats import config_columns, scored
 from pipeline.report.tables import markdown_table
-from pipeline.sweep.budget import SEQ_LEN
+from pipeline.sweep.spec.budget import SEQ_LEN
 
 COST_COLUMN = "est_gpu_hours"
 IMPORTANCE_METHOD = "fANOVA (optuna.importance.FanovaImportanceEvaluator, 64 trees, seed 0)"

@@ -26,7 +26,7 @@ import pandas as pd
 
 from pipeline.report.paper import paper_row
 from pipeline.report.tables import markdown_table
-from pipeline.sweep.results import MODEL_COLUMNS, TRAIN_COLUMNS
+from pipeline.sweep.record.results import MODEL_COLUMNS, TRAIN_COLUMNS
 
 LEVEL = 0.95
 # Not part of a config: the seed (and its index), and fields that change how a trial runs or logs,

@@ -2,7 +2,7 @@
 
     run_id = log_report(sweep, out_dir, results_dir)   # None where no parent run is found
 
-Every sweep execution has a parent run, tag sweep_parent_of=<sweep id> (pipeline.sweep.parent), which
+Every sweep execution has a parent run, tag sweep_parent_of=<sweep id> (pipeline.sweep.record.parent), which
 MLflow's UI shows as the sweep's row; the sweep id is the one of results/<sweep>/trials.parquet. Its
 artifacts get:
 - report/: report.html, report.md, metrics.json and every PNG figure of reports/<sweep>/;
@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.sweep import tracking
+from pipeline.sweep.record import tracking
 
 log = logging.getLogger(__name__)
 

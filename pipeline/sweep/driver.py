@@ -4,43 +4,43 @@
                                                      [--storage PATH] [--retry-errored]
     python -m pipeline.sweep SPEC --profile P --plan [--json]   # the memory and cost plan; no Ray
 
-1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.sweep.spec). With
+1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.sweep.spec.sweep). With
    an explicit profile the data is checked too (splits present, channels, frames, frame size:
-   pipeline.sweep.data_check).
+   pipeline.sweep.spec.data_check).
 2. Ray: joins the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or the one `ray start`
    left on this node, else starts a local one. `--profile auto` (the default) picks `gpu` when the
    cluster has GPUs and `cpu` otherwise. GPUs are requested per trial only when the cluster has
    some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever. On an
    autoscaling cluster whose GPU nodes are still booting, VPN_WAIT_FOR_NODES=<seconds> makes the
    driver wait for them before it looks (sweeps/cluster.yaml sets it). With run.workers_per_trial
-   N > 1 a trial is N data-parallel Ray Train workers (pipeline.sweep.distributed); whether the cluster
-   can ever hold them is checked before anything is created (all of this: pipeline.sweep.placement).
+   N > 1 a trial is N data-parallel Ray Train workers (pipeline.sweep.trials.distributed); whether the cluster
+   can ever hold them is checked before anything is created (all of this: pipeline.sweep.cluster.placement).
 3. The sweep's identity is `<name>-<profile>-<fingerprint>`, the fingerprint covering the resolved
-   grid, the data's stats.json and the source of every module a trial runs (pipeline.sweep.identity:
+   grid, the data's stats.json and the source of every module a trial runs (pipeline.sweep.spec.identity:
    the files the trainable imports, found by reading the imports). It names the Ray
    experiment folder under the storage path and tags every MLflow run. Rerunning the same command
    with the same identity resumes: finished trials are kept, unfinished ones continue from their
    last checkpoint (`--retry-errored` also retries errored ones). A changed spec, data or model code
    is a new sweep (its parent run and trials sit beside the old ones in the same MLflow experiment).
-4. The sweep's parent run is opened (pipeline.sweep.parent: found again on a resume), then one MLflow
+4. The sweep's parent run is opened (pipeline.sweep.record.parent: found again on a resume), then one MLflow
    run per grid point is created, nested under it, before any trial starts, holding the params
    (the configs, preset, parameter count, FLOPs per frame, frame size) and the tags (sweep,
-   profile, sweep_id) (pipeline.sweep.runs). Each trial gets its pipeline.sweep.trial.TrialConfig,
+   profile, sweep_id) (pipeline.sweep.record.runs). Each trial gets its pipeline.sweep.trials.trial.TrialConfig,
    holding its run's id: the trial reattaches to it, also after a retry or a resume. A searcher's
-   runs are made as its trials start (pipeline.sweep.searched_runs).
+   runs are made as its trials start (pipeline.sweep.trials.searched_runs).
 5. At the end results/<name>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
-   (pipeline.sweep.results), and the parent gets the best trial's metrics. Exit status: 0 when every
+   (pipeline.sweep.record.results), and the parent gets the best trial's metrics. Exit status: 0 when every
    trial reached a final state (FINISHED or FAILED: failures are results, recorded in the table), 130
    when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data.
 
 Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
 <repo>/ray_results. A multi-node cluster needs shared storage here (s3://, gs://, NFS).
-MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.sweep.tracking).
+MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.sweep.record.tracking).
 Tables: --results-dir, else VPN_RESULTS_DIR/<sweep name>, else <repo>/results/<sweep name>.
 Run from Ray's uploaded copy of a working directory (`ray job submit --working-dir .`), the sweep
 refuses to start unless the MLflow store, the storage and the tables are all outside that copy
-(pipeline.sweep.persist): Ray deletes the copy.
+(pipeline.sweep.cluster.persist): Ray deletes the copy.
 """
 
 from __future__ import annotations
@@ -56,15 +56,15 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.paths import repo_root
-from pipeline.sweep.budget import trial_gpu_hours
-from pipeline.sweep.data_check import SweepDataError, check_data
-from pipeline.sweep.faults import Faults
-from pipeline.sweep.identity import sweep_id_of
-from pipeline.sweep.persist import RESULTS_ENV, STORAGE_ENV, check_results_persist
-from pipeline.sweep.placement import WAIT_ENV, choose_profile, trainable_of, wait_for_nodes
-from pipeline.sweep.plan import check_plan, check_plan_on_cluster, show_plan
-from pipeline.sweep.spec import SpecError, Sweep, SweepSpec, load_spec
-from pipeline.sweep.trial import TrialConfig
+from pipeline.sweep.cluster.persist import RESULTS_ENV, STORAGE_ENV, check_results_persist
+from pipeline.sweep.cluster.placement import WAIT_ENV, choose_profile, trainable_of, wait_for_nodes
+from pipeline.sweep.cluster.plan import check_plan, check_plan_on_cluster, show_plan
+from pipeline.sweep.spec.budget import trial_gpu_hours
+from pipeline.sweep.spec.data_check import SweepDataError, check_data
+from pipeline.sweep.spec.identity import sweep_id_of
+from pipeline.sweep.spec.sweep import SpecError, Sweep, SweepSpec, load_spec
+from pipeline.sweep.trials.faults import Faults
+from pipeline.sweep.trials.trial import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -127,7 +127,7 @@ def run_sweep(
     fault: Mapping[str, Any] | Faults | None = None,
 ) -> SweepOutcome:
     """Run (or resume) one sweep; see the module docstring. `fault` is a test hook passed to the
-    trials (pipeline.sweep.faults, e.g. {"kill_at_step": n, "marker": path}: SIGKILL the worker once
+    trials (pipeline.sweep.trials.faults, e.g. {"kill_at_step": n, "marker": path}: SIGKILL the worker once
     at that step)."""
     # Refused at once when every result would live in Ray's uploaded copy of a working directory.
     check_results_persist(repo_root(), _spec_arg(spec), storage=storage, results_dir=results_dir)
@@ -139,25 +139,27 @@ def run_sweep(
     sweep = data_info = None
     if profile != "auto":  # everything checkable is checked before Ray starts
         sweep = spec.resolve(profile, data)
-        check_plan(sweep, spec.root)  # a GPU trial that cannot fit its GPU (pipeline.sweep.plan)
+        check_plan(sweep, spec.root)  # a GPU trial that cannot fit its GPU (pipeline.sweep.cluster.plan)
         data_info = check_data(sweep)
 
     import ray
 
-    from pipeline.sweep import tracking
-    from pipeline.sweep.parent import close_parent, open_parent
+    from pipeline.sweep.record import tracking
+    from pipeline.sweep.record.parent import close_parent, open_parent
 
     started = connect_ray()
     try:
         sweep, data_info, cluster = _resolve_on_cluster(ray, spec, profile, data, sweep, data_info)
-        check_plan_on_cluster(ray, sweep, spec.root)  # the GPUs' real memory, before any trial (pipeline.sweep.plan)
+        check_plan_on_cluster(
+            ray, sweep, spec.root
+        )  # the GPUs' real memory, before any trial (pipeline.sweep.cluster.plan)
         # Every check of the trials' placement before anything is created.
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         trainable, max_concurrent = trainable_of(sweep, cluster, nodes)
         sweep_id = sweep_id_of(sweep, data_info["identity"])
         exp = _open_experiment(sweep, sweep_id, storage)
         _check_reach(ray, exp)
-        # The sweep's parent run, its trials nested under it (pipeline.sweep.parent); found again on a resume.
+        # The sweep's parent run, its trials nested under it (pipeline.sweep.record.parent); found again on a resume.
         parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id)
         tuner = _tuner(sweep, sweep_id, exp, data_info, trainable, max_concurrent, retry_errored, fault, parent)
         tuner.fit()
@@ -198,7 +200,7 @@ def _resolve_on_cluster(
 def _open_experiment(sweep: Sweep, sweep_id: str, storage: str | None) -> _Experiment:
     """The sweep's MLflow experiment (created if missing, its latest sweep id of this profile set) and
     Ray folder: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else <repo>/ray_results."""
-    from pipeline.sweep import tracking
+    from pipeline.sweep.record import tracking
 
     uri = tracking.absolute_uri(tracking.tracking_uri())
     client = tracking.client(uri)
@@ -240,11 +242,11 @@ def _tuner(
     MLflow runs created and one TrialConfig per point, or a searcher; runs nested under `parent`."""
     from ray import tune
 
-    from pipeline.sweep import tracking
-    from pipeline.sweep.callbacks import CheckpointMarker, TrackingCallback, trial_name
-    from pipeline.sweep.runs import create_runs
-    from pipeline.sweep.search import scheduler
-    from pipeline.sweep.searched_runs import searched_tune_args
+    from pipeline.sweep.record import tracking
+    from pipeline.sweep.record.runs import create_runs
+    from pipeline.sweep.trials.callbacks import CheckpointMarker, TrackingCallback, trial_name
+    from pipeline.sweep.trials.search import scheduler
+    from pipeline.sweep.trials.searched_runs import searched_tune_args
 
     if tune.Tuner.can_restore(exp.path):
         held = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
@@ -258,9 +260,9 @@ def _tuner(
             exp.path, trainable, resume_unfinished=True, resume_errored=retry_errored, restart_errored=False
         )
     callbacks = [TrackingCallback(exp.uri)]
-    if fault is not None and fault.checkpoint_marker:  # a test's hook (pipeline.sweep.faults)
+    if fault is not None and fault.checkpoint_marker:  # a test's hook (pipeline.sweep.trials.faults)
         callbacks.append(CheckpointMarker(fault.checkpoint_marker))
-    if sweep.search.searched:  # drawn as it runs (pipeline.sweep.search), each run made as its trial starts
+    if sweep.search.searched:  # drawn as it runs (pipeline.sweep.trials.search), each run made as its trial starts
         space, drawn, more = searched_tune_args(sweep, sweep_id, exp, data_info, fault, parent)
         callbacks += more
     else:
@@ -294,7 +296,7 @@ def _tuner(
 
 
 def _reporter(sweep: Sweep, tune):
-    from pipeline.sweep.tracking import TRAIN_KEY, VAL_KEY
+    from pipeline.sweep.record.tracking import TRAIN_KEY, VAL_KEY
 
     metrics = {"step": "step", TRAIN_KEY: "train NLL"}
     metrics.update({VAL_KEY: "val NLL"} if sweep.mode == "train" else {"converged_step": "converged at"})
@@ -310,7 +312,7 @@ def _reporter(sweep: Sweep, tune):
 def _close_unfinished(exp: _Experiment, sweep_id: str) -> tuple[dict[str, str], bool]:
     """Each run's status by label, and whether any trial is unfinished (an interrupted sweep); a run
     left RUNNING is marked KILLED until a resume continues it."""
-    from pipeline.sweep import tracking
+    from pipeline.sweep.record import tracking
 
     runs = tracking.sweep_runs(exp.client, exp.experiment_id, sweep_id)
     statuses = {r.data.tags.get(tracking.TAG_LABEL, r.info.run_name): r.info.status for r in runs}
@@ -326,9 +328,9 @@ def _close_unfinished(exp: _Experiment, sweep_id: str) -> tuple[dict[str, str], 
 
 
 def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, register: bool) -> Path:
-    """The results tables (pipeline.sweep.results) and, for a finished sweep (`register`), its best
-    trial's model in the registry (pipeline.sweep.registry)."""
-    from pipeline.sweep import results
+    """The results tables (pipeline.sweep.record.results) and, for a finished sweep (`register`), its best
+    trial's model in the registry (pipeline.sweep.record.registry)."""
+    from pipeline.sweep.record import results
 
     if results_dir:
         out_dir = Path(results_dir)
@@ -336,7 +338,7 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
         out_dir = Path(os.environ[RESULTS_ENV]) / sweep.name if os.environ.get(RESULTS_ENV) else None
     out = results.write_results(exp.client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
     if register:  # the best of a finished sweep, by the tables' own ranking
-        from pipeline.sweep import registry
+        from pipeline.sweep.record import registry
 
         summary = json.loads((out / "metrics.json").read_text())
         try:
@@ -395,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.profile != "auto" and args.profile not in spec.profiles:
             known = ", ".join(spec.profiles)
             raise SpecError(f"{args.spec}: profiles: no profile {args.profile!r} (the spec has: {known})")
-        if args.plan:  # pipeline.sweep.plan; auto plans the gpu profile where the spec has one
+        if args.plan:  # pipeline.sweep.cluster.plan; auto plans the gpu profile where the spec has one
             name = args.profile if args.profile != "auto" else ("gpu" if "gpu" in spec.profiles else "cpu")
             print(show_plan(spec.resolve(name), args.json, spec.root))
             return 0

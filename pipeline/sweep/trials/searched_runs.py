@@ -1,13 +1,13 @@
 """MLflow runs of a searched sweep.
 
-A grid's runs are created before any trial starts (pipeline.sweep.runs.create_runs). A searcher's
+A grid's runs are created before any trial starts (pipeline.sweep.record.runs.create_runs). A searcher's
 trials are drawn while the sweep runs, so their runs are created on the driver as each trial starts
 (SearchedRuns.on_trial_start, which Tune calls before the trial's function runs), keyed by the Ray
 trial id: a trial restarted after a crash or a resume finds its run (tracking.find_trial_run) and no
 second one is made. Each run holds the params of a grid point's run plus `est_gpu_hours`, the trial's
-estimated cost (pipeline.sweep.budget).
+estimated cost (pipeline.sweep.spec.budget).
 
-Every trial's run is nested under the sweep's parent run (tag mlflow.parentRunId; pipeline.sweep.parent),
+Every trial's run is nested under the sweep's parent run (tag mlflow.parentRunId; pipeline.sweep.record.parent),
 as a grid's are.
 """
 
@@ -19,12 +19,12 @@ from typing import Any
 from ray.tune import Callback
 
 from pipeline.paths import repo_root
-from pipeline.sweep import tracking
-from pipeline.sweep.budget import FRAME_SIZE, trial_gpu_hours
-from pipeline.sweep.grid import Point
-from pipeline.sweep.parent import COST_PARAM, TAG_PARENT, TAG_PARENT_OF
-from pipeline.sweep.runs import point_params, point_tags
-from pipeline.sweep.search import INDEX, trial_config
+from pipeline.sweep.record import tracking
+from pipeline.sweep.record.parent import COST_PARAM, TAG_PARENT, TAG_PARENT_OF
+from pipeline.sweep.record.runs import point_params, point_tags
+from pipeline.sweep.spec.budget import FRAME_SIZE, trial_gpu_hours
+from pipeline.sweep.spec.grid import Point
+from pipeline.sweep.trials.search import INDEX, trial_config
 
 __all__ = ["COST_PARAM", "TAG_PARENT", "TAG_PARENT_OF", "SearchedRuns", "searched_tune_args"]
 
@@ -70,9 +70,9 @@ def searched_tune_args(sweep: Any, sweep_id: str, exp: Any, data_info: Mapping, 
     The base TrialConfig is the space's low corner with no run: every searched field is replaced by
     the drawn value (search.trial_config), and the run is made when the trial starts (SearchedRuns).
     """
-    from pipeline.sweep import search
-    from pipeline.sweep.tracking import VAL_KEY
-    from pipeline.sweep.trial import TrialConfig
+    from pipeline.sweep.record.tracking import VAL_KEY
+    from pipeline.sweep.trials import search
+    from pipeline.sweep.trials.trial import TrialConfig
 
     base = TrialConfig.of_point(sweep, sweep.points[0], None, exp.uri, fault)
     base = base.replace(point=-1, label="drawn", sweep_id=sweep_id, experiment_id=exp.experiment_id)

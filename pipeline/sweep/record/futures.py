@@ -1,6 +1,6 @@
-"""The best trial's second logged model: a pyfunc that serves sampled futures (pipeline.sweep.futures_model).
+"""The best trial's second logged model: a pyfunc that serves sampled futures (pipeline.sweep.record.futures_model).
 
-pipeline.sweep.registry logs two models into the best trial's run: "model", the PyTorch flavour
+pipeline.sweep.record.registry logs two models into the best trial's run: "model", the PyTorch flavour
 registered as the sweep's name (mlflow.pytorch.load_model gives the VideoPixelNetwork, whose generic
 pyfunc returns logits), and "futures", this pyfunc, registered as `<sweep>_futures`:
 
@@ -18,7 +18,7 @@ import warnings
 from pathlib import Path
 
 from pipeline.paths import repo_root
-from pipeline.sweep import tracking
+from pipeline.sweep.record import tracking
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ sweeps/paper_ablation.yaml's estimates use). Validation, sampling and data loadi
 The ledger (Budget) counts the estimated cost of every trial started; a trial that early stopping
 (ASHA) ended at step s of S gives back (1 - s/S) of its cost. A new trial starts only if the started
 cost, less what was given back, plus its own cost stays within the budget; the first that would pass
-it ends the search (pipeline.sweep.search.NumberedSearcher asks). Only searched sweeps take a budget:
+it ends the search (pipeline.sweep.trials.search.NumberedSearcher asks). Only searched sweeps take a budget:
 a grid runs every point, its cost is known before it starts (allowed_trials).
 """
 
@@ -63,7 +63,7 @@ def check_budget(budget: float | None, costs: list[float], searched: bool) -> No
     if budget < min(costs):
         raise ValueError(
             f"budget_gpu_hours={budget:g} is less than one trial: the cheapest is estimated at {min(costs):.4g} "
-            "GPU-hours (pipeline.sweep.budget)"
+            "GPU-hours (pipeline.sweep.spec.budget)"
         )
 
 

@@ -18,7 +18,7 @@
 - run.seeds = k: Ray Tune's Repeater runs each draw k times (config["__trial_index__"] = 0..k-1, the
   seed offset) and tells the searcher the mean of the k validation NLLs.
 - NumberedSearcher numbers the draws (config["__number__"], the trial's point index and label) and
-  keeps the budget (pipeline.sweep.budget.Budget); both are searcher state, saved and restored with the
+  keeps the budget (pipeline.sweep.spec.budget.Budget); both are searcher state, saved and restored with the
   Tuner, so a resumed sweep continues the numbering and the ledger.
 
 trial_config(config) turns what Tune hands a trial into its TrialConfig: the base with the drawn axes
@@ -33,10 +33,10 @@ from typing import Any
 
 from ray.tune.search import Searcher
 
-from pipeline.sweep.budget import Budget, trial_gpu_hours
-from pipeline.sweep.grid import point_label
-from pipeline.sweep.space import Range
-from pipeline.sweep.trial import TrialConfig
+from pipeline.sweep.spec.budget import Budget, trial_gpu_hours
+from pipeline.sweep.spec.grid import point_label
+from pipeline.sweep.spec.space import Range
+from pipeline.sweep.trials.trial import TrialConfig
 from vpn.config import TrainConfig, VPNConfig
 
 NUMBER, INDEX = "__number__", "__trial_index__"  # INDEX: ray.tune.search.repeater.TRIAL_INDEX
@@ -104,7 +104,7 @@ def scheduler(sweep: Any) -> Any:
     """The sweep's trial scheduler: HyperBandForBOHB for bohb, ASHA where run.asha.enabled, else None."""
     from ray.tune.schedulers import ASHAScheduler, HyperBandForBOHB
 
-    from pipeline.sweep.tracking import VAL_KEY
+    from pipeline.sweep.record.tracking import VAL_KEY
 
     steps = max(p.train.steps for p in sweep.points)  # a searched sweep's points: its space's corners
     asha = sweep.run.asha

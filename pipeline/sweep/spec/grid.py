@@ -1,7 +1,7 @@
 """A sweep's grid: its axes (search), their combinations, the trials they become (Point) and their labels.
 
-Pure: nothing here checks a value or builds a config. pipeline.sweep.validate reads `search` into a
-Search, and pipeline.sweep.spec turns each combination into a Point through VPNConfig and TrainConfig.
+Pure: nothing here checks a value or builds a config. pipeline.sweep.spec.validate reads `search` into a
+Search, and pipeline.sweep.spec.sweep turns each combination into a Point through VPNConfig and TrainConfig.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ class Row:
 @dataclass(frozen=True)
 class Search:
     """The grid, or a searched space. Each axis is a non-empty tuple of values (a choice) or, for a
-    searcher (algorithm other than grid), a pipeline.sweep.space.Range.
+    searcher (algorithm other than grid), a pipeline.sweep.spec.space.Range.
 
     algorithm: grid (every combination), random, optuna (TPE), bohb (BOHB); seed: the searcher's seed.
     """

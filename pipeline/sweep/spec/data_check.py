@@ -1,7 +1,7 @@
 """The check of a sweep's data before Ray starts: every split the trials read is there and fits every point.
 
 Only the arrays' headers are read (memory-mapped), so the check costs milliseconds even for the
-full data. Its result also gives the data's identity, part of the sweep's id (pipeline.sweep.identity).
+full data. Its result also gives the data's identity, part of the sweep's id (pipeline.sweep.spec.identity).
 """
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from pipeline.sweep.spec import Sweep
+from pipeline.sweep.spec.sweep import Sweep
 
 
 class SweepDataError(ValueError):

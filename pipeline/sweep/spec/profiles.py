@@ -3,7 +3,7 @@
 A profile merges key by key into model, train, run, run.asha and overfit; in search it replaces whole
 axes (an axis set to null is removed, and `rows` is replaced as a whole), and it may replace data,
 mode and description. What it set is returned too, so that an error names the profile's own path
-(pipeline.sweep.validate.Blame).
+(pipeline.sweep.spec.validate.Blame).
 """
 
 from __future__ import annotations

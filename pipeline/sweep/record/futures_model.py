@@ -1,7 +1,7 @@
 """The registered model that predicts futures: an MLflow pyfunc (models from code) over a checkpoint.
 
 MLflow runs this file when the model loads (mlflow.pyfunc.load_model, `mlflow models serve`): it is
-the model's code, copied into the model's folder by pipeline.sweep.registry, with vpn/ beside it
+the model's code, copied into the model's folder by pipeline.sweep.record.registry, with vpn/ beside it
 (code_paths), so loading needs torch and MLflow, not this project. Nothing is unpickled: the weights
 come from the trial's checkpoint, read by vpn.checkpoint.load_model with weights_only.
 

@@ -1,11 +1,11 @@
 """Fault injection for the tests of crashes and lost nodes: never set by a spec.
 
 A test passes `run_sweep(..., fault={...})`; the dict becomes a `Faults` in the trial's config
-(pipeline.sweep.trial.TrialConfig.fault), and the trial calls this module at two points only:
+(pipeline.sweep.trials.trial.TrialConfig.fault), and the trial calls this module at two points only:
 
-- `Faults.for_driver(pid)`: the driver of a data-parallel trial (pipeline.sweep.distributed.driver)
+- `Faults.for_driver(pid)`: the driver of a data-parallel trial (pipeline.sweep.trials.distributed.driver)
   hands its own process id to its workers, so that rank 0 can kill it;
-- `Faults.at_step(step, rank)`: every logged step of every rank (pipeline.sweep.trainable), where
+- `Faults.at_step(step, rank)`: every logged step of every rank (pipeline.sweep.trials.trainable), where
   the faults below fire, each once per marker file (the marker survives the restart it causes):
 
   kill_at_step: on rank `rank` (default 0), write the step to `marker` and SIGKILL this worker, like
@@ -17,7 +17,7 @@ A test passes `run_sweep(..., fault={...})`; the dict becomes a `Faults` in the 
 
 One fault is the sweep driver's, not a trial's: `checkpoint_marker`, a file to which the driver appends
 {"trial", "step"} (a JSON line) each time Ray Tune registers a trial's checkpoint
-(pipeline.sweep.callbacks.CheckpointMarker). A trial's report reaches Tune before its checkpoint is
+(pipeline.sweep.trials.callbacks.CheckpointMarker). A trial's report reaches Tune before its checkpoint is
 registered (Tune fetches it with a separate `save` call on the trial's actor), so a test that kills a
 node must wait for this line, not for the trial's own marker, to know which checkpoint it resumes from.
 """

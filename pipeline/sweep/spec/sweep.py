@@ -73,12 +73,12 @@ from typing import Any
 import yaml
 
 from pipeline.paths import repo_root
-from pipeline.sweep.budget import check_budget, trial_gpu_hours
-from pipeline.sweep.grid import PRESET_FIELDS, Point, Row, Search, combinations, point_label
-from pipeline.sweep.profiles import apply_profile
-from pipeline.sweep.settings import AshaSettings, OverfitSettings, RunSettings
-from pipeline.sweep.space import corner, describe, ends
-from pipeline.sweep.validate import (
+from pipeline.sweep.spec.budget import check_budget, trial_gpu_hours
+from pipeline.sweep.spec.grid import PRESET_FIELDS, Point, Row, Search, combinations, point_label
+from pipeline.sweep.spec.profiles import apply_profile
+from pipeline.sweep.spec.settings import AshaSettings, OverfitSettings, RunSettings
+from pipeline.sweep.spec.space import corner, describe, ends
+from pipeline.sweep.spec.validate import (
     MODEL_FIELDS,
     NAME_RE,
     TRAIN_FIELDS,

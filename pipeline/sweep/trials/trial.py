@@ -6,8 +6,8 @@ where Ray carries it, and back (`from_dict`) where Ray hands it over:
 
     driver:  param_space={"trial": grid_search([c.to_dict() for c in configs])}   (pickled into the
              experiment state, so a resumed sweep hands its trials the same dicts)
-    trial:   TrialConfig.from_dict(config["trial"])   (pipeline.sweep.trainable.trial,
-             pipeline.sweep.distributed.driver and worker, pipeline.sweep.callbacks)
+    trial:   TrialConfig.from_dict(config["trial"])   (pipeline.sweep.trials.trainable.trial,
+             pipeline.sweep.trials.distributed.driver and worker, pipeline.sweep.trials.callbacks)
 
 The dict holds only JSON values: the two configs as their to_dict(), the data path as a string.
 """
@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
-from pipeline.sweep.faults import Faults
-from pipeline.sweep.spec import OverfitSettings, Point, Sweep
+from pipeline.sweep.spec.sweep import OverfitSettings, Point, Sweep
+from pipeline.sweep.trials.faults import Faults
 from vpn.config import TrainConfig, VPNConfig, refuse_unknown_keys
 
 
@@ -34,10 +34,10 @@ class TrialConfig:
     mode: "train" or "overfit"; overfit: the one-sequence settings in overfit mode, else None.
     data: the absolute Moving MNIST folder (trials run with their working directory under /tmp/ray).
     tracking_uri: the MLflow store, absolute.
-    sample_frames, system_metrics: what the trial logs besides its curves (pipeline.sweep.spec.RunSettings).
-    fault: test hooks (pipeline.sweep.faults), None in every real sweep.
+    sample_frames, system_metrics: what the trial logs besides its curves (pipeline.sweep.spec.sweep.RunSettings).
+    fault: test hooks (pipeline.sweep.trials.faults), None in every real sweep.
     sweep_id, experiment_id: where a searched trial finds its run (run_id None: the driver creates the
-    run when the trial starts, pipeline.sweep.searched_runs); None for a grid's trials.
+    run when the trial starts, pipeline.sweep.trials.searched_runs); None for a grid's trials.
     """
 
     point: int

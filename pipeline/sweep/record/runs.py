@@ -3,7 +3,7 @@
 Each holds the params (both configs, the preset, parameter count, FLOPs per frame, frame size) and
 the tags (sweep, profile, sweep_id, the code's git commit), with the data as a dataset input; it
 starts SCHEDULED, and its trial reattaches to it (TrialConfig.run_id), also after a retry or a resume.
-Each is nested under the sweep's parent run (pipeline.sweep.parent).
+Each is nested under the sweep's parent run (pipeline.sweep.record.parent).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.paths import repo_root
-from pipeline.sweep import tracking
-from pipeline.sweep.data_check import streams
-from pipeline.sweep.spec import Point, Sweep
+from pipeline.sweep.record import tracking
+from pipeline.sweep.spec.data_check import streams
+from pipeline.sweep.spec.sweep import Point, Sweep
 
 log = logging.getLogger(__name__)
 

@@ -5,10 +5,10 @@ Tune trial is a light driver (`driver`) that builds a ray.train.torch.TorchTrain
 (`worker`) and waits for it; TuneReportCallback forwards rank 0's reports to Tune, so the progress
 table, ASHA and the driver-side TrackingCallback see a data-parallel trial as any other.
 
-- Placement (pipeline.sweep.placement.plan, before any trial starts): each worker asks for the
-  per-worker resources (pipeline.sweep.spec.RunSettings: cpus_per_worker, gpus_per_worker), the
+- Placement (pipeline.sweep.cluster.placement.plan, before any trial starts): each worker asks for the
+  per-worker resources (pipeline.sweep.spec.sweep.RunSettings: cpus_per_worker, gpus_per_worker), the
   driver for none; a trial that no placement can ever hold stops the sweep at once, naming the fields.
-- Workers (`worker`): each rank runs pipeline.sweep.trainable.run_trial with ray.train as its session,
+- Workers (`worker`): each rank runs pipeline.sweep.trials.trainable.run_trial with ray.train as its session,
   on the GPU Ray Train gave it (`rank_device`), whatever CUDA device train.device names.
   TorchTrainer has started the process group (NCCL on GPUs, gloo on CPUs), so vpn.train.Trainer
   shards each step's global batch by rank and wraps the model in DDP: N workers compute the
@@ -21,7 +21,7 @@ table, ASHA and the driver-side TrackingCallback see a data-parallel trial as an
   run.max_failures)), waiting for the cluster to offer N workers again. A dead driver (its node
   lost, the sweep interrupted and resumed): Tune restarts the trial, and the new TorchTrainer finds
   the run's checkpoints in storage and continues from the last. Either way rank 0 reattaches to the
-  trial's MLflow run and logs no step twice (pipeline.sweep.tracking.MetricBuffer).
+  trial's MLflow run and logs no step twice (pipeline.sweep.record.tracking.MetricBuffer).
 - Non-finite loss: the loss is all-reduced, so every rank sees it at the same step. Rank 0 marks the
   run FAILED as a one-worker trial does; every rank then ends without an error (a NaN is
   deterministic: Ray Train must not retry it) and the driver raises NonFiniteLoss, so that Tune
@@ -36,8 +36,8 @@ import os
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from pipeline.sweep import tracking
-from pipeline.sweep.trial import TrialConfig
+from pipeline.sweep.record import tracking
+from pipeline.sweep.trials.trial import TrialConfig
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +47,7 @@ TRAIN_RUN_NAME = "train"  # the Train run's folder inside the trial's folder
 def driver(config: Mapping[str, Any], plan: Mapping[str, Any]) -> None:
     """Ray Tune function trainable of a data-parallel trial: runs its TorchTrainer to the end.
 
-    plan: pipeline.sweep.placement.Plan.to_dict() (bound with tune.with_parameters, so a resumed
+    plan: pipeline.sweep.cluster.placement.Plan.to_dict() (bound with tune.with_parameters, so a resumed
     sweep places its workers on the cluster it finds, not the one the sweep started on).
     """
     import ray.train
@@ -55,11 +55,11 @@ def driver(config: Mapping[str, Any], plan: Mapping[str, Any]) -> None:
     from ray.train.torch import TorchTrainer
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from pipeline.sweep import search
-    from pipeline.sweep.trainable import refuse_known_non_finite, searched_run
+    from pipeline.sweep.trials import search
+    from pipeline.sweep.trials.trainable import refuse_known_non_finite, searched_run
 
     cfg = searched_run(search.trial_config(config), tune.get_context().get_trial_id())
-    if cfg.fault is not None:  # test hook: rank 0 may kill this driver (pipeline.sweep.faults)
+    if cfg.fault is not None:  # test hook: rank 0 may kill this driver (pipeline.sweep.trials.faults)
         cfg = cfg.replace(fault=cfg.fault.for_driver(os.getpid()))
     client = tracking.client(cfg.tracking_uri)
     refuse_known_non_finite(tracking.retrying(client.get_run, cfg.run_id))
@@ -99,7 +99,7 @@ def worker(loop_config: Mapping[str, Any]) -> None:
     import ray.train.torch
     import torch
 
-    from pipeline.sweep.trainable import NonFiniteLoss, TrialClosed, run_trial
+    from pipeline.sweep.trials.trainable import NonFiniteLoss, TrialClosed, run_trial
 
     plan = loop_config["plan"]
     rank = ray.train.get_context().get_world_rank()

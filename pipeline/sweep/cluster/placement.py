@@ -9,7 +9,7 @@ never be placed would otherwise wait forever.
 - `trial_resources`: a one-worker trial's {"cpu", "gpu"}. GPUs are requested only when the cluster
   has some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever.
 - `plan`: the workers of a data-parallel trial (run.workers_per_trial > 1,
-  pipeline.sweep.distributed). A TorchTrainer places its workers across nodes, so a trial fits when
+  pipeline.sweep.trials.distributed). A TorchTrainer places its workers across nodes, so a trial fits when
   the live nodes together hold N per-worker bundles. The trial's driver asks for no CPU or GPU (a
   small logical `memory` request, or a share of the custom resource `trial_driver` where a node
   offers it: Ray's advice is to keep drivers on a node that training cannot take down, such as the
@@ -17,7 +17,7 @@ never be placed would otherwise wait forever.
   (max_concurrent_trials), so idle drivers do not pile up waiting for workers.
 - `trainable_of`: the Tune trainable with those resources.
 - `probe_gpus`: the memory of the live nodes' GPUs, measured on them (one task of one GPU a node), for
-  the sweep's memory plan (pipeline.sweep.plan.check_plan_on_cluster).
+  the sweep's memory plan (pipeline.sweep.cluster.plan.check_plan_on_cluster).
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import asdict, dataclass
 from typing import Any
 
-from pipeline.sweep.data_check import SweepDataError
-from pipeline.sweep.spec import RunSettings, Sweep, SweepSpec
+from pipeline.sweep.spec.data_check import SweepDataError
+from pipeline.sweep.spec.sweep import RunSettings, Sweep, SweepSpec
 
 log = logging.getLogger(__name__)
 
@@ -162,16 +162,16 @@ def plan(run: RunSettings, nodes: list[Mapping[str, float]]) -> Plan:
 def trainable_of(sweep: Sweep, cluster: Mapping[str, float], nodes: list[Mapping[str, float]]):
     """The Tune trainable with its resources, and the most trials to run at once (None: Tune's choice).
 
-    One worker per trial: pipeline.sweep.trainable.trial, which trains in the Tune trial itself. Several:
-    pipeline.sweep.distributed.driver, which runs them through Ray Train, placed by `plan`.
+    One worker per trial: pipeline.sweep.trials.trainable.trial, which trains in the Tune trial itself. Several:
+    pipeline.sweep.trials.distributed.driver, which runs them through Ray Train, placed by `plan`.
     """
     from ray import tune
 
     if sweep.run.workers_per_trial == 1:
-        from pipeline.sweep.trainable import trial
+        from pipeline.sweep.trials.trainable import trial
 
         return tune.with_resources(trial, trial_resources(sweep, cluster)), sweep.run.max_concurrent or None
-    from pipeline.sweep import distributed
+    from pipeline.sweep.trials import distributed
 
     try:
         placed = plan(sweep.run, nodes)

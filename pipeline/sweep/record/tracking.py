@@ -14,7 +14,7 @@
 - What the runs table's columns show: Source from the git tags (git_tags: the script, the commit,
   the branch, and mlflow.source.git.dirty), Dataset from the data's input (dataset_input: name,
   path, and a digest of the data's own identity), Model from the sweep's registered best trial
-  (pipeline.sweep.registry).
+  (pipeline.sweep.record.registry).
 - The categorical head's NLLs are also logged in bits per sub-pixel (with_bits), the PixelCNN
   literature's unit: nats per frame / (C * H * W * ln 2).
 """
@@ -44,7 +44,7 @@ log = logging.getLogger(__name__)
 TRAIN_KEY = "train_nats_per_frame"
 VAL_KEY = "val_nats_per_frame"
 SPEED_KEY = "steps_per_second"
-# Logged once, at the end of a train-mode trial (pipeline.sweep.trainable.score_test_split).
+# Logged once, at the end of a train-mode trial (pipeline.sweep.trials.trainable.score_test_split).
 TEST_KEY = "test_nats_per_frame"
 TEST_FLOOR_KEY = "test_floor_nats_per_frame"
 TEST_SEQUENCES_KEY = "test_sequences_scored"
@@ -63,10 +63,10 @@ TAG_RESUMED_FROM, TAG_TRIAL_ID, TAG_TRIAL_NAME = "resumed_from_step", "ray_trial
 # Runs are created when the sweep starts; this is when the trial first ran (epoch ms).
 TAG_STARTED = "trial_started_ms"
 TAG_RESOURCES = "ray_resources"  # what Ray granted the trial (each worker), e.g. {"CPU": 1.0, "GPU": 0.5}
-TAG_WORKERS = "workers_per_trial"  # data-parallel workers (pipeline.sweep.distributed); 1: the trial itself
-# A sweep's parent run (pipeline.sweep.parent) and its trials' link to it (MLflow's own nesting tag).
+TAG_WORKERS = "workers_per_trial"  # data-parallel workers (pipeline.sweep.trials.distributed); 1: the trial itself
+# A sweep's parent run (pipeline.sweep.record.parent) and its trials' link to it (MLflow's own nesting tag).
 TAG_PARENT_OF, TAG_PARENT = "sweep_parent_of", "mlflow.parentRunId"
-# Experiment tag naming the latest sweep id of a profile: pipeline.sweep.results reads it.
+# Experiment tag naming the latest sweep id of a profile: pipeline.sweep.record.results reads it.
 EXPERIMENT_LATEST = "latest_sweep_id.{profile}"
 CHECKPOINT_ARTIFACT = "checkpoint/checkpoint.pt"
 # MLflow's own tags: the runs table's Source column and a run's Source (script, branch, commit) read them.

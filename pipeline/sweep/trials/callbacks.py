@@ -10,15 +10,16 @@ from typing import Any
 
 from ray.tune import Callback
 
-from pipeline.sweep import search, tracking
-from pipeline.sweep.trial import TrialConfig
+from pipeline.sweep.record import tracking
+from pipeline.sweep.trials import search
+from pipeline.sweep.trials.trial import TrialConfig
 
 log = logging.getLogger(__name__)
 
 
 def trial_config(trial: Any) -> TrialConfig:
-    """The TrialConfig of a Tune trial, from the dict Tune carries (pipeline.sweep.trial), with a
-    searched trial's drawn values applied (pipeline.sweep.search)."""
+    """The TrialConfig of a Tune trial, from the dict Tune carries (pipeline.sweep.trials.trial), with a
+    searched trial's drawn values applied (pipeline.sweep.trials.search)."""
     return search.trial_config(trial.config)
 
 
@@ -76,7 +77,7 @@ class TrackingCallback(Callback):
 
 
 class CheckpointMarker(Callback):
-    """The test hook `checkpoint_marker` (pipeline.sweep.faults): one JSON line {"trial", "step"} per
+    """The test hook `checkpoint_marker` (pipeline.sweep.trials.faults): one JSON line {"trial", "step"} per
     checkpoint Tune registers. Tune calls on_checkpoint from the same loop iteration that then
     registers it, so once the line is read the checkpoint is the one a restart resumes from."""
 

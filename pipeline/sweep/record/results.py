@@ -1,7 +1,7 @@
 """Results tables of a sweep, read back from MLflow (never from the driver's memory).
 
-    python -m pipeline.sweep.results sweeps/depth_width.yaml [--profile cpu] [--sweep-id ID] [--out DIR]
-    python -m pipeline.sweep.results depth_width --profile cpu
+    python -m pipeline.sweep.record.results sweeps/depth_width.yaml [--profile cpu] [--sweep-id ID] [--out DIR]
+    python -m pipeline.sweep.record.results depth_width --profile cpu
 
 writes, atomically, results/<sweep name>/:
 - trials.parquet: one row per trial (TRIAL_COLUMNS): identity and status, the configs, the size
@@ -33,8 +33,8 @@ from typing import Any
 import pandas as pd
 
 from pipeline.paths import repo_root
-from pipeline.sweep import forecasting, tracking
-from pipeline.sweep.spec import SpecError, load_spec
+from pipeline.sweep.record import forecasting, tracking
+from pipeline.sweep.spec.sweep import SpecError, load_spec
 from vpn.config import TrainConfig, VPNConfig
 from vpn.files import atomic_path
 
@@ -64,7 +64,7 @@ _DTYPES: dict[str, str] = {
     "preset_width_scale": "float64", "mu_channels": "Int64", "lstm_channels": "Int64", "sample": "Int64",
     "parameters": "Int64", "flops_per_frame": "Int64", "frame_height": "Int64", "frame_width": "Int64",
     "steps_completed": "Int64", "converged_step": "Int64", "mean_steps_per_second": "float64",
-    "est_gpu_hours": "float64",  # searched trials only (pipeline.sweep.searched_runs)
+    "est_gpu_hours": "float64",  # searched trials only (pipeline.sweep.trials.searched_runs)
     "final_train_nats_per_frame": "float64", "best_train_nats_per_frame": "float64",
     "final_val_nats_per_frame": "float64", "best_val_nats_per_frame": "float64",
     "test_nats_per_frame": "float64", "test_floor_nats_per_frame": "float64",
@@ -273,7 +273,7 @@ def write_results(client, name: str, profile: str, sweep_id: str, mode: str, out
 
 
 def main(argv: list[str] | None = None) -> int:
-    """`python -m pipeline.sweep.results SPEC_OR_NAME [--profile P] [--sweep-id ID] [--out DIR]`."""
+    """`python -m pipeline.sweep.record.results SPEC_OR_NAME [--profile P] [--sweep-id ID] [--out DIR]`."""
     parser = argparse.ArgumentParser(description="Rebuild a sweep's results tables from MLflow.")
     parser.add_argument("sweep", help="sweep spec YAML or sweep name")
     parser.add_argument("--profile", help="profile (default: the only one run)")

@@ -1,7 +1,7 @@
 """A sweep's identity, `<name>-<profile>-<fingerprint>`: what decides whether a rerun resumes or starts over.
 
-The fingerprint covers the resolved grid (pipeline.sweep.spec.Sweep.identity), the data's identity
-(pipeline.sweep.data_check) and the code's: the source of every vpn/ and pipeline/ module that a
+The fingerprint covers the resolved grid (pipeline.sweep.spec.sweep.Sweep.identity), the data's identity
+(pipeline.sweep.spec.data_check) and the code's: the source of every vpn/ and pipeline/ module that a
 trial runs. Those files are not listed by hand (a list goes stale with every new module): they are
 the modules that the trial's entry points (TRIAL_ENTRY_POINTS) import, followed transitively through
 their import statements (read with ast, never imported), package __init__ files included, since
@@ -15,10 +15,10 @@ import hashlib
 from pathlib import Path
 
 from pipeline.paths import repo_root
-from pipeline.sweep.spec import Sweep
+from pipeline.sweep.spec.sweep import Sweep
 
 # Where a trial's code starts: the one-worker trainable and the data-parallel driver and workers.
-TRIAL_ENTRY_POINTS = ("pipeline/sweep/trainable.py", "pipeline/sweep/distributed.py")
+TRIAL_ENTRY_POINTS = ("pipeline/sweep/trials/trainable.py", "pipeline/sweep/trials/distributed.py")
 # The project's own packages; imports of anything else (torch, ray, the standard library) are not followed.
 PACKAGES = ("vpn", "pipeline")
 

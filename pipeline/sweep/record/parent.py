@@ -10,7 +10,7 @@ What it holds:
   (the spec's source, the space, the sweep's identity: every resolved point of a grid);
 - when the sweep ends (close_parent): best_<metric> for the best trial's scores (results' metrics.json),
   trials_run, est_gpu_hours_used (the trials' estimated cost less what early stopping saved,
-  pipeline.sweep.budget); FINISHED, or KILLED for an interrupted sweep until a resume finishes it;
+  pipeline.sweep.spec.budget); FINISHED, or KILLED for an interrupted sweep until a resume finishes it;
 - after the report stage, report/ and results/ (pipeline.report.to_mlflow).
 """
 
@@ -23,11 +23,11 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from pipeline.sweep import tracking
-from pipeline.sweep.space import describe
+from pipeline.sweep.record import tracking
+from pipeline.sweep.spec.space import describe
 
 TAG_PARENT_OF, TAG_PARENT = tracking.TAG_PARENT_OF, tracking.TAG_PARENT
-COST_PARAM = "est_gpu_hours"  # a searched trial's estimated cost (pipeline.sweep.searched_runs)
+COST_PARAM = "est_gpu_hours"  # a searched trial's estimated cost (pipeline.sweep.trials.searched_runs)
 
 
 def open_parent(client, experiment_id: str, sweep: Any, sweep_id: str) -> str:

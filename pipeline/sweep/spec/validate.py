@@ -19,9 +19,9 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from pipeline.params import ParamsError, field_named_by, section_from_mapping
-from pipeline.sweep.grid import PRESET_FIELDS, Row, Search
-from pipeline.sweep.settings import AshaSettings, RunSettings
-from pipeline.sweep.space import ALGORITHMS, read_range
+from pipeline.sweep.spec.grid import PRESET_FIELDS, Row, Search
+from pipeline.sweep.spec.settings import AshaSettings, RunSettings
+from pipeline.sweep.spec.space import ALGORITHMS, read_range
 from vpn.config import PRESETS, TrainConfig, VPNConfig
 
 T = TypeVar("T")
@@ -44,7 +44,7 @@ class Blame:
     The path is the profile's own (profiles.cpu.train.steps) where the profile set the value or a
     parent of it, else the base's with the profile after it (train.steps (profile cpu)).
 
-    touched: the paths the profile set (pipeline.sweep.profiles.apply_profile).
+    touched: the paths the profile set (pipeline.sweep.spec.profiles.apply_profile).
     """
 
     label: str

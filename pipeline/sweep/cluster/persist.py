@@ -18,7 +18,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from pipeline.sweep.data_check import SweepDataError
+from pipeline.sweep.spec.data_check import SweepDataError
 
 RESULTS_ENV = "VPN_RESULTS_DIR"  # the parent of results/<sweep name>, like <repo>/results
 STORAGE_ENV = "VPN_SWEEP_STORAGE"

@@ -1,7 +1,7 @@
 """The Ray Tune trainable: one sweep trial, a thin wrapper around vpn.train.Trainer.
 
 `trial(config)` runs one grid point. config["trial"] is the dict of the point's
-pipeline.sweep.trial.TrialConfig, turned back into it here: the two configs, the absolute data path,
+pipeline.sweep.trials.trial.TrialConfig, turned back into it here: the two configs, the absolute data path,
 the tracking URI and the id of the MLflow run the driver created for this point. From here on the
 flow is one-way: rank 0 opens that run once (`_TrialRun`: its client, id and metric buffer), and
 everything the trial logs goes through it.
@@ -18,9 +18,9 @@ Reporting, checkpointing and logging hang off the Trainer's hooks:
   all): test_nats_per_frame, and the floor of exactly those frames, test_floor_nats_per_frame.
   A trial that ASHA stops early never reaches its end and has no test score. Then, unless
   train.forecast_samples is 0, the same split is scored by free-running prediction
-  (pipeline.sweep.forecasting: test_mse, test_mae, test_ssim, test_psnr, their best-of-k and
+  (pipeline.sweep.record.forecasting: test_mse, test_mae, test_ssim, test_psnr, their best-of-k and
   mean-frame versions, and their values per predicted frame).
-- pictures (pipeline.sweep.pictures), for MLflow's image view: at each validation a train-mode trial
+- pictures (pipeline.sweep.record.pictures), for MLflow's image view: at each validation a train-mode trial
   draws run.sample_frames frames after the context of validation sequence 0 ("samples"); an overfit
   trial shows its reconstruction of the sequence ("reconstruction") at its first report, at each
   checkpoint and at its last step.
@@ -38,9 +38,9 @@ FAILED with tags error and non_finite_step, and the error is raised so that Ray 
 ERROR; the other trials go on. A NaN is deterministic (same batches, same weights), so a retry
 that finds its run failed this way raises again at once instead of training to the same NaN.
 
-Test hooks (pipeline.sweep.faults) fire at every logged step, through TrialConfig.fault.
+Test hooks (pipeline.sweep.trials.faults) fire at every logged step, through TrialConfig.fault.
 
-Data-parallel trials (run.workers_per_trial > 1, pipeline.sweep.distributed) run the same `run_trial` on
+Data-parallel trials (run.workers_per_trial > 1, pipeline.sweep.trials.distributed) run the same `run_trial` on
 every Ray Train worker, with ray.train in place of ray.tune: rank 0 alone talks to MLflow and writes
 the checkpoints, every rank reports (a barrier in Ray Train) and scores its share.
 """
@@ -59,8 +59,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sweep import forecasting, pictures, search, tracking
-from pipeline.sweep.trial import TrialConfig
+from pipeline.sweep.record import forecasting, pictures, tracking
+from pipeline.sweep.trials import search
+from pipeline.sweep.trials.trial import TrialConfig
 from vpn.data import MovingMNIST, training_source
 from vpn.evaluate import prepare
 from vpn.overfit import fit_sequence, one_sequence
@@ -125,7 +126,7 @@ def cap_gpu_memory(gpus: float, device: torch.device) -> float | None:
 
 def searched_run(cfg: TrialConfig, trial_id: str, wait_s: float = 30.0) -> TrialConfig:
     """A searched trial's config with its run id: the run the driver made as the trial started
-    (pipeline.sweep.searched_runs); waited for briefly, as a slow store may lag. A grid's: unchanged."""
+    (pipeline.sweep.trials.searched_runs); waited for briefly, as a slow store may lag. A grid's: unchanged."""
     if cfg.run_id is not None:
         return cfg
     client = tracking.client(cfg.tracking_uri)
@@ -263,7 +264,7 @@ class _Reporter:
         return {**metrics, **tracking.with_bits(finite, self.subpixels)}
 
     def log(self, step: int, metrics: Mapping[str, float]) -> None:
-        if self.cfg.fault is not None:  # test hooks only (pipeline.sweep.faults)
+        if self.cfg.fault is not None:  # test hooks only (pipeline.sweep.trials.faults)
             self.cfg.fault.at_step(step, self.trainer.rank)
         metrics = self._with_bits(metrics)
         if self.run is not None:
@@ -289,7 +290,7 @@ class _Reporter:
     def _flush(self) -> None:
         # Workers of a data-parallel trial outlive a stop of their trial (ASHA ends the driver; Ray
         # takes the workers down a moment later): once the driver side has closed the run
-        # (pipeline.sweep.callbacks.TrackingCallback), nothing more may reach it.
+        # (pipeline.sweep.trials.callbacks.TrackingCallback), nothing more may reach it.
         if self.trainer.world_size > 1:
             status = tracking.retrying(self.run.client.get_run, self.run.run_id).info.status
             if status != "RUNNING":

@@ -7,9 +7,9 @@ Pure: no Ray. For `search.algorithm` other than grid an axis is written as one o
     filter_fraction: {uniform: [0.1, 1]}  # a float range
     lr: {loguniform: [1.0e-4, 1.0e-2]}    # a float range drawn uniformly in log
 
-pipeline.sweep.validate reads each into a tuple (a choice) or a Range; pipeline.sweep.spec checks both
+pipeline.sweep.spec.validate reads each into a tuple (a choice) or a Range; pipeline.sweep.spec.sweep checks both
 ends of every range on the base configs, then the low and high corners (every axis at its low end,
-then at its high end) as whole points; pipeline.sweep.search turns the axes into Ray Tune domains.
+then at its high end) as whole points; pipeline.sweep.trials.search turns the axes into Ray Tune domains.
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The best trial of a sweep, as an MLflow model registered under the sweep's name.
 
 After the results tables are written, the driver takes the trial they rank best (metrics.json's
-`best`, from pipeline.sweep.results.summary: in train mode the least excess of the test NLL over its floor,
+`best`, from pipeline.sweep.record.results.summary: in train mode the least excess of the test NLL over its floor,
 in overfit mode the least train NLL), rebuilds its VideoPixelNetwork from the run's checkpoint
 artifact, and logs it into that same run with mlflow.pytorch.log_model, registered in the Model
 Registry as the sweep's name. The runs table's Model column and the Models page then show it, and it
@@ -15,7 +15,7 @@ folder also holds the trial's checkpoint, extra_files/checkpoint.pt, which vpn.c
 with weights_only (no code runs), and vpn/'s source (code/), so neither way needs this project
 installed beyond torch.
 
-Beside it, in the same run, a second logged model serves futures (pipeline.sweep.futures): a pyfunc,
+Beside it, in the same run, a second logged model serves futures (pipeline.sweep.record.futures): a pyfunc,
 registered as `<sweep>_futures`, that takes the data's raw uint8 frames, prepares them as the trial
 did and returns sampled uint8 frames (`mlflow models serve -m models:/depth_width_futures/latest`).
 Two models, because one MLmodel has one pyfunc flavour: the PyTorch flavour's pyfunc is its forward
@@ -36,7 +36,7 @@ from collections.abc import Iterator, Mapping
 from typing import Any
 
 from pipeline.paths import repo_root
-from pipeline.sweep import futures, tracking
+from pipeline.sweep.record import futures, tracking
 
 log = logging.getLogger(__name__)
 

@@ -1,5 +1,5 @@
 """How a sweep's trials run, and the one-sequence experiment: the spec's run, run.asha and overfit
-sections, one frozen dataclass each (pipeline.sweep.validate reads them from a spec).
+sections, one frozen dataclass each (pipeline.sweep.spec.validate reads them from a spec).
 
 Each dataclass checks its own values in __post_init__, and each message starts with the field's name:
 pipeline.params reads the field from there, so that the spec's error names its path
@@ -36,7 +36,7 @@ class RunSettings:
 
     A trial runs workers_per_trial training processes. One (the default) is today's trial: the Tune
     trial trains, with cpus_per_trial CPUs and gpus_per_trial GPUs. N > 1 is data parallel
-    (pipeline.sweep.distributed): N Ray Train workers of cpus_per_worker CPUs and gpus_per_worker GPUs each
+    (pipeline.sweep.trials.distributed): N Ray Train workers of cpus_per_worker CPUs and gpus_per_worker GPUs each
     (null: the per-trial values, so a profile that only raises workers_per_trial runs N copies of the
     one-worker trial's resources), splitting train.batch_size, the global batch, N ways.
     """
@@ -51,17 +51,17 @@ class RunSettings:
     # num_samples configs drawn, each run `seeds` times with train.seed + 0..seeds-1.
     num_samples: int | None = None
     seeds: int = 1
-    # Stop starting trials once their estimated cost would pass this (pipeline.sweep.budget); null: none.
+    # Stop starting trials once their estimated cost would pass this (pipeline.sweep.spec.budget); null: none.
     budget_gpu_hours: float | None = None
     # The memory of one GPU the trials run on, in GB (1e9 bytes, as GPUs are sold), for the memory plan
-    # (pipeline.sweep.plan); null: the smallest GPU sweeps/cluster.yaml offers.
+    # (pipeline.sweep.cluster.plan); null: the smallest GPU sweeps/cluster.yaml offers.
     gpu_memory_gb: float | None = None
     max_failures: int = 2
     storage_path: str | None = None
     asha: AshaSettings = field(default_factory=AshaSettings)
     # What a trial logs besides its curves (neither changes what it computes, so neither is part of
     # the sweep's identity): frames drawn from the model at each validation, for MLflow's image view
-    # (pipeline.sweep.pictures; 0: none), and MLflow's system metrics (CPU, memory, disk, network, NVIDIA
+    # (pipeline.sweep.record.pictures; 0: none), and MLflow's system metrics (CPU, memory, disk, network, NVIDIA
     # GPUs with nvidia-ml-py). Both costs are measured in docs/sweeps.md: 2% and 0.4% of a cpu trial.
     sample_frames: int = 1
     system_metrics: bool = True

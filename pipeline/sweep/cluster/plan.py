@@ -6,7 +6,7 @@ Per trial: the parameters, the counted FLOPs of one frame, the estimated peak me
 step per GPU (vpn.memory.train_memory, on the meta device) without checkpointing or micro-batches
 ("plain") and under the settings `auto` would choose on that GPU (vpn.memory.choose_settings, the
 function the Trainer calls), those settings, whether they fit, and the estimated GPU-hours
-(pipeline.sweep.budget.trial_gpu_hours: counted FLOPs at a stated MFU, an estimate). The sweep runs
+(pipeline.sweep.spec.budget.trial_gpu_hours: counted FLOPs at a stated MFU, an estimate). The sweep runs
 the same plan before its first trial (check_plan): a GPU trial that no setting fits is refused there,
 named with the fields and the memory it needs, not found by an out-of-memory error hours later.
 
@@ -14,12 +14,12 @@ The GPU planned for: run.gpu_memory_gb when the spec sets it, else the smallest 
 sweeps/cluster.yaml's node types (a trial of one GPU a worker may land on any of them). `--plan`
 starts no Ray, so that is all it knows. A sweep on a live Ray cluster checks again once it has joined
 it, before the first trial, with its GPUs' real memory (check_plan_on_cluster: torch on each GPU node,
-pipeline.sweep.placement.probe_gpus; run.gpu_memory_gb still caps it); where no GPU is visible it
+pipeline.sweep.cluster.placement.probe_gpus; run.gpu_memory_gb still caps it); where no GPU is visible it
 says so and uses the figure above. GPU memory is
 sold in GB (1e9 bytes); the plan converts to GiB, as torch reports it. A fractional GPU
 (gpus_per_trial 0.33) plans for that fraction of the memory.
 
-The frames are those the budget counts (pipeline.sweep.budget: 64x64 after train.downsample,
+The frames are those the budget counts (pipeline.sweep.spec.budget: 64x64 after train.downsample,
 train.seq_len or 20 frames); a step's sequences per GPU are train.batch_size / run.workers_per_trial
 (1 in mode overfit); the precision is bf16 where train.amp is on (autocast on CUDA), else fp32.
 A searched sweep is planned at its space's two corners (memory and cost grow with depth and width).
@@ -40,10 +40,10 @@ import torch
 import yaml
 
 from pipeline.paths import repo_root
-from pipeline.sweep.budget import FRAME_SIZE, MFU, SEQ_LEN, plan_line, trial_gpu_hours
-from pipeline.sweep.grid import Point
-from pipeline.sweep.placement import GPUProbe
-from pipeline.sweep.spec import SpecError, Sweep
+from pipeline.sweep.cluster.placement import GPUProbe
+from pipeline.sweep.spec.budget import FRAME_SIZE, MFU, SEQ_LEN, plan_line, trial_gpu_hours
+from pipeline.sweep.spec.grid import Point
+from pipeline.sweep.spec.sweep import SpecError, Sweep
 from vpn.memory import GIB, HEADROOM, budget_bytes, choose_settings, meta_memo, train_memory
 from vpn.model import VideoPixelNetwork, count_flops_per_frame
 
@@ -92,7 +92,7 @@ def cluster_gpu(path: Path) -> GPU | None:
         elif isinstance(instance, str) and instance[:1] in ("g", "p"):
             raise ValueError(
                 f"{path}: available_node_types.{name}: the GPU of {instance} is unknown to "
-                "pipeline.sweep.plan.INSTANCE_GPUS; set run.gpu_memory_gb"
+                "pipeline.sweep.cluster.plan.INSTANCE_GPUS; set run.gpu_memory_gb"
             )
     if not found:
         return None
@@ -214,7 +214,7 @@ def check_plan(sweep: Sweep, root: Path | None = None, gpu: GPU | None = None) -
 def gpu_from_probe(planned: GPU | None, probe: GPUProbe) -> tuple[GPU | None, str]:
     """The GPU a sweep on a live cluster plans for, and a line saying where it comes from.
 
-    The smallest GPU the probe measured (pipeline.sweep.placement.probe_gpus: torch on the nodes),
+    The smallest GPU the probe measured (pipeline.sweep.cluster.placement.probe_gpus: torch on the nodes),
     unless the spec's run.gpu_memory_gb asks for less (a cap the spec chose); without a probed GPU,
     `planned` (planned_gpu: run.gpu_memory_gb, else cluster.yaml's smallest GPU), said so.
     """
@@ -236,7 +236,7 @@ def check_plan_on_cluster(ray, sweep: Sweep, root: Path | None = None) -> list[T
     (gpu_from_probe); logs where the figure came from. A CPU sweep probes nothing."""
     if sweep.run.worker_gpus <= 0:
         return []
-    from pipeline.sweep.placement import probe_gpus
+    from pipeline.sweep.cluster.placement import probe_gpus
 
     gpu, where = gpu_from_probe(planned_gpu(sweep, root), probe_gpus(ray))
     log.info("memory plan of %s, profile %s: %s", sweep.name, sweep.profile, where)
@@ -285,7 +285,7 @@ def format_plan(sweep: Sweep, plans: list[TrialPlan], gpu: GPU | None) -> str:
     lines += ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in rows]
     lines.append(_totals(sweep, plans))
     lines.append(
-        f"* GPU-hours: counted FLOPs at {MFU:.0%} MFU of an H100's bf16 peak (pipeline.sweep.budget), an estimate"
+        f"* GPU-hours: counted FLOPs at {MFU:.0%} MFU of an H100's bf16 peak (pipeline.sweep.spec.budget), an estimate"
     )
     if sweep.run.budget_gpu_hours is not None:
         lines.append(plan_line(sweep.run.budget_gpu_hours, [p.gpu_hours for p in plans], sweep.trial_count))

@@ -1,0 +1,8 @@
+"""The cluster wing: where a sweep's trials can run, checked before anything is created.
+
+placement.py (the profile for the cluster, trial resources, a placement that can hold them, the GPUs
+probed), plan.py (the memory plan: what one GPU must hold, and the settings that make it fit) and
+persist.py (results that outlive Ray's uploaded working directory).
+
+May import: the spec, record and trials wings, vpn/ and pipeline's top-level modules.
+"""
