@@ -209,11 +209,13 @@ def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog
     run = resolve(tmp_path, {"workers_per_trial": 4, "gpus_per_trial": 1}).run
     with pytest.raises(ValueError, match=r"run.gpus_per_trial=1\) cannot be placed"):
         plan(run, [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}])
-    # no GPU at all: CPU workers (as one-worker trials do), drivers on logical memory
-    with caplog.at_level("WARNING"):
-        p = plan(run, [{"CPU": 2.0}, {"CPU": 2.0}])
+    # no GPU at all: refused, never CPU workers in the GPUs' place (tests/test_bad_inputs.py); CPU workers
+    # (no GPU asked for) have their drivers on logical memory
+    with pytest.raises(ValueError, match=r"run.gpus_per_trial=1 asks for GPUs but the Ray cluster offers none"):
+        plan(run, [{"CPU": 2.0}, {"CPU": 2.0}])
+    cpu_run = resolve(tmp_path, {"workers_per_trial": 4}).run
+    p = plan(cpu_run, [{"CPU": 2.0}, {"CPU": 2.0}])
     assert p.worker == {"CPU": 1.0} and p.driver == {"memory": float(DRIVER_MEMORY)} and p.max_concurrent == 1
-    assert "the cluster has no GPU" in caplog.text
 
 
 def test_the_sweep_refuses_a_trial_no_placement_holds(tmp_path):

@@ -24,7 +24,7 @@ from vpn import memory
 from vpn.memory import CONTEXT_GIB, GIB, HEADROOM
 
 MODEL = {"output": "bernoulli", "enc_blocks": 1, "dec_blocks": 1, "filter_fraction": 0.03125}
-TRAIN = {"steps": 10, "batch_size": 4, "seq_len": 4, "context": 2, "downsample": 4, "device": "cpu"}
+TRAIN = {"steps": 10, "batch_size": 4, "seq_len": 4, "context": 2, "downsample": 4, "device": "auto"}
 
 
 def spec_of(tmp_path: Path, run: dict, train: dict | None = None) -> Path:

@@ -56,6 +56,9 @@ class RunSettings:
     # The memory of one GPU the trials run on, in GB (1e9 bytes, as GPUs are sold), for the memory plan
     # (pipeline.sweep.cluster.plan); null: the smallest GPU sweeps/cluster.yaml offers.
     gpu_memory_gb: float | None = None
+    # The memory one CPU trial's process may use, in GB, for the same plan; null: this machine's memory
+    # shared by the trial processes its cores run at once.
+    cpu_memory_gb: float | None = None
     max_failures: int = 2
     storage_path: str | None = None
     asha: AshaSettings = field(default_factory=AshaSettings)
@@ -107,9 +110,10 @@ class RunSettings:
         b = self.budget_gpu_hours
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
             raise ValueError(f"budget_gpu_hours must be a number > 0 or null, got {b!r}")
-        m = self.gpu_memory_gb
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
-            raise ValueError(f"gpu_memory_gb must be a number > 0 or null, got {m!r}")
+        for name in ("gpu_memory_gb", "cpu_memory_gb"):
+            m = getattr(self, name)
+            if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+                raise ValueError(f"{name} must be a number > 0 or null, got {m!r}")
 
     @property
     def worker_cpus(self) -> float:
