@@ -180,7 +180,8 @@ def one_accelerator(nodes: list[Mapping[str, float]], worker: Mapping[str, float
     where the cluster's GPU nodes have several (else {}): the model whose nodes hold the most workers
     (ties: the first by name). All-reduce waits for the slowest rank, and each rank's share of the batch
     is the same, so a mixed trial runs at its slowest GPU's pace and its memory plan at the smallest's."""
-    models = sorted({k for node in nodes if float(node.get("GPU", 0)) > 0 for k in node if k.startswith(ACCELERATOR_PREFIX)})
+    gpu_nodes = [node for node in nodes if float(node.get("GPU", 0)) > 0]
+    models = sorted({k for node in gpu_nodes for k in node if k.startswith(ACCELERATOR_PREFIX)})
     if len(models) < 2:
         return {}
     held = {m: sum(bundles_per_node([node for node in nodes if node.get(m)], worker)) for m in models}

@@ -292,7 +292,6 @@ def host_refusal(sweep: Sweep, point: Point, need, host: GPU) -> str:
     """Why a CPU trial is refused: its step's memory against its share, and the settings that would fit."""
     frames, share = _frames_and_share(sweep, point)
     budget = host_budget_bytes(host.memory_gib)
-    t = point.train
     step = f"a step of {share} sequence(s) of {frames} frames"
     needs = "is too large to estimate" if need is None else f"needs {need.total_gib:.1f} GiB (vpn.memory)"
     fix = "lower train.batch_size, train.seq_len or the model's size"

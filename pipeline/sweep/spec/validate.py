@@ -277,7 +277,8 @@ def _check_draws(run: RunSettings, search: Search, base_train: Mapping[str, Any]
     if splits:  # else every batch size is one pass on one worker
         for axis, path in ((batches, b_path), (micros, m_path)):
             if isinstance(axis, Range) and axis.high - axis.low >= RANGE_VALUES_CHECKED:
-                raise blame.fail(path, f"a range of {axis.high - axis.low + 1:g} values is too wide to check; list them")
+                wide = f"a range of {axis.high - axis.low + 1:g} values is too wide to check; list the values"
+                raise blame.fail(path, wide)
         for b in _values(batches):
             if b % workers:
                 raise blame.fail(
