@@ -131,7 +131,7 @@ def rank_device(name: str, ray_device: Callable[[], Any]) -> str:
     """
     from vpn.train import resolve_device
 
-    if resolve_device(name).type != "cuda":
+    if name == "cpu" or (name == "auto" and resolve_device(name).type != "cuda"):  # not the CUDA the rank has
         return name
     device = ray_device()
     if device.type != "cuda":
