@@ -120,15 +120,14 @@ def _check_resume(args: argparse.Namespace, state: dict[str, Any]) -> None:
     if args.overfit:
         raise ValueError("--resume: continues a training run; --overfit fits one sequence from scratch, drop one")
     saved = VPNConfig.from_dict(state["model_config"])
-    given = {k: getattr(args, k) for k in MODEL_ARGS if getattr(args, k) is not None}
-    if "preset" in given:
-        given.update({k: v for k, v in PRESETS[given.pop("preset")].items() if k not in given})
-    for key, value in given.items():
+    given = {k: (getattr(args, k), f"--{k.replace('_', '-')}") for k in MODEL_ARGS[1:] if getattr(args, k) is not None}
+    if args.preset is not None:  # the preset's fields, where no argument of their own overrides them
+        given = {**{k: (v, f"--preset {args.preset}") for k, v in PRESETS[args.preset].items()}, **given}
+    for key, (value, flag) in given.items():
         if getattr(saved, key) != value:
-            flag = f"--{key.replace('_', '-')}"
             raise ValueError(
                 f"{flag}: the checkpoint {args.resume} holds a model with {key}={getattr(saved, key)!r}, not "
-                f"{value!r}; --resume continues the checkpoint's own model: drop {flag}, or start a new run"
+                f"{value!r}; --resume continues the checkpoint's own model: drop {flag.split()[0]}, or start a new run"
             )
 
 
@@ -284,7 +283,10 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     tcfg = TrainConfig.from_dict(state["train_config"])
     if args.context is not None:
-        tcfg = dataclasses.replace(tcfg, context=args.context)
+        try:
+            tcfg = dataclasses.replace(tcfg, context=args.context)
+        except ValueError as e:  # context=n must be < seq_len=m, the checkpoint's
+            raise ValueError(f"--context: {e} (the checkpoint's train.seq_len)") from None
     model = load_model(args.checkpoint, device)
     data = _dataset(args.data, args.split)
     frames = min(tcfg.seq_len or data.seq_len, data.seq_len)

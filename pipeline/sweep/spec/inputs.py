@@ -53,7 +53,9 @@ def check_run_inputs(
 ) -> None:
     """Refuse (SpecError) a command-line path or an environment setting the sweep could not use."""
     env = os.environ if env is None else env
-    paths = {"--data": data, "--storage": storage, "--results-dir": results_dir}
+    # the driver's main passes VPN_DATA on as --data: named as the user set it
+    data_name = "VPN_DATA" if data is not None and data == env.get("VPN_DATA") else "--data"
+    paths = {data_name: data, "--storage": storage, "--results-dir": results_dir}
     paths.update({name: env.get(name) for name in PATH_ENV})
     for name, value in paths.items():
         if value is None or (name.startswith("VPN_") and not value):  # an empty variable is an unset one
