@@ -12,13 +12,11 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import environ, running_local_ray
 
 from pipeline.paths import repo_root
 from pipeline.sweep import driver
 from pipeline.sweep.cluster import plan
 from pipeline.sweep.cluster.placement import GPUProbe
-from pipeline.sweep.driver import QUIET_ENV
 from pipeline.sweep.spec.sweep import SpecError, load_spec
 from vpn import memory
 from vpn.memory import CONTEXT_GIB, GIB, HEADROOM
@@ -116,23 +114,6 @@ def test_the_gpu_planned_for_comes_from_the_probe_where_it_saw_one(tmp_path):
     small, _ = plan.gpu_from_probe(plan.planned_gpu(sweep, tmp_path), GPUProbe((("n", "a GPU", 2**30),)))
     with pytest.raises(SpecError, match="the cluster's GPU as torch reads it: a GPU, 1.0 GiB"):
         plan.check_plan(sweep, tmp_path, small)
-
-
-@pytest.mark.slow  # starts Ray
-def test_the_probe_on_a_ray_without_cuda_sees_no_gpu(tmp_path, caplog):
-    """A real local Ray offering one (logical) GPU: the probe's task runs there and finds no CUDA device,
-    so the check on the cluster says so and plans with the spec's figure."""
-    import ray
-
-    from pipeline.sweep.cluster import placement
-
-    sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": 1000}), root=tmp_path).resolve("gpu")
-    with environ(QUIET_ENV), running_local_ray(num_gpus=1):
-        probe = placement.probe_gpus(ray, timeout_s=120)
-        assert probe.gpus == () and "torch there sees no CUDA device" in probe.why_none
-        with caplog.at_level("INFO", logger="pipeline.sweep.cluster.plan"):
-            assert [p.fits for p in plan.check_plan_on_cluster(ray, sweep, tmp_path)] == [True, True]
-    assert f"no GPU visible ({probe.why_none}), using run.gpu_memory_gb of {sweep.source}" in caplog.text
 
 
 def test_the_probe_of_a_cluster_without_gpus_runs_nothing():
