@@ -9,8 +9,8 @@
    pipeline.sweep.spec.data_check).
 2. Ray: joins the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or the one `ray start`
    left on this node, else starts a local one. `--profile auto` (the default) picks `gpu` when the
-   cluster has GPUs and `cpu` otherwise. GPUs are requested per trial only when the cluster has
-   some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever. On an
+   cluster has GPUs and `cpu` otherwise. GPUs are used or refused: a profile that asks for GPUs on a
+   cluster without any, or with GPUs torch cannot use, is refused before any run is created. On an
    autoscaling cluster whose GPU nodes are still booting, VPN_WAIT_FOR_NODES=<seconds> makes the
    driver wait for them before it looks (sweeps/cluster.yaml sets it). With run.workers_per_trial
    N > 1 a trial is N data-parallel Ray Train workers (pipeline.sweep.trials.distributed); whether the cluster

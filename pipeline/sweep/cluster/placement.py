@@ -94,8 +94,8 @@ def wait_for_nodes(
 
 
 def trial_resources(sweep: Sweep, cluster: Mapping[str, float]) -> dict[str, float]:
-    """{"cpu": n, "gpu": g} of a one-worker trial: GPUs only where the cluster has them (else the
-    request would hang). Data-parallel trials: `plan`."""
+    """{"cpu": n, "gpu": g} of a one-worker trial; GPUs asked of a cluster without any are refused (the
+    request would hang, and CPU trials would skip the GPUs asked for). Data-parallel trials: `plan`."""
     run = sweep.run
     gpus = float(cluster.get("GPU", 0))
     want = run.worker_gpus

@@ -27,7 +27,7 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
       train: {lr: [3.0e-4]}        # lists of TrainConfig values
     run:                           # how the trials run, not what they compute
       cpus_per_trial: 1
-      gpus_per_trial: 0            # fractions allowed; requested only where the cluster has GPUs
+      gpus_per_trial: 0            # fractions allowed; refused where the cluster has no GPU torch can use
       workers_per_trial: 1         # N > 1: N data-parallel workers (Ray Train), train.batch_size split
       cpus_per_worker: null        # each worker's CPUs (null: cpus_per_trial)
       gpus_per_worker: null        # each worker's GPUs (null: gpus_per_trial); 0 or 1 when N > 1
@@ -35,6 +35,7 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
       seeds: 1                     # each point runs this often, with train.seed + 0, 1, ...
       num_samples: null            # a searcher's draw count (search.algorithm random, optuna, bohb)
       budget_gpu_hours: null       # a searcher stops starting trials past this estimate
+      cpu_memory_gb: null          # a CPU trial's memory for the plan (null: this machine's per trial)
       max_failures: 2              # a crashed trial is retried from its checkpoint this often
       storage_path: null           # Ray results (null: <repo>/ray_results; s3://, NFS on a cluster)
       asha: {enabled: false, grace_steps: 100, reduction_factor: 3}
