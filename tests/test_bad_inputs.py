@@ -103,6 +103,7 @@ ROWS = [
     sweep("asha-enabled-string", "run.asha.enabled", spec={"run": {"asha": {"enabled": "yes"}}}),
     sweep("max-concurrent-bool", "run.max_concurrent", spec={"run": {"max_concurrent": True}}),
     sweep("max-failures-beyond-int64", "run.max_failures", spec={"run": {"max_failures": 10**30}}),
+    sweep("storage-path-no-such-user", "run.storage_path", spec={"run": {"storage_path": "~nouser/ray"}}),
     sweep("cpu-memory-negative", "run.cpu_memory_gb", spec={"run": {"cpu_memory_gb": -1}}),
     sweep("micro-3-of-8", "train.micro_batch_size", spec={"train": {"batch_size": 8, "micro_batch_size": 3}}),
     sweep(

@@ -329,6 +329,11 @@ def _read_sections(spec: Mapping[str, Any], root: Path, data_override: str | Pat
             raise blame.fail(f"train.{key}", f"unknown TrainConfig key; known keys: {', '.join(TRAIN_FIELDS)}")
 
     run = read_run(spec.get("run"), blame)
+    if run.storage_path and "://" not in run.storage_path:  # s3://, gs://: Ray's to reach
+        try:
+            local_path(run.storage_path)
+        except ValueError as e:
+            raise blame.fail("run.storage_path", str(e)) from None
     overfit_raw = spec.get("overfit")
     if overfit_raw is not None and mode != "overfit":
         raise blame.fail("overfit", "only applies to mode: overfit")
