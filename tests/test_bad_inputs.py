@@ -98,6 +98,7 @@ ROWS = [
         spec={"train": {"seed": 2**32 - 1}, "search": SEARCHED, "run": {"num_samples": 2, "seeds": 2}},
     ),
     sweep("gpus-nan", "run.gpus_per_trial", spec={"run": {"gpus_per_trial": float("nan")}}),
+    sweep("gpus-below-rays-unit", "run.gpus_per_trial", spec={"run": {"gpus_per_trial": 1.0e-300}}),
     sweep("cpus-inf", "run.cpus_per_trial", spec={"run": {"cpus_per_trial": float("inf")}}),
     sweep("asha-factor-inf", "run.asha.reduction_factor", spec={"run": {"asha": {"reduction_factor": float("inf")}}}),
     sweep("asha-enabled-string", "run.asha.enabled", spec={"run": {"asha": {"enabled": "yes"}}}),

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+RAY_RESOURCE_UNIT = 1e-4  # Ray counts resources in units of 1/10,000
+
 
 @dataclass(frozen=True)
 class AshaSettings:
@@ -78,6 +80,10 @@ class RunSettings:
         g = self.gpus_per_trial
         if g < 0 or (g > 1 and g != int(g)):
             raise ValueError(f"gpus_per_trial must be 0, a fraction in (0, 1] or a whole number, got {g}")
+        for name in ("cpus_per_trial", "gpus_per_trial", "cpus_per_worker", "gpus_per_worker"):
+            v = getattr(self, name)
+            if v is not None and 0 < v < RAY_RESOURCE_UNIT:  # Ray would round the request to nothing
+                raise ValueError(f"{name} must be 0 or at least {RAY_RESOURCE_UNIT} (Ray's unit), got {v}")
         n = self.workers_per_trial
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"workers_per_trial must be an integer >= 1, got {n!r}")
