@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-RAY_RESOURCE_UNIT = 1e-4  # Ray counts resources in units of 1/10,000
+RAY_RESOURCE_UNIT = 1e-4  # Ray counts resources in units of 1/10,000 (ray._common.ray_option_utils)
 
 
 @dataclass(frozen=True)
@@ -82,7 +82,7 @@ class RunSettings:
             raise ValueError(f"gpus_per_trial must be 0, a fraction in (0, 1] or a whole number, got {g}")
         for name in ("cpus_per_trial", "gpus_per_trial", "cpus_per_worker", "gpus_per_worker"):
             v = getattr(self, name)
-            if v is not None and 0 < v < RAY_RESOURCE_UNIT:  # Ray would round the request to nothing
+            if v is not None and 0 < v < RAY_RESOURCE_UNIT:  # else Ray refuses it, but only as a trial starts
                 raise ValueError(f"{name} must be 0 or at least {RAY_RESOURCE_UNIT} (Ray's unit), got {v}")
         n = self.workers_per_trial
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
