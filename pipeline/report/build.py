@@ -68,7 +68,7 @@ from pipeline.report.params import ReportParams
 from pipeline.report.samples import write_samples_figure
 from pipeline.report.search_figures import search_section
 from pipeline.report.stats import paper_contrasts, seed_section
-from pipeline.report.tables import TABLE_COLUMNS, markdown_table
+from pipeline.report.tables import TABLE_COLUMNS, markdown_table, md_text
 from pipeline.sweep.record.results import EXCESS, best_trial, rank_column
 from vpn.files import write_text
 
@@ -151,8 +151,8 @@ def _overview(sweep: str, summary: pd.DataFrame) -> list[str]:
     if len(failed):
         lines += ["## Trials that did not finish", ""]
         for _, r in failed.iterrows():
-            error = f" ({r['error']})" if isinstance(r.get("error"), str) and r["error"] else ""
-            lines.append(f"- **{r['config']}**: {r['status']}{error}")
+            error = f" ({md_text(r['error'])})" if isinstance(r.get("error"), str) and r["error"] else ""
+            lines.append(f"- **{md_text(r['config'])}**: {r['status']}{error}")
         lines.append("")
     return lines
 
@@ -327,13 +327,22 @@ _STYLE = (
 )
 
 
-def write_pages(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
-    """report.md (the lines), report.html (the same, rendered) and metrics.json into `out`."""
+def to_html(text: str) -> str:
+    """The markdown `text` as HTML, with raw HTML off: a `<script>` in a trial's error text is shown as
+    text, never run (Python-Markdown passes raw HTML through by default)."""
     import markdown
 
+    md = markdown.Markdown(extensions=["tables"])
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    return md.convert(text)
+
+
+def write_pages(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
+    """report.md (the lines), report.html (the same, rendered) and metrics.json into `out`."""
     text = "\n".join(lines)
     write_text(out / "report.md", text)
-    body = markdown.markdown(text, extensions=["tables"])
+    body = to_html(text)
     title = html.escape(lines[0].lstrip("# "))
     head = f"<meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
     write_text(out / "report.html", f"<!doctype html><html><head>{head}</head><body>{body}</body></html>")
@@ -341,7 +350,7 @@ def write_pages(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.params import load_section, stage_argparser
+    from pipeline.params import ParamsError, load_section, stage_argparser
 
     parser = stage_argparser("Turn sweep results into comparison reports.")
     args = parser.parse_args(argv)
@@ -349,7 +358,11 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    params = load_section(ReportParams, "report", args.params)
+    try:
+        params = load_section(ReportParams, "report", args.params)
+    except ParamsError as e:  # one sentence naming the file and the key, as the data stages say it
+        log.error("%s", e)
+        return 1
     repo = Path(args.params).resolve().parent
     from pipeline.report.to_mlflow import log_report
 
