@@ -452,7 +452,17 @@ def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_pat
         "floor": 20.0,
         "excess": 40.0,
         "paper_nats_per_frame": 110.1,
+        "excess_nats_per_pixel": pytest.approx(40.0 / 256),  # 16x16 grey frames
+        "paper_excess_nats_per_pixel": pytest.approx((110.1 - 86.3) / 4096),  # the paper's 64x64
     }
+    assert metrics["best_excess_nats_per_pixel"] == pytest.approx(6.0 / 256)
+    # the paper's gap beside ours per pixel, and what holds there (the sign), never a match in nats/frame
+    gap = metrics["finding"]["baseline_gap"]
+    assert gap["nats_per_frame"] == pytest.approx(40.0 - 6.0) and gap["pixels"] == 256
+    assert gap["nats_per_pixel"] == pytest.approx(34.0 / 256) and gap["paper_nats_per_pixel"] == pytest.approx(
+        22.5 / 4096
+    )
+    assert gap["same_sign_as_paper"] is True
     assert metrics["rows"]["relu_dilated"]["paper_nats_per_frame"] == 87.7
     text = (out / "report.md").read_text()
     table = text.split("## The paper's rows")[1]
@@ -460,7 +470,10 @@ def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_pat
         "16x16 frames" in table and "4,000 training sequences (streamed)" in table and "1,000 test sequences" in table
     )
     line = next(x for x in table.splitlines() if x.startswith("| rmb_dilated |"))
-    assert "VPN, RMB, dilation" in line and "| 26 | 20 | 6 | 87.6 | 1.3 |" in line
+    assert "VPN, RMB, dilation" in line and "| 26 | 20 | 6 | 87.6 | 1.3 | 0.02344 | 0.0003174 |" in line
+    finding = table.split("### The paper's finding")[1]
+    assert "+0.133 nats/pixel" in finding and "+0.00549 nats/pixel" in finding and "the paper's sign" in finding
+    assert "do not compare across sizes" in table and "compares across frame sizes" not in text
     # the table of every trial is sorted by excess
     every = text.split("## Every trial")[1]
     order = [name for name, *_ in rows if f"| {name} (" in every]
