@@ -397,7 +397,7 @@ def documented_commands(root: Path = REPO) -> list[Command]:
 
 def test_every_documented_command_parses_its_flags():
     found = documented_commands()
-    assert len([c for c in found if not c.mention]) >= 60, "the docs' commands were not found"  # the check sees them
+    assert len([c for c in found if not c.mention]) >= 40, "the docs' commands were not found"  # 71 today
     problems = [p for c in found if (p := parse_problem(c))]
     assert not problems, "\n".join(problems)
 
