@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -359,9 +360,12 @@ def _spec_arg(spec: SweepSpec) -> str:
 
 
 # -- command line --------------------------------------------------------------------------------
-def runs_url(uri: str, experiment_id: str) -> str:
-    """Where MLflow 3.17's UI lists an experiment's runs (it opens experiments on an empty GenAI page)."""
-    page = f"#/experiments/{experiment_id}/runs"
+def runs_url(uri: str, experiment_id: str, sweep_id: str | None = None) -> str:
+    """Where MLflow 3.17's UI shows an experiment's runs (it opens experiments on an empty GenAI page): with
+    a sweep id, its saved view in the chart view, every trial's curves overlaid (record.parent.save_curves_view)."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if sweep_id is not None:
+        page += f"&compareRunsMode=CHART&viewStateShareKey={urllib.parse.quote(sweep_id, safe='')}"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"http://127.0.0.1:5000/{page} (after `mlflow ui --backend-store-uri {uri}`)"
@@ -423,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     listed = f": {', '.join(failed)}" if failed else ""
     print(f"sweep {outcome.sweep_id}: {done} finished, {len(failed)} failed{listed}")
     print(f"MLflow: {outcome.tracking_uri} (experiment {outcome.sweep.name!r}); Ray: {outcome.experiment_path}")
-    print(f"the runs in MLflow's UI: {runs_url(outcome.tracking_uri, outcome.experiment_id)}")
+    print(f"the runs in MLflow's UI: {runs_url(outcome.tracking_uri, outcome.experiment_id, outcome.sweep_id)}")
     if outcome.results_dir is not None:
         print(f"results: {outcome.results_dir}")
     return EXIT_INTERRUPTED if outcome.interrupted else 0
