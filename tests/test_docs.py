@@ -258,17 +258,20 @@ def parse_problem(command: Command) -> str | None:
         try:
             with parse_only(), contextlib.redirect_stderr(stderr), contextlib.redirect_stdout(io.StringIO()):
                 if inspect.signature(main).parameters:
-                    main(argv)
+                    status = main(argv)
                 else:  # a main that reads sys.argv
                     with pytest.MonkeyPatch.context() as patch:
                         patch.setattr(sys, "argv", [command.module, *argv])
-                        main()
+                        status = main()
         except Parsed:
             return None
         except SystemExit as e:
-            if e.code in (0, None):  # --help
-                return None
-            errors.append(stderr.getvalue().strip().splitlines()[-1] if stderr.getvalue().strip() else str(e))
+            status = e.code
+        # Here the parse failed: argparse exited, or a main that catches its SystemExit returned the status.
+        if status in (0, None):  # --help
+            return None
+        said = stderr.getvalue().strip()
+        errors.append(said.splitlines()[-1] if said else f"exit status {status}")
     shown = " ".join(command.args)
     return f"{command.where}: `python -m {command.module} {shown}`: {errors[-1]}"
 
