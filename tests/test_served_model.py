@@ -186,6 +186,7 @@ def test_loading_the_registered_models_unpickles_nothing(store, monkeypatch, tmp
     weights_only. The model's folder holds no pickle, only code, YAML, text and the checkpoint."""
     import cloudpickle
     import mlflow.pyfunc
+    from mlflow.exceptions import MlflowException
 
     def unpickle(*args, **kwargs):
         raise AssertionError("a load unpickled")
@@ -212,6 +213,9 @@ def test_loading_the_registered_models_unpickles_nothing(store, monkeypatch, tmp
         want = reference(prepare(torch.from_numpy(frames), CFG.replace(seq_len=None))).numpy()  # (2, 3, 1, 8, 8)
     assert np.array_equal(logits.predict(frames), want)
     assert logits.model_config == {"mode": "logits", "max_batch": 2, "max_context": 5, "max_pixels": 2 * 4 * 64}
+    for given, message in [(raw_frames(3, 2, seed=6), "max_batch=2"), (raw_frames(1, 1, seed=6), "T >= 2 frames")]:
+        with pytest.raises(MlflowException, match=message):
+            logits.predict(given)
     mlflow.pyfunc.load_model("models:/tiny_futures/latest")
     assert loads and all(w is True for w in loads), loads
     monkeypatch.undo()
@@ -227,7 +231,7 @@ def test_loading_the_registered_models_unpickles_nothing(store, monkeypatch, tmp
 
 @pytest.mark.slow
 @NOLOAD
-def test_registering_again_adds_no_version_and_an_old_run_gets_its_missing_model(store):
+def test_registering_again_adds_no_version_and_an_old_run_gets_its_missing_models(store):
     client, best = store["client"], store["best"]
     assert registry.register_best(client, store["uri"], "tiny", {"best": best}) == "1"
     assert len(client.search_model_versions("name='tiny'")) == 1
@@ -238,21 +242,23 @@ def test_registering_again_adds_no_version_and_an_old_run_gets_its_missing_model
     assert len(client.search_model_versions("name='tiny'")) == 1
     (latest, *_) = client.search_model_versions("name='tiny_futures'", order_by=["version_number DESC"])
     assert str(latest.version) == "2" and latest.run_id == best["run_id"] and latest.tags["trial"] == "t0"
-    # a run whose model was the pickled PyTorch flavour (no format tag) gets the pyfunc as a new version
+    # a run registered by an earlier release (no format tag: a pickled module, futures without limits)
+    # gets both models again, as new versions
     client.delete_tag(best["run_id"], registry.TAG_FORMAT)
     assert registry.register_best(client, store["uri"], "tiny", {"best": best}) == "2"
-    assert len(client.search_model_versions("name='tiny_futures'")) == 2
-    assert client.get_run(best["run_id"]).data.tags[registry.TAG_FORMAT] == registry.FORMAT
+    tags = client.get_run(best["run_id"]).data.tags
+    assert (tags[registry.TAG_FORMAT], tags[futures.TAG_FUTURES]) == (registry.FORMAT, "3")
+    assert len(client.search_model_versions("name='tiny_futures'")) == 3
     # limits raised where the model is logged: a new version, its config in the MLmodel
     version = registry.register_futures(client, store["uri"], "tiny", best["run_id"], {"max_frames": 30})
-    assert version == "3" and client.get_run(best["run_id"]).data.tags[futures.TAG_FUTURES] == "3"
+    assert version == "4" and client.get_run(best["run_id"]).data.tags[futures.TAG_FUTURES] == "4"
     import mlflow.pyfunc
 
-    config = mlflow.pyfunc.load_model("models:/tiny_futures/3").model_config
+    config = mlflow.pyfunc.load_model("models:/tiny_futures/4").model_config
     assert config == {"mode": "futures", **LIMITS, "max_frames": 30}
     with pytest.raises(Exception, match="model_config.max_frames must be an integer >= 1, got 0"):
         registry.register_futures(client, store["uri"], "tiny", best["run_id"], {"max_frames": 0})
-    assert len(client.search_model_versions("name='tiny_futures'")) == 3
+    assert len(client.search_model_versions("name='tiny_futures'")) == 4
 
 
 def post(url: str, body: dict) -> tuple[int, dict, float]:

@@ -22,9 +22,10 @@ copied from the driver's checkout when the model was logged (docs/sweeps.md says
 
 Registering is idempotent: the run is tagged registered_model_version (and registered_futures_version), and a
 sweep run again without change (a resume) whose best run already holds both models registers nothing
-new. A run that holds only one gets the other; a run whose "model" is the PyTorch flavour of earlier
-releases (a pickled module: no registered_model_format tag) gets the pyfunc as a new version, so that
-`latest` loads without unpickling.
+new. A run that holds only one gets the other. A run registered by an earlier release (no
+registered_model_format tag: its "model" the PyTorch flavour, a pickled module, and its futures model
+without limits) gets both again as new versions, so that `latest` loads without unpickling and serves
+within limits.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 
 MODEL_NAME = "model"  # the logged model's name in its run
 TAG_REGISTERED = "registered_model_version"  # on the run: the version its model got
-# on the run: how that model was logged. Absent where the PyTorch flavour (a pickled module) was registered.
+# on the run: how its models were logged. Absent where an earlier release registered the PyTorch flavour
+# (a pickled module) and a futures model without limits.
 TAG_FORMAT, FORMAT = "registered_model_format", "pyfunc-checkpoint"
 
 
@@ -83,8 +85,10 @@ def register_best(client, uri: str, sweep: str, summary: Mapping[str, Any]) -> s
         return None
     run = tracking.retrying(client.get_run, best["run_id"])
     tags = run.data.tags
-    held = tags.get(TAG_REGISTERED) if tags.get(TAG_FORMAT) == FORMAT else None  # else pickled, or none
-    held_futures = tags.get(futures.TAG_FUTURES)
+    # Without the format tag, what the run holds is an earlier release's: a pickled module and a futures
+    # model without limits. Both are registered again, so that `latest` is neither.
+    current = tags.get(TAG_FORMAT) == FORMAT
+    held, held_futures = (tags.get(TAG_REGISTERED), tags.get(futures.TAG_FUTURES)) if current else (None, None)
     if held and held_futures:
         return held
     with tempfile.TemporaryDirectory(prefix="vpn-register-") as d:
