@@ -7,6 +7,7 @@ VideoPixelNetwork itself). Loading either unpickles nothing, and a request past 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import pickle
 import subprocess
@@ -55,7 +56,9 @@ def store(tmp_path_factory):
     client = MlflowClient(uri, registry_uri=uri)
     exp = client.create_experiment("tiny", artifact_location=(root / "art").as_uri())
     run = client.create_run(exp, run_name="t0", tags={tracking.TAG_SWEEP_ID: "tiny-cpu-0"})
-    for key, value in {"frame_height": 8, "frame_width": 8, "downsample": 2, "seq_len": 5, "context": 2}.items():
+    for key, value in {
+        "frame_height": 8, "frame_width": 8, "downsample": 2, "seq_len": 5, "context": 2, "mode": "train",
+    }.items():  # fmt: skip
         client.log_param(run.info.run_id, key, value)
     client.log_metric(run.info.run_id, tracking.TRAIN_KEY, 40.0, step=2)
     client.log_artifact(run.info.run_id, str(checkpoint), "checkpoint")
@@ -176,6 +179,9 @@ def test_pyfunc_predicts_the_samples_of_model_sample_from_raw_frames(store):
     with pytest.raises(Exception, match="16, 16"):
         served.predict(raw_frames(1, 2, seed=2)[..., :8, :8])
     assert store["version"] == "1"
+    # the models' config reaches their MLmodel only, not the run's params (where `mode` is the sweep's)
+    params = store["client"].get_run(store["best"]["run_id"]).data.params
+    assert params["mode"] == "train" and not {k for k in params if k.startswith("max_")}
 
 
 @pytest.mark.slow
@@ -249,8 +255,17 @@ def test_registering_again_adds_no_version_and_an_old_run_gets_its_missing_model
     tags = client.get_run(best["run_id"]).data.tags
     assert (tags[registry.TAG_FORMAT], tags[futures.TAG_FUTURES]) == (registry.FORMAT, "3")
     assert len(client.search_model_versions("name='tiny_futures'")) == 3
-    # limits raised where the model is logged: a new version, its config in the MLmodel
-    version = registry.register_futures(client, store["uri"], "tiny", best["run_id"], {"max_frames": 30})
+    # limits raised where the model is logged: a new version, its config in the MLmodel, not in the run's
+    # params (MLflow's Model.log would try to log them there, and warn where they clash)
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logging.getLogger("mlflow").addHandler(handler)
+    try:
+        version = registry.register_futures(client, store["uri"], "tiny", best["run_id"], {"max_frames": 30})
+    finally:
+        logging.getLogger("mlflow").removeHandler(handler)
+    assert not [r for r in records if "params" in r.getMessage()], [r.getMessage() for r in records]
     assert version == "4" and client.get_run(best["run_id"]).data.tags[futures.TAG_FUTURES] == "4"
     import mlflow.pyfunc
 

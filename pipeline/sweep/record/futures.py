@@ -18,7 +18,9 @@ by default the trial's own shapes (default_limits); `limits` of log_futures / lo
 
 from __future__ import annotations
 
+import functools
 import logging
+import types
 import warnings
 from collections.abc import Mapping
 from pathlib import Path
@@ -128,18 +130,20 @@ def log_pyfunc(
         client.create_logged_model, run.info.experiment_id, name=name, source_run_id=run.info.run_id,
         params=dict(params), tags=dict(tags or {}),
     )  # fmt: skip
+    # Model.log would also log a model_config argument as the run's params, where `mode` clashes with the
+    # run's own and the limits would pose as the trial's: given to save_model alone, it reaches the MLmodel only.
+    flavor = types.SimpleNamespace(save_model=functools.partial(mlflow.pyfunc.save_model, model_config=config))
     # No input example: MLflow would run predict on it at log time (a whole sampled horizon on the driver).
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*An input example was not provided")
         info = Model.log(
             artifact_path=None,  # deprecated: `name` names it
             name=name,
-            flavor=mlflow.pyfunc,
+            flavor=flavor,
             run_id=run.info.run_id,
             model_id=logged.model_id,
             python_model=str(CODE),  # models from code: nothing pickled
             artifacts={"checkpoint": checkpoint},
-            model_config=config,
             code_paths=[str(repo_root() / "vpn")],
             pip_requirements=[f"torch=={torch.__version__.split('+')[0]}", f"numpy=={np.__version__}"],
             signature=sig,
