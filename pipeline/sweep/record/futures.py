@@ -112,9 +112,11 @@ def log_pyfunc(
     from mlflow.models import Model
 
     from pipeline.sweep.record.pyfunc_model import check_config
-    from vpn import VPNConfig
     from vpn.checkpoint import load_checkpoint
-    from vpn.config import TrainConfig
+
+    # vpn.config, not the package's top level: where the repository is a folder named vpn/ in the working
+    # directory (a `ray submit` driver in the node's home), `vpn` itself resolves to it as a namespace package
+    from vpn.config import TrainConfig, VPNConfig
 
     state = load_checkpoint(checkpoint)
     model_cfg, cfg = VPNConfig.from_dict(state["model_config"]), TrainConfig.from_dict(state["train_config"])
