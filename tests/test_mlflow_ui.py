@@ -159,7 +159,7 @@ def test_train_sweep_as_the_ui_shows_it(env, train_console):
     best = json.loads((env["root"] / "results_train" / "metrics.json").read_text())["best"]
     best_run = client.get_run(best["run_id"])
     assert best_run.data.tags[registry.TAG_REGISTERED] == "1"
-    # the runs table's Model column: the PyTorch model and the futures pyfunc (tests/test_served_model.py)
+    # the runs table's Model column: the sweep's model and the futures pyfunc (tests/test_served_model.py)
     outputs = {
         client.get_logged_model(o.model_id).name: client.get_logged_model(o.model_id)
         for o in best_run.outputs.model_outputs
@@ -171,18 +171,19 @@ def test_train_sweep_as_the_ui_shows_it(env, train_console):
     assert served.run_id == best["run_id"] and best_run.data.tags[futures.TAG_FUTURES] == "1"
     (version,) = client.search_model_versions("name='ui_train'")
     assert version.run_id == best["run_id"] and version.tags["trial"] == best["trial"]
-    import mlflow.pytorch
+    import mlflow.pyfunc
 
-    loaded = mlflow.pytorch.load_model("models:/ui_train/latest")  # the documented one line (MLFLOW_TRACKING_URI set)
+    # the documented one line (MLFLOW_TRACKING_URI set): the VideoPixelNetwork, nothing unpickled
+    loaded = mlflow.pyfunc.load_model("models:/ui_train/latest").unwrap_python_model().model
     checkpoint = load_model(
         client.download_artifacts(best["run_id"], tracking.CHECKPOINT_ARTIFACT, str(env["root"] / "ckpt"))
     )
     frames = torch.from_numpy(np.load(env["data"] / "test.npy"))
     with torch.no_grad():
         assert torch.equal(loaded(frames), checkpoint(frames)) and not loaded.training
-    # the checkpoint itself is in the model's folder, for a load that runs no pickled code
+    # the checkpoint itself is in the model's folder, as README's `vpn sample --checkpoint` reads it
     folder = Path(mlflow.artifacts.download_artifacts("models:/ui_train/latest", dst_path=str(env["root"] / "model")))
-    assert load_model(folder / "extra_files" / "checkpoint.pt").cfg == checkpoint.cfg
+    assert load_model(folder / "artifacts" / "checkpoint.pt").cfg == checkpoint.cfg
     # registering again (the sweep resumed, nothing changed) makes no new version
     assert registry.register_best(client, env["uri"], "ui_train", {"best": best}) == "1"
     assert len(client.search_model_versions("name='ui_train'")) == 1

@@ -229,7 +229,7 @@ def check_results(server: str, password: str, home: Path, tmp_path: Path) -> Non
     """Every trial's run FINISHED on the head's server, the tables on the head, the model loads."""
     os.environ.update(MLFLOW_TRACKING_USERNAME="admin", MLFLOW_TRACKING_PASSWORD=password)
     try:
-        import mlflow.pytorch
+        import mlflow.pyfunc
         import pandas as pd
 
         from pipeline.sweep.record import registry, tracking
@@ -245,7 +245,8 @@ def check_results(server: str, password: str, home: Path, tmp_path: Path) -> Non
         # registry._store: MLflow's process-wide URIs point at the server for this load only, and are
         # restored after it (left set, they sent later tests' registry calls to this stopped server).
         with registry._store(server):
-            model = mlflow.pytorch.load_model("models:/depth_width/latest", dst_path=str(tmp_path / "model"))
+            loaded = mlflow.pyfunc.load_model("models:/depth_width/latest", dst_path=str(tmp_path / "model"))
+        model = loaded.unwrap_python_model().model
         assert sum(p.numel() for p in model.parameters()) > 0
     finally:
         for k in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
