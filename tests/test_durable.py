@@ -79,3 +79,111 @@ def test_vpn_train_resume_logs_each_step_once(tmp_path):
     # A new run (no --resume) into the same folder starts the file over.
     assert main(["train", *model, "--steps", "2", *common]) == 0
     assert [json.loads(line)["step"] for line in log.read_text().splitlines()] == [1, 2]
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory):
+    """One SQLite MLflow store for the module (creating one costs seconds); yields (client, its folder)."""
+    from pipeline.sweep.record import tracking
+
+    root = tmp_path_factory.mktemp("store")
+    return tracking.client(f"sqlite:///{root / 'mlflow.db'}"), root
+
+
+def _store_with_sweeps(store, name: str, sweeps: dict[str, str]):
+    """Experiment `name` with one finished run per sweep id (id -> profile); returns the client."""
+    from mlflow.entities import Metric
+
+    from pipeline.sweep.record import tracking
+
+    client, root = store
+    exp = client.create_experiment(name, artifact_location=(root / name).as_uri())
+    for sweep_id, profile in sweeps.items():
+        tags = {tracking.TAG_SWEEP_ID: sweep_id, tracking.TAG_PROFILE: profile, tracking.TAG_MODE: "train"}
+        run = client.create_run(exp, run_name="e1", tags={**tags, tracking.TAG_LABEL: "e1"})
+        for key, value in {"enc_blocks": 1, "dec_blocks": 1, "filter_fraction": 0.5, "steps": 10}.items():
+            client.log_param(run.info.run_id, key, value)
+        client.log_batch(
+            run.info.run_id, metrics=[Metric(tracking.VAL_KEY, 3.0, 0, 10), Metric(tracking.TRAIN_KEY, 3.0, 0, 10)]
+        )
+        client.set_terminated(run.info.run_id, "FINISHED")
+    return client
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")  # inside MLflow's SQL store
+def test_the_profiles_of_one_spec_keep_their_own_tables_replaced_together(store, tmp_path, monkeypatch):
+    import pandas as pd
+
+    from pipeline.report.analysis import ResultsError, load_results, tables_folder
+    from pipeline.sweep.record import results
+
+    client = _store_with_sweeps(store, "spec", {"spec-cpu-1": "cpu", "spec-gpu-1": "gpu", "spec-cpu-2": "cpu"})
+    monkeypatch.setattr(results, "repo_root", lambda: tmp_path)
+    cpu = results.write_results(client, "spec", "cpu", "spec-cpu-1", "train")
+    gpu = results.write_results(client, "spec", "gpu", "spec-gpu-1", "train")
+    assert cpu != gpu
+    for folder, sweep_id in ((cpu, "spec-cpu-1"), (gpu, "spec-gpu-1")):
+        assert json.loads((folder / "metrics.json").read_text())["sweep_id"] == sweep_id
+        assert set(pd.read_parquet(folder / "trials.parquet")["sweep_id"]) == {sweep_id}
+    # the report reads one profile's tables, and asks which where there are several
+    with pytest.raises(ResultsError, match="cpu, gpu; give --profile"):
+        tables_folder(tmp_path / "results", "spec")
+    assert set(load_results(tmp_path / "results", "spec", "gpu")[0]["run_id"]) == set(
+        pd.read_parquet(gpu / "trials.parquet")["run_id"]
+    )
+
+    # A write that fails at its third table leaves the three old ones, never a mix of sweeps.
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(results, "summary", broken)
+    with pytest.raises(RuntimeError, match="disk full"):
+        results.write_results(client, "spec", "cpu", "spec-cpu-2", "train")
+    assert set(pd.read_parquet(cpu / "trials.parquet")["sweep_id"]) == {"spec-cpu-1"}
+    assert set(pd.read_parquet(cpu / "curves.parquet")["run_id"]) == set(
+        pd.read_parquet(cpu / "trials.parquet")["run_id"]
+    )
+    assert sorted(p.name for p in (tmp_path / "results" / "spec").iterdir()) == ["cpu", "gpu"]
+
+
+@pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
+def test_a_trial_retried_after_its_run_finished_logs_its_final_metrics_once(store, tmp_path):
+    """trainable marks the run FINISHED, then reports the final checkpoint to Ray: a crash in between
+    makes Ray retry the trial, which scores and reaches the end again (here: the end, twice)."""
+    from types import SimpleNamespace
+
+    from mlflow.entities import Metric
+
+    from pipeline.sweep.record import tracking
+    from pipeline.sweep.trials import trainable
+    from pipeline.sweep.trials.trial import TrialConfig
+    from vpn.config import TrainConfig, VPNConfig
+    from vpn.train import Trainer
+
+    client, root = store
+    exp = client.create_experiment("final", artifact_location=(root / "final").as_uri())
+    run_id = tracking.create_run(client, exp, "e1", {}, {})
+    frames = (np.random.default_rng(0).random((4, 4, 1, 8, 8)) < 0.3).astype(np.uint8) * 255
+    model = VPNConfig(enc_blocks=1, dec_blocks=1, filter_fraction=0.03125, output="bernoulli")
+    train = TrainConfig(steps=2, batch_size=2, context=2, device="cpu")
+    cfg = TrialConfig(0, "e1", run_id, "train", model, train, tmp_path, client.tracking_uri, None, 0, False)
+    reported = []
+    tune = SimpleNamespace(report=lambda *a, **k: reported.append(a), Checkpoint=SimpleNamespace(from_directory=str))
+    final = {tracking.TEST_KEY: 5.0, tracking.TEST_SEQUENCES_KEY: 4.0}
+    series = [Metric("test_mse_by_frame", 0.1 * s, 0, s) for s in (1, 2)]
+    for _attempt in range(2):  # the trial, then Ray's retry of it
+        trainer = Trainer(model, train, frames)
+        run = trainable._TrialRun.open(cfg, {})
+        reporter = trainable._Reporter(cfg, trainer, run, tune, torch_frame(frames))
+        reporter.log(2, {tracking.TRAIN_KEY: 1.0})
+        reporter.checkpoint(2, final=True, extra=final, series=series)
+    assert len(reported) == 2 and client.get_run(run_id).info.status == "FINISHED"
+    for key in (tracking.TRAIN_KEY, *final):
+        assert [m.step for m in client.get_metric_history(run_id, key)] == [2], key
+    assert sorted(m.step for m in client.get_metric_history(run_id, "test_mse_by_frame")) == [1, 2]
+
+
+def torch_frame(frames):
+    import torch
+
+    return torch.zeros(frames.shape[2:])

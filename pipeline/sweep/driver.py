@@ -28,7 +28,7 @@
    profile, sweep_id) (pipeline.sweep.record.runs). Each trial gets its pipeline.sweep.trials.trial.TrialConfig,
    holding its run's id: the trial reattaches to it, also after a retry or a resume. A searcher's
    runs are made as its trials start (pipeline.sweep.trials.searched_runs).
-5. At the end results/<name>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
+5. At the end results/<name>/<profile>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
    (pipeline.sweep.record.results), and the parent gets the best trial's metrics. Exit status: 0 when every
    trial reached a final state (FINISHED or FAILED: failures are results, recorded in the table), 130
    when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data.
@@ -37,7 +37,7 @@ Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
 <repo>/ray_results. A multi-node cluster needs shared storage here (s3://, gs://, NFS).
 MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.sweep.record.tracking).
-Tables: --results-dir, else VPN_RESULTS_DIR/<sweep name>, else <repo>/results/<sweep name>.
+Tables: --results-dir, else VPN_RESULTS_DIR/<sweep name>/<profile>, else <repo>/results/<sweep name>/<profile>.
 Run from Ray's uploaded copy of a working directory (`ray job submit --working-dir .`), the sweep
 refuses to start unless the MLflow store, the storage and the tables are all outside that copy
 (pipeline.sweep.cluster.persist): Ray deletes the copy.
@@ -332,10 +332,8 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
     trial's model in the registry (pipeline.sweep.record.registry)."""
     from pipeline.sweep.record import results
 
-    if results_dir:
-        out_dir = Path(results_dir)
-    else:  # VPN_RESULTS_DIR is the parent, like <repo>/results
-        out_dir = Path(os.environ[RESULTS_ENV]) / sweep.name if os.environ.get(RESULTS_ENV) else None
+    # VPN_RESULTS_DIR is the parent, like <repo>/results: <parent>/<name>/<profile>
+    out_dir = Path(results_dir or results.results_folder(sweep.name, sweep.profile, os.environ.get(RESULTS_ENV)))
     out = results.write_results(exp.client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
     if register:  # the best of a finished sweep, by the tables' own ranking
         from pipeline.sweep.record import registry
@@ -386,7 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--retry-errored", action="store_true", help="on resume, retry errored trials too")
     parser.add_argument(
-        "--results-dir", help=f"where the tables go (default: ${RESULTS_ENV}/<sweep name>, else results/<sweep name>)"
+        "--results-dir",
+        help=f"where the tables go (default: ${RESULTS_ENV}/<name>/<profile>, else results/<name>/<profile>)",
     )
     parser.add_argument("--plan", action="store_true", help="print each trial's memory and cost plan; starts no Ray")
     parser.add_argument("--json", action="store_true", help="with --plan: a JSON list, one object per trial")
