@@ -46,6 +46,8 @@ refuses to start unless the MLflow store, the storage and the tables are all out
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -56,12 +58,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.paths import repo_root
+from pipeline.sweep.cluster.claim import Claiming, claim_sweep
 from pipeline.sweep.cluster.persist import RESULTS_ENV, STORAGE_ENV, check_results_persist
 from pipeline.sweep.cluster.placement import WAIT_ENV, choose_profile, trainable_of, wait_for_nodes
 from pipeline.sweep.cluster.plan import check_plan, check_plan_on_cluster, show_plan
 from pipeline.sweep.spec.budget import trial_gpu_hours
 from pipeline.sweep.spec.data_check import SweepDataError, check_data
-from pipeline.sweep.spec.identity import sweep_id_of
 from pipeline.sweep.spec.sweep import SpecError, Sweep, SweepSpec, load_spec
 from pipeline.sweep.trials.faults import Faults
 from pipeline.sweep.trials.trial import TrialConfig
@@ -102,7 +104,7 @@ class _Experiment:
     client: Any  # mlflow.tracking.MlflowClient
     experiment_id: str
     store: str  # Ray's storage path (local, absolute; or a URI)
-    path: str  # <store>/<sweep id>
+    path: str = ""  # <store>/<sweep id>, once the sweep is claimed (pipeline.sweep.cluster.claim)
 
 
 def connect_ray() -> bool:
@@ -115,9 +117,16 @@ def connect_ray() -> bool:
     return True
 
 
-def run_sweep(
+def run_sweep(spec: SweepSpec, profile: str = "auto", **options: Any) -> SweepOutcome:
+    """Run (or resume) one sweep; see the module docstring and _run_sweep for the options."""
+    with contextlib.ExitStack() as held:  # the sweep's lease, from its claim to its last record
+        return _run_sweep(spec, profile, held, **options)
+
+
+def _run_sweep(
     spec: SweepSpec,
-    profile: str = "auto",
+    profile: str,
+    held: contextlib.ExitStack,
     *,
     data: str | Path | None = None,
     storage: str | None = None,
@@ -125,16 +134,21 @@ def run_sweep(
     results_dir: str | Path | None = None,
     write_tables: bool = True,
     fault: Mapping[str, Any] | Faults | None = None,
+    claiming: Claiming | None = None,
 ) -> SweepOutcome:
-    """Run (or resume) one sweep; see the module docstring. `fault` is a test hook passed to the
-    trials (pipeline.sweep.trials.faults, e.g. {"kill_at_step": n, "marker": path}: SIGKILL the worker once
-    at that step)."""
+    """`fault` is a test hook passed to the trials (pipeline.sweep.trials.faults, e.g. {"kill_at_step": n,
+    "marker": path}: SIGKILL the worker once at that step); `claiming`: --start-over, --take-over and
+    --continue-under-new-code (pipeline.sweep.cluster.claim). The lease taken enters `held`."""
     # Refused at once when every result would live in Ray's uploaded copy of a working directory.
     check_results_persist(repo_root(), _spec_arg(spec), storage=storage, results_dir=results_dir)
     for k, v in {**QUIET_ENV, **LEGACY_OUTPUT_ENV}.items():
         os.environ.setdefault(k, v)
     if isinstance(fault, Mapping):  # as JSON gives it (tests/test_cluster.py)
         fault = Faults.from_dict(fault) if fault else None
+    if results_dir:  # replaced whole at the end: refused now if it holds more than the tables
+        from pipeline.sweep.record.results import check_results_folder
+
+        check_results_folder(Path(results_dir))
 
     sweep = data_info = None
     if profile != "auto":  # everything checkable is checked before Ray starts
@@ -156,17 +170,22 @@ def run_sweep(
         # Every check of the trials' placement before anything is created.
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         trainable, max_concurrent = trainable_of(sweep, cluster, nodes)
-        sweep_id = sweep_id_of(sweep, data_info["identity"])
-        exp = _open_experiment(sweep, sweep_id, storage)
+        exp = _open_experiment(sweep, storage)
         _check_reach(ray, exp)
+        # One driver per sweep: a second is refused here, having created nothing (pipeline.sweep.cluster.claim).
+        claim = claim_sweep(exp.client, exp.experiment_id, exp.uri, sweep, data_info["identity"], exp.store, claiming)
+        held.enter_context(claim.lease)
+        sweep_id, exp = claim.sweep_id, dataclasses.replace(exp, path=claim.path)
         # The sweep's parent run, its trials nested under it (pipeline.sweep.record.parent); found again on a resume.
         parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id)
+        claim.record(exp.client, parent)  # the code this driver runs (pipeline.sweep.record.lineage)
         tuner = _tuner(sweep, sweep_id, exp, data_info, trainable, max_concurrent, retry_errored, fault, parent)
         tuner.fit()
     finally:
         if started:
             ray.shutdown()
 
+    claim.lease.ensure_held()  # a driver that took the sweep over owns its runs now
     statuses, unfinished = _close_unfinished(exp, sweep_id)
     out = None
     if write_tables:
@@ -197,20 +216,18 @@ def _resolve_on_cluster(
     return sweep, data_info, cluster
 
 
-def _open_experiment(sweep: Sweep, sweep_id: str, storage: str | None) -> _Experiment:
-    """The sweep's MLflow experiment (created if missing, its latest sweep id of this profile set) and
-    Ray folder: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else <repo>/ray_results."""
+def _open_experiment(sweep: Sweep, storage: str | None) -> _Experiment:
+    """The sweep's MLflow experiment (created if missing) and Ray storage: --storage, else
+    VPN_SWEEP_STORAGE, else the profile's run.storage_path, else <repo>/ray_results."""
     from pipeline.sweep.record import tracking
 
     uri = tracking.absolute_uri(tracking.tracking_uri())
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, sweep.name, uri)
-    client.set_experiment_tag(experiment_id, tracking.EXPERIMENT_LATEST.format(profile=sweep.profile), sweep_id)
-
     store = storage or os.environ.get(STORAGE_ENV) or sweep.run.storage_path or str(repo_root() / "ray_results")
     if "://" not in store:
         store = str(Path(store).expanduser().resolve())
-    return _Experiment(uri, client, experiment_id, store, f"{store.rstrip('/')}/{sweep_id}")
+    return _Experiment(uri, client, experiment_id, store)
 
 
 def _check_reach(ray, exp: _Experiment) -> None:
@@ -253,7 +270,7 @@ def _tuner(
         if not sweep.search.searched and len(held) != len(sweep.points):  # a searcher's runs come as it draws
             raise SweepDataError(
                 f"{exp.path} holds sweep {sweep_id} but the MLflow store {exp.uri} has {len(held)} of its "
-                f"{len(sweep.points)} runs; delete that folder to start the sweep over"
+                f"{len(sweep.points)} runs; rerun with --start-over to archive them and start the sweep over"
             )
         log.info("resuming sweep %s from %s (finished trials are kept)", sweep_id, exp.path)
         return tune.Tuner.restore(
@@ -383,6 +400,11 @@ def main(argv: list[str] | None = None) -> int:
         "--storage", help=f"Ray storage path (default: ${STORAGE_ENV}, the profile's, <repo>/ray_results)"
     )
     parser.add_argument("--retry-errored", action="store_true", help="on resume, retry errored trials too")
+    parser.add_argument("--start-over", action="store_true", help="archive the sweep's runs and Ray folder; start anew")
+    parser.add_argument("--take-over", action="store_true", help="take the sweep from its driver (once it is dead)")
+    parser.add_argument(
+        "--continue-under-new-code", action="store_true", help="continue the unfinished sweep of other code"
+    )
     parser.add_argument(
         "--results-dir",
         help=f"where the tables go (default: ${RESULTS_ENV}/<name>/<profile>, else results/<name>/<profile>)",
@@ -409,6 +431,7 @@ def main(argv: list[str] | None = None) -> int:
             storage=args.storage,
             retry_errored=args.retry_errored,
             results_dir=args.results_dir,
+            claiming=Claiming(args.start_over, args.take_over, args.continue_under_new_code),
         )
     except (SpecError, SweepDataError) as e:
         log.error("%s", e)

@@ -261,6 +261,13 @@ def results_folder(name: str, profile: str, parent: str | Path | None = None) ->
     return Path(parent or repo_root() / "results") / name / profile
 
 
+def check_results_folder(out: Path) -> None:
+    """Refuse a folder that holds anything but the tables: write_results replaces it whole."""
+    others = sorted(p.name for p in out.iterdir() if p.name not in TABLES) if out.is_dir() else []
+    if others:
+        raise SpecError(f"{out}: holds {', '.join(others)} besides the results tables; give them a folder of their own")
+
+
 def write_results(client, name: str, profile: str, sweep_id: str, mode: str, out_dir: Path | None = None) -> Path:
     """Write trials.parquet, curves.parquet and metrics.json for one sweep id, replacing the folder's
     three tables together (out_dir, default results_folder(name, profile)); returns the folder."""
@@ -270,11 +277,7 @@ def write_results(client, name: str, profile: str, sweep_id: str, mode: str, out
     runs = tracking.sweep_runs(client, exp.experiment_id, sweep_id)
     trials, curves = tables(client, runs)
     out = Path(out_dir) if out_dir else results_folder(name, profile)
-    others = sorted(p.name for p in out.iterdir() if p.name not in TABLES) if out.is_dir() else []
-    if others:  # the folder is replaced whole: it must hold nothing but the tables
-        raise SpecError(
-            f"{out}: holds {', '.join(others)} besides the results tables; give the tables a folder of their own"
-        )
+    check_results_folder(out)
     with atomic_dir(out) as tmp:
         trials.to_parquet(tmp / "trials.parquet", index=False)
         curves.to_parquet(tmp / "curves.parquet", index=False)

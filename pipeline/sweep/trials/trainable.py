@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sweep.record import forecasting, pictures, tracking
+from pipeline.sweep.record import forecasting, lineage, pictures, tracking
 from pipeline.sweep.trials import search
 from pipeline.sweep.trials.trial import TrialConfig
 from vpn.data import MovingMNIST, training_source
@@ -152,7 +152,7 @@ class _TrialRun:
         client = tracking.client(cfg.tracking_uri)
         run = tracking.retrying(client.get_run, cfg.run_id)
         refuse_known_non_finite(run)
-        tags = dict(tags)
+        tags = {**tags, **lineage.trained_under(client, run)}  # the code version it trains under now
         if tracking.TAG_STARTED not in run.data.tags:  # the run was created when the sweep started
             tags[tracking.TAG_STARTED] = int(time.time() * 1000)
         tracking.set_tags(client, cfg.run_id, tags)
