@@ -142,6 +142,16 @@ def test_one_of_racing_drivers_wins_a_second_is_refused_and_a_dead_ones_lease_la
     third.release()
     assert all(not h.active for h in leases.holders(client, "race-cpu-0"))
 
+    # A driver of this host whose process is gone (killed, restarted on the same node): lapsed at once.
+    gone = subprocess.run(["sh", "-c", "echo $$"], check=True, capture_output=True, text=True)
+    now = str(int(time.time() * 1000))
+    tags = {leases.TAG_HOST: socket.gethostname(), leases.TAG_PID: gone.stdout.strip(), leases.TAG_SINCE: now,
+            leases.TAG_BEAT: now, leases.TAG_LAPSE: "600"}  # fmt: skip
+    client.create_experiment(leases.lease_name("gone-cpu-0", 0), tags=tags)
+    start = time.monotonic()
+    leases.Lease.acquire(client, "gone-cpu-0").release()
+    assert time.monotonic() - start < 10
+
 
 # -- two drivers of one sweep at once ------------------------------------------------------------------
 def test_a_second_driver_of_a_training_sweep_is_refused_naming_the_holder(env):

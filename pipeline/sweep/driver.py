@@ -1,7 +1,8 @@
 """Stage `sweep`: run a sweep spec with Ray Tune, one MLflow run per trial, then the results tables.
 
     python -m pipeline.sweep sweeps/depth_width.yaml [--profile cpu|gpu|auto] [--data DIR]
-                                                     [--storage PATH] [--retry-errored]
+                                                     [--storage PATH] [--retry-errored] [--start-over]
+                                                     [--take-over] [--continue-under-new-code]
     python -m pipeline.sweep SPEC --profile P --plan [--json]   # the memory and cost plan; no Ray
 
 1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.sweep.spec.sweep). With
@@ -21,7 +22,10 @@
    experiment folder under the storage path and tags every MLflow run. Rerunning the same command
    with the same identity resumes: finished trials are kept, unfinished ones continue from their
    last checkpoint (`--retry-errored` also retries errored ones). A changed spec, data or model code
-   is a new sweep (its parent run and trials sit beside the old ones in the same MLflow experiment).
+   is a new sweep (its parent run and trials sit beside the old ones in the same MLflow experiment);
+   --continue-under-new-code continues an unfinished sweep of other code instead. One driver per
+   sweep: a second is refused while the first holds the sweep's lease; --start-over archives the
+   sweep's runs and starts it again (all of this: pipeline.sweep.cluster.claim).
 4. The sweep's parent run is opened (pipeline.sweep.record.parent: found again on a resume), then one MLflow
    run per grid point is created, nested under it, before any trial starts, holding the params
    (the configs, preset, parameter count, FLOPs per frame, frame size) and the tags (sweep,
@@ -31,7 +35,7 @@
 5. At the end results/<name>/<profile>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
    (pipeline.sweep.record.results), and the parent gets the best trial's metrics. Exit status: 0 when every
    trial reached a final state (FINISHED or FAILED: failures are results, recorded in the table), 130
-   when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data.
+   when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data, or a sweep another driver drives.
 
 Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else

@@ -17,9 +17,11 @@ user, since when) and its last heartbeat.
 While the driver lives, a thread sets the heartbeat tag every lapse / 10 seconds (30 s by default; every
 5 s while the store does not answer). A lease whose heartbeat is older than its lapse time (300 s by
 default, VPN_LEASE_LAPSE_S) has lapsed: its driver was killed, and the next driver takes the next
-generation without a manual step. A driver that finds a holder silent for more than two heartbeats (most
-likely dead) waits for its lease to lapse rather than refusing, so that a job resubmitted after a crash
-goes on by itself. Clocks are the holders' own: they must agree to well under the lapse time (NTP).
+generation without a manual step; at once where the holder ran on this host (by its name) and its
+process is gone (a killed driver restarted on the same node). A driver that finds a holder silent for
+more than two heartbeats (most likely dead) waits for its lease to lapse rather than refusing, so that
+a job resubmitted after a crash goes on by itself. Clocks are the holders' own: they must agree to well
+under the lapse time (NTP).
 
 A driver that finds a newer generation at its heartbeat (another driver took the sweep over with
 --take-over, or after this one's heartbeats stopped for longer than the lapse time) has lost the lease:
@@ -108,7 +110,20 @@ class Holder:
         return max(0.0, now - self.heartbeat_ms / 1000)
 
     def live(self, now: float) -> bool:
-        return self.active and self.silent_s(now) <= self.lapse_s
+        """Active, heard from within its lapse time, and not a process of this host that has ended."""
+        return self.active and self.silent_s(now) <= self.lapse_s and not self.gone_here()
+
+    def gone_here(self) -> bool:
+        """Whether its driver ran on this host (by name) and its process is gone: lapsed at once."""
+        if self.host != socket.gethostname() or self.pid <= 0:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return True
+        except PermissionError:  # another user's live process
+            return False
+        return False
 
     def describe(self, now: float) -> str:
         since = datetime.datetime.fromtimestamp(self.since_ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
