@@ -155,11 +155,11 @@ def test_one_of_racing_drivers_wins_a_second_is_refused_and_a_dead_ones_lease_la
 
 # -- two drivers of one sweep at once ------------------------------------------------------------------
 def test_a_second_driver_of_a_training_sweep_is_refused_naming_the_holder(env):
-    path = make_spec(env, "twice", {"model": {"enc_blocks": [1, 2]}}, {"steps": 20}, run={"max_concurrent": 1})
+    path = make_spec(env, "twice", {"model": {"enc_blocks": [1, 2]}}, {"steps": 10}, run={"max_concurrent": 1})
     marker, release = env["root"] / "twice.marker", env["root"] / "twice.release"
     second: dict[str, object] = {}
 
-    def second_driver() -> None:  # started while the first trains (its first trial held at step 10)
+    def second_driver() -> None:  # started while the first trains (its first trial held at step 5)
         when(marker)
         out = str(env["root"] / "results" / "second")
         cmd = [sys.executable, "-m", "pipeline.sweep", str(path), "--profile", "cpu",
@@ -176,7 +176,7 @@ def test_a_second_driver_of_a_training_sweep_is_refused_naming_the_holder(env):
     thread = threading.Thread(target=second_driver)
     thread.start()
     try:
-        outcome = sweep(env, path, fault={"hold_at_step": 10, "marker": str(marker), "release": str(release)})
+        outcome = sweep(env, path, fault={"hold_at_step": 5, "marker": str(marker), "release": str(release)})
     finally:
         release.touch()
         thread.join()
@@ -194,7 +194,7 @@ def test_a_second_driver_of_a_training_sweep_is_refused_naming_the_holder(env):
     assert len(runs) == 3  # and one parent
     for r in trials:
         assert r.info.lifecycle_stage == "active" and r.info.status == "FINISHED"
-        assert steps_of(client, r.info.run_id) == [5, 10, 15, 20], r.info.run_name  # each step once
+        assert steps_of(client, r.info.run_id) == [5, 10], r.info.run_name  # each step once
     assert all(not h.active for h in leases.holders(client, outcome.sweep_id))  # released at the end
 
 
@@ -254,16 +254,19 @@ def test_a_searched_run_no_trial_will_open_does_not_leave_the_sweep_interrupted(
 
 # -- an interrupted sweep continued under edited code -------------------------------------------------
 def test_an_interrupted_sweep_continues_under_new_code_only_on_request(env, monkeypatch, caplog):
-    path = make_spec(env, "edited", {"model": {"enc_blocks": [1, 2]}}, {"steps": 20}, run={"max_concurrent": 1})
+    path = make_spec(
+        env, "edited", {"model": {"enc_blocks": [1, 2]}}, {"steps": 10, "ckpt_every": 5, "val_every": 5},
+        run={"max_concurrent": 1},
+    )  # fmt: skip
     marker = env["root"] / "edited.marker"
 
-    def interrupt() -> None:  # Ctrl+C once the first trial is held at step 15 (checkpointed at 10)
+    def interrupt() -> None:  # Ctrl+C once the first trial is held at step 10 (checkpointed at 5)
         when(marker)
         os.kill(os.getpid(), signal.SIGINT)
 
     thread = threading.Thread(target=interrupt)
     thread.start()
-    first = sweep(env, path, fault={"hold_at_step": 15, "marker": str(marker), "hold_s": 120})
+    first = sweep(env, path, fault={"hold_at_step": 10, "marker": str(marker), "hold_s": 120})
     thread.join()
     assert first.interrupted and first.statuses == {"e1": "RUNNING", "e2": "SCHEDULED"}  # as it stopped
 
@@ -291,6 +294,6 @@ def test_an_interrupted_sweep_continues_under_new_code_only_on_request(env, monk
     assert len(versions["e1"]) == 2 and versions["e1"][-1] == new and versions["e1"][0]["code"] != new["code"]
     assert versions["e2"] == [new]  # it trained only under the new code
     for r in runs.values():
-        assert steps_of(client, r.info.run_id) == [5, 10, 15, 20], r.info.run_name
+        assert steps_of(client, r.info.run_id) == [5, 10], r.info.run_name
     # Rerunning the new code now resumes that sweep, without the flag.
     assert sweep(env, path).sweep_id == first.sweep_id
