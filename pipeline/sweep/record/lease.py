@@ -175,7 +175,7 @@ class Lease:
 
         take_over: take it even from a live holder (who stops at its next heartbeat). A holder silent
         for more than two heartbeats is waited for until its lease lapses (see the module docstring)."""
-        lapse = lapse_s()
+        lapse, raced = lapse_s(), 0
         while True:
             leases = holders(client, sweep_id)
             now = time.time()
@@ -202,8 +202,14 @@ class Lease:
                     lease_name(sweep_id, generation), artifact_location=artifact_location, tags=tags
                 )
             except MlflowException as e:
+                raced += 1
                 if e.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
+                if raced > 5:  # it exists, yet the search does not show it: this user may not read it
+                    raise SweepDataError(
+                        f"sweep {sweep_id}: its lease {lease_name(sweep_id, generation)} exists in the MLflow store "
+                        "but this user cannot read it; ask its owner, or an admin to grant READ on it"
+                    ) from None
                 continue  # another driver took this generation first: read the leases again
             break
         for old in leases:  # lapsed or taken over: released for them, so the experiments list stays short
