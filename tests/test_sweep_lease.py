@@ -30,7 +30,7 @@ from pipeline.sweep.record import lease as leases
 from pipeline.sweep.record import lineage, tracking
 from pipeline.sweep.record.parent import TAG_PARENT_OF, trial_runs
 from pipeline.sweep.spec import identity
-from pipeline.sweep.spec.data_check import SweepDataError
+from pipeline.sweep.spec.data_check import SweepDataError, check_data
 from pipeline.sweep.spec.sweep import load_spec
 
 pytestmark = [
@@ -153,8 +153,8 @@ def test_one_of_racing_drivers_wins_a_second_is_refused_and_a_dead_ones_lease_la
     assert time.monotonic() - start < 10
 
 
-# -- two drivers of one sweep at once ------------------------------------------------------------------
-def test_a_second_driver_of_a_training_sweep_is_refused_naming_the_holder(env):
+# -- two drivers of one sweep at once; runs with metrics never deleted, starting over explicit ---------
+def test_a_second_driver_is_refused_naming_the_holder_and_trained_runs_start_over_only_on_request(env):
     path = make_spec(env, "twice", {"model": {"enc_blocks": [1, 2]}}, {"steps": 10}, run={"max_concurrent": 1})
     marker, release = env["root"] / "twice.marker", env["root"] / "twice.release"
     second: dict[str, object] = {}
@@ -197,39 +197,35 @@ def test_a_second_driver_of_a_training_sweep_is_refused_naming_the_holder(env):
         assert steps_of(client, r.info.run_id) == [5, 10], r.info.run_name  # each step once
     assert all(not h.active for h in leases.holders(client, outcome.sweep_id))  # released at the end
 
-
-# -- runs with metrics are never deleted; starting over is explicit -----------------------------------
-def test_trained_runs_without_their_ray_folder_are_refused_and_start_over_archives_them(env):
-    path = make_spec(env, "again", {"model": {"enc_blocks": [1]}}, {"steps": 10})
-    first = sweep(env, path)
-    client = tracking.client(env["uri"])
-    (old,) = trial_runs(every_run(client, "again"))
-    ray_folder = Path(first.experiment_path)
-    ray_folder.rename(ray_folder.with_name("elsewhere"))  # another machine's storage, say
-    held = sorted((r.info.run_id, r.info.lifecycle_stage) for r in every_run(client, "again"))
+    # Runs that hold metrics are never deleted: without their Ray folder (another machine's storage,
+    # say) a driver refuses them, creating and deleting nothing ...
+    ray_folder = Path(outcome.experiment_path)
+    ray_folder.rename(ray_folder.with_name("elsewhere"))
+    held = sorted((r.info.run_id, r.info.lifecycle_stage) for r in every_run(client, "twice"))
     with pytest.raises(SweepDataError, match="trained run.*--start-over"):
         sweep(env, path)
-    assert sorted((r.info.run_id, r.info.lifecycle_stage) for r in every_run(client, "again")) == held
-    assert len(held) == 2  # a parent and its trial: nothing created, nothing deleted
-
+    assert sorted((r.info.run_id, r.info.lifecycle_stage) for r in every_run(client, "twice")) == held
+    # ... and --start-over archives them (kept, with their metrics) and sets Ray's folder aside.
     ray_folder.with_name("elsewhere").rename(ray_folder)
     again = sweep(env, path, claiming=Claiming(start_over=True))
-    assert again.sweep_id == first.sweep_id and again.statuses == {"e1": "FINISHED"}
-    runs = every_run(client, "again")
-    assert len(runs) == 4 and all(r.info.lifecycle_stage == "active" for r in runs)  # two parents, two trials
-    kept = client.get_run(old.info.run_id)
-    assert kept.data.tags[tracking.TAG_SWEEP_ID].startswith(f"{first.sweep_id}~archived-")
-    assert steps_of(client, old.info.run_id) == [5, 10]  # the old run keeps its metrics
-    assert list(ray_folder.parent.glob(f"{ray_folder.name}.archived-*"))  # and its Ray folder is kept aside
-    (new,) = [r for r in trial_runs(runs) if r.info.run_id != old.info.run_id]
-    assert new.data.tags[tracking.TAG_SWEEP_ID] == first.sweep_id and steps_of(client, new.info.run_id) == [5, 10]
+    assert again.sweep_id == outcome.sweep_id and again.statuses == {"e1": "FINISHED", "e2": "FINISHED"}
+    runs = every_run(client, "twice")
+    assert len(runs) == 6 and all(r.info.lifecycle_stage == "active" for r in runs)  # two parents, four trials
+    for old in trials:
+        tags = client.get_run(old.info.run_id).data.tags
+        assert tags[tracking.TAG_SWEEP_ID].startswith(f"{outcome.sweep_id}~archived-")
+        assert steps_of(client, old.info.run_id) == [5, 10]
+    assert list(ray_folder.parent.glob(f"{ray_folder.name}.archived-*"))
+    new = [r for r in trial_runs(runs) if r.data.tags[tracking.TAG_SWEEP_ID] == outcome.sweep_id]
+    assert sorted(r.info.run_name for r in new) == ["e1", "e2"]
+    assert all(steps_of(client, r.info.run_id) == [5, 10] for r in new)
 
 
 # -- a searched run made just before a crash ----------------------------------------------------------
 def test_a_searched_run_no_trial_will_open_does_not_leave_the_sweep_interrupted(env):
     path = make_spec(
         env, "orphan", {"algorithm": "random", "seed": 1, "train": {"lr": {"loguniform": [1e-4, 1e-2]}}},
-        {"steps": 10}, run={"num_samples": 2, "max_concurrent": 1, "max_failures": 0},
+        {"steps": 10}, run={"num_samples": 1, "max_failures": 0},
     )  # fmt: skip
     first = sweep(env, path)
     assert not first.interrupted
@@ -278,9 +274,12 @@ def test_an_interrupted_sweep_continues_under_new_code_only_on_request(env, monk
     exp = client.get_experiment_by_name("edited")
     parent = next(r for r in every_run(client, "edited") if TAG_PARENT_OF in r.data.tags)
     base = parent.data.tags[lineage.TAG_BASE]
+    resolved = load_spec(path).resolve("cpu")
+    computed = identity.sweep_id_of(resolved, check_data(resolved)["identity"])
+    assert computed != first.sweep_id
     with caplog.at_level("WARNING"):
-        choice = lineage.choose_sweep(client, exp.experiment_id, base, "edited-cpu-new", identity.code_digests(), False)
-    assert choice.sweep_id == "edited-cpu-new" and choice.differ == (edited,)  # without the flag: a new sweep
+        choice = lineage.choose_sweep(client, exp.experiment_id, base, computed, identity.code_digests(), False)
+    assert choice.sweep_id == computed and choice.differ == (edited,)  # without the flag: a new sweep
     assert first.sweep_id in caplog.text and edited in caplog.text and lineage.CONTINUE_FLAG in caplog.text
 
     # With the flag: the same sweep goes on under the new code, each step once.
@@ -296,4 +295,5 @@ def test_an_interrupted_sweep_continues_under_new_code_only_on_request(env, monk
     for r in runs.values():
         assert steps_of(client, r.info.run_id) == [5, 10], r.info.run_name
     # Rerunning the new code now resumes that sweep, without the flag.
-    assert sweep(env, path).sweep_id == first.sweep_id
+    again = lineage.choose_sweep(client, exp.experiment_id, base, computed, identity.code_digests(), False)
+    assert again.sweep_id == first.sweep_id and again.continued
