@@ -5,7 +5,7 @@ A head started with `ray start --head` on loopback with Ray's token authenticati
 throwaway HOME). A client without the token is refused. The tiny sweep submitted with no settings is
 refused at once (its results would live only in Ray's uploaded copy); submitted with the docs'
 --runtime-env-json line it runs, and after the head is stopped and Ray's session folder deleted the
-runs are in the repository's own mlflow.db, the tables in results/depth_width/.
+runs are in the repository's own mlflow.db, the tables in results/depth_width/tiny/.
 
 The head is stopped as `ray stop` would stop it, but only this one: `ray start --block` in a process
 group of its own, sent SIGTERM. (`ray stop` ends every Ray process on the machine, and this machine
@@ -168,6 +168,6 @@ def test_job_submit_keeps_its_runs_in_the_repository(head, tmp_path):
     (parent,) = [r for r in every if TAG_PARENT_OF in r.data.tags]  # the sweep's parent, its trials nested
     assert {r.data.tags[TAG_PARENT] for r in runs} == {parent.info.run_id}
     assert {r.info.status for r in runs} == {"FINISHED"}
-    trials = pd.read_parquet(repo / "results" / "depth_width" / "trials.parquet")
+    trials = pd.read_parquet(repo / "results" / "depth_width" / "tiny" / "trials.parquet")
     assert sorted(trials["run_id"]) == sorted(r.info.run_id for r in runs)
     assert any((repo / "ray_results").iterdir()) and any((repo / "mlartifacts" / "depth_width").iterdir())

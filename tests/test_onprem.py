@@ -239,7 +239,7 @@ def check_results(server: str, password: str, home: Path, tmp_path: Path) -> Non
         exp = c.get_experiment_by_name("depth_width")
         runs = trial_runs(c.search_runs([exp.experiment_id]))  # the sweep's parent run apart
         assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
-        trials = pd.read_parquet(home / "vpn" / "results" / "depth_width" / "trials.parquet")
+        trials = pd.read_parquet(home / "vpn" / "results" / "depth_width" / "tiny" / "trials.parquet")
         assert sorted(trials["run_id"]) == sorted(r.info.run_id for r in runs)
         (tmp_path / "model").mkdir()
         # registry._store: MLflow's process-wide URIs point at the server for this load only, and are

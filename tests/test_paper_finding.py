@@ -45,7 +45,7 @@ def test_the_default_ablation_shows_the_baseline_gap(tmp_path, request):
         ["dvc", "repro", "ablation"], cwd=work, env=env, check=False, capture_output=True, text=True, timeout=1500
     )
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
-    table = pd.read_parquet(work / "results/paper_ablation/trials.parquet").set_index("row")
+    table = pd.read_parquet(work / "results/paper_ablation/cpu/trials.parquet").set_index("row")
     assert (table["status"] == "FINISHED").all() and (table["frame_height"] == 32).all()
     excess = table["test_excess_nats_per_frame"]
     vpn = excess.drop("baseline")

@@ -19,13 +19,15 @@ from conftest import copy_repo, git_repo
 from PIL import Image
 
 
-def declared_outputs(dvc_yaml: Path) -> list[str]:
+def declared_outputs(dvc_yaml: Path, profile: str) -> list[str]:
+    """Every output path dvc.yaml declares, with its ${sweep.profile} filled in as DVC does."""
     stages = yaml.safe_load(dvc_yaml.read_text())["stages"]
     paths = []
     for stage in stages.values():
         for field in ("outs", "metrics", "plots"):
             for entry in stage.get(field, []):
-                paths.append(next(iter(entry)) if isinstance(entry, dict) else entry)
+                path = next(iter(entry)) if isinstance(entry, dict) else entry
+                paths.append(path.replace("${sweep.profile}", profile))
     return paths
 
 
@@ -47,7 +49,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-4000:]
 
     # every declared output exists and is readable as what it claims to be
-    outputs = declared_outputs(work / "dvc.yaml")
+    outputs = declared_outputs(work / "dvc.yaml", "tiny")
     assert len(outputs) > 20
     for rel in outputs:
         path = work / rel
@@ -87,7 +89,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     for run_id in last_val:
         assert run_id in text
     train_hist = client.get_metric_history(runs[0].info.run_id, "train_nats_per_frame")
-    curves = pd.read_parquet(work / "results/depth_width/curves.parquet")
+    curves = pd.read_parquet(work / "results/depth_width/tiny/curves.parquet")
     mine = curves[curves.run_id == runs[0].info.run_id].set_index("step")["train_nats_per_frame"]
     assert {m.step: m.value for m in train_hist} == pytest.approx(mine.to_dict())
 
@@ -102,7 +104,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
         assert r.info.status == "FINISHED" and r.data.params["data"] == "stream"
         assert r.data.metrics["test_nats_per_frame"] > r.data.metrics["test_floor_nats_per_frame"] > 0
         assert r.data.metrics["test_sequences_scored"] == 4
-    table = pd.read_parquet(work / "results/paper_ablation/trials.parquet").set_index("trial")
+    table = pd.read_parquet(work / "results/paper_ablation/tiny/trials.parquet").set_index("trial")
     for name, r in rows.items():
         assert table.loc[name, "test_excess_nats_per_frame"] == pytest.approx(
             r.data.metrics["test_nats_per_frame"] - r.data.metrics["test_floor_nats_per_frame"]
@@ -127,7 +129,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
     excess = table.set_index("row")["test_excess_nats_per_frame"]
     assert gap["nats_per_frame"] == pytest.approx(excess["baseline"] - excess.drop("baseline").min())
     # the decoders, compared at matched parameters by test NLL
-    decoders = pd.read_parquet(work / "results/decoders/trials.parquet")
+    decoders = pd.read_parquet(work / "results/decoders/tiny/trials.parquet")
     assert sorted(decoders["decoder"]) == ["pixelcnn", "stacks"] and (decoders["status"] == "FINISHED").all()
     assert "## Decoders at matched parameters" in (work / "reports/decoders/report.md").read_text()
 
@@ -163,7 +165,7 @@ def test_dvc_repro_builds_every_declared_output(tmp_path, request):
         assert f"Running stage '{stage}'" not in exp.stdout, exp.stdout
     spec = yaml.safe_load((work / "sweeps/depth_width.yaml").read_text())
     assert spec["profiles"]["tiny"]["train"]["steps"] == 12 and spec["name"] == "depth_width"
-    trials = pd.read_parquet(work / "results/depth_width/trials.parquet")
+    trials = pd.read_parquet(work / "results/depth_width/tiny/trials.parquet")
     assert len(trials) == 2 and set(trials["steps"]) == {12} and set(trials["steps_completed"]) == {12}
     assert "<= 0.2 (L_0 - L_end)" in (work / "reports/depth_width/report.md").read_text()
     # the old sweep's runs stay in MLflow beside the new ones, each sweep under its own parent

@@ -128,7 +128,7 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     assert parent.data.metrics["trials_run"] == 4
     # a CPU grid: no GPU-hour estimates on the parent (they say nothing of it)
     assert not {"est_gpu_hours_used", "est_gpu_hours_planned"} & set(parent.data.metrics)
-    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["sweep.json"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["code.json", "sweep.json"]
     about = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep.json", str(env["root"]))).read_text())
     assert about["space"] == {"model.enc_blocks": [1, 2], "train.lr": [1e-3, 1e30]}
     assert [p["label"] for p in about["points"]] == labels

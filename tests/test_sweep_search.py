@@ -224,7 +224,7 @@ def test_searched_sweep_with_budget_runs_three_trials_nested_under_its_parent(tm
     assert parent.info.status == "FINISHED" and parent.data.metrics["trials_run"] == 3
     assert parent.data.metrics["est_gpu_hours_used"] == pytest.approx(3 * one, rel=1e-6)
     assert "best_test_excess_nats_per_frame" in parent.data.metrics
-    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["sweep.json"]
+    assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["code.json", "sweep.json"]
     for r in runs:
         assert 1e-4 <= float(r.data.params["lr"]) <= 1e-2
         steps = [m.step for m in client.get_metric_history(r.info.run_id, tracking.TRAIN_KEY)]

@@ -25,6 +25,7 @@ import yaml
 from vpn.checkpoint import load_checkpoint, load_model
 from vpn.config import BLOCKS, DECODERS, DEVICE_RE, PRESETS, SEED_LIMIT, TrainConfig, VPNConfig
 from vpn.evaluate import prepare, score
+from vpn.files import write_text
 from vpn.overfit import overfit
 from vpn.train import Trainer, resolve_device
 
@@ -254,6 +255,10 @@ def cmd_train(args: argparse.Namespace) -> int:
         trainer = Trainer(cfg, TrainConfig.from_dict(sets), train_data, val_data)
     metrics_path = out / "metrics.jsonl"
     out.mkdir(parents=True, exist_ok=True)
+    # A resume keeps the rows up to its checkpoint's step (those after it are trained and logged again);
+    # a new run starts the file over.
+    kept = metrics_rows_up_to(metrics_path, trainer.step if args.resume else 0)
+    write_text(metrics_path, "".join(line + "\n" for line in kept))
 
     def on_log(step: int, metrics: dict[str, float]) -> None:
         with open(metrics_path, "a") as f:
@@ -262,6 +267,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     last = trainer.fit(on_log=on_log, on_checkpoint=lambda step: trainer.save(ckpt), progress=not args.quiet)
     print(json.dumps({"step": trainer.step, "checkpoint": str(ckpt), **last}))
     return 0
+
+
+def metrics_rows_up_to(path: Path, step: int) -> list[str]:
+    """The lines of metrics.jsonl at `path` whose step is <= `step` (none if it is missing); a line
+    cut short by a crash is dropped."""
+    if not path.is_file():
+        return []
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(row, dict) and isinstance(row.get("step"), int) and row["step"] <= step:
+            kept.append(line)
+    return kept
 
 
 EVAL_METRICS = ("nll", "mse", "mae", "ssim", "psnr")

@@ -19,10 +19,24 @@ class ResultsError(ValueError):
     """A results table is missing or malformed."""
 
 
-def load_results(results_dir: Path, sweep: str) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(trials, curves) of a sweep, with the short column names the report uses; empty frames if the
-    sweep has no runs. Raises ResultsError naming the file that is missing, unreadable or short of a column."""
+def tables_folder(results_dir: Path, sweep: str, profile: str | None = None) -> Path:
+    """The folder of a sweep's tables: <results_dir>/<sweep>/<profile> (pipeline.sweep.record.results);
+    without a profile the only one there, else <results_dir>/<sweep> itself (tables written there by
+    --results-dir or before the tables had a folder per profile)."""
     folder = Path(results_dir) / sweep
+    if profile:
+        return folder / profile
+    profiles = sorted(p.parent.name for p in folder.glob("*/trials.parquet"))
+    if len(profiles) > 1:
+        raise ResultsError(f"{folder}: tables of profiles {', '.join(profiles)}; give --profile")
+    return folder / profiles[0] if profiles else folder
+
+
+def load_results(results_dir: Path, sweep: str, profile: str | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(trials, curves) of a sweep (of `profile`: tables_folder), with the short column names the report
+    uses; empty frames if the sweep has no runs. Raises ResultsError naming the file that is missing,
+    unreadable or short of a column."""
+    folder = tables_folder(results_dir, sweep, profile)
     tables = []
     for name in ("trials.parquet", "curves.parquet"):
         path = folder / name

@@ -1,6 +1,6 @@
 """Report stage: a sweep's results tables -> reports/<sweep>/report.md, report.html and PNG figures.
 
-Reads results/<sweep>/trials.parquet (one row per trial) and curves.parquet (one row per trial and
+Reads results/<sweep>/<profile>/trials.parquet (one row per trial) and curves.parquet (one row per trial and
 logged step), which pipeline.sweep.record.results reads back from MLflow, so every number here is MLflow's.
 
 Figures (seaborn):
@@ -43,7 +43,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.report.analysis import is_overfit_sweep, load_results, summarise
+from pipeline.report.analysis import is_overfit_sweep, load_results, summarise, tables_folder
 from pipeline.report.decoders import decoder_comparison
 from pipeline.report.figures import (
     plot_ablation,
@@ -93,11 +93,12 @@ class Page:
     figures: list[tuple[str, str]] = field(default_factory=list)
 
 
-def build_report(sweep: str, params: ReportParams, repo: Path) -> dict[str, Any]:
-    """Write reports/<sweep>/ and return the report's metrics (also written as metrics.json)."""
+def build_report(sweep: str, params: ReportParams, repo: Path, profile: str | None = None) -> dict[str, Any]:
+    """Write reports/<sweep>/ from the tables of `profile` (None: the only one) and return the report's
+    metrics (also written as metrics.json)."""
     out = repo / params.out_dir / sweep
     out.mkdir(parents=True, exist_ok=True)
-    trials, curves = load_results(repo / params.results_dir, sweep)
+    trials, curves = load_results(repo / params.results_dir, sweep, profile)
     page = Page(lines=[f"# Sweep report: {sweep}", ""], metrics={"sweep": sweep, "trials": len(trials)})
     if trials.empty:
         page.lines += ["**This sweep has no runs.** MLflow holds no trial for it: run the sweep stage first.", ""]
@@ -373,6 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.params import ParamsError, load_section, stage_argparser
 
     parser = stage_argparser("Turn sweep results into comparison reports.")
+    parser.add_argument("--profile", help="whose tables, results/<sweep>/<profile>/ (default: the only one there)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     import matplotlib
@@ -387,11 +389,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.report.to_mlflow import log_report
 
     for sweep in params.sweeps:
-        metrics = build_report(sweep, params, repo)
+        metrics = build_report(sweep, params, repo, args.profile)
         counts = json.dumps({k: metrics.get(k) for k in ("trials", "finished", "failed", "best_nll")})
         print(f"report {sweep}: {params.out_dir}/{sweep}/report.md ({counts})")
         if metrics["trials"]:  # a searched sweep's report into its parent MLflow run; grids: nothing yet
-            parent = log_report(sweep, repo / params.out_dir / sweep, repo / params.results_dir / sweep)
+            tables = tables_folder(repo / params.results_dir, sweep, args.profile)
+            parent = log_report(sweep, repo / params.out_dir / sweep, tables)
             if parent:
                 print(f"report {sweep}: logged to MLflow run {parent} (the sweep's parent)")
     return 0

@@ -3,10 +3,10 @@
     run_id = log_report(sweep, out_dir, results_dir)   # None where no parent run is found
 
 Every sweep execution has a parent run, tag sweep_parent_of=<sweep id> (pipeline.sweep.record.parent), which
-MLflow's UI shows as the sweep's row; the sweep id is the one of results/<sweep>/trials.parquet. Its
+MLflow's UI shows as the sweep's row; the sweep id is the one of results/<sweep>/<profile>/trials.parquet. Its
 artifacts get:
 - report/: report.html, report.md, metrics.json and every PNG figure of reports/<sweep>/;
-- results/: trials.parquet, curves.parquet and metrics.json of results/<sweep>/.
+- results/: trials.parquet, curves.parquet and metrics.json of results/<sweep>/<profile>/.
 Logging again (the report rebuilt) overwrites the same paths. Where there is nothing to log to, nothing
 is logged and a line says why: a table of no single sweep id, a SQLite store that does not exist (a
 report built from copied tables creates no store), or a sweep whose parent is not in the store (one
@@ -55,7 +55,7 @@ def _store_exists(uri: str) -> bool:
 
 
 def log_report(sweep: str, out_dir: Path, results_dir: Path, client=None) -> str | None:
-    """Log reports/<sweep>/ and results/<sweep>/ (the module docstring) to the sweep's parent run;
+    """Log reports/<sweep>/ and the tables in results_dir (the module docstring) to the sweep's parent run;
     its run id, or None where there is none (a warning says why)."""
     out_dir, results_dir = Path(out_dir), Path(results_dir)
     trials = pd.read_parquet(results_dir / "trials.parquet")

@@ -1,7 +1,8 @@
 """Stage `sweep`: run a sweep spec with Ray Tune, one MLflow run per trial, then the results tables.
 
     python -m pipeline.sweep sweeps/depth_width.yaml [--profile cpu|gpu|auto] [--data DIR]
-                                                     [--storage PATH] [--retry-errored]
+                                                     [--storage PATH] [--retry-errored] [--start-over]
+                                                     [--take-over] [--continue-under-new-code]
     python -m pipeline.sweep SPEC --profile P --plan [--json]   # the memory and cost plan; no Ray
 
 1. The spec is loaded and validated, every profile of it, before Ray starts (pipeline.sweep.spec.sweep). With
@@ -21,23 +22,26 @@
    experiment folder under the storage path and tags every MLflow run. Rerunning the same command
    with the same identity resumes: finished trials are kept, unfinished ones continue from their
    last checkpoint (`--retry-errored` also retries errored ones). A changed spec, data or model code
-   is a new sweep (its parent run and trials sit beside the old ones in the same MLflow experiment).
+   is a new sweep (its parent run and trials sit beside the old ones in the same MLflow experiment);
+   --continue-under-new-code continues an unfinished sweep of other code instead. One driver per
+   sweep: a second is refused while the first holds the sweep's lease; --start-over archives the
+   sweep's runs and starts it again (all of this: pipeline.sweep.cluster.claim).
 4. The sweep's parent run is opened (pipeline.sweep.record.parent: found again on a resume), then one MLflow
    run per grid point is created, nested under it, before any trial starts, holding the params
    (the configs, preset, parameter count, FLOPs per frame, frame size) and the tags (sweep,
    profile, sweep_id) (pipeline.sweep.record.runs). Each trial gets its pipeline.sweep.trials.trial.TrialConfig,
    holding its run's id: the trial reattaches to it, also after a retry or a resume. A searcher's
    runs are made as its trials start (pipeline.sweep.trials.searched_runs).
-5. At the end results/<name>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
+5. At the end results/<name>/<profile>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
    (pipeline.sweep.record.results), and the parent gets the best trial's metrics. Exit status: 0 when every
    trial reached a final state (FINISHED or FAILED: failures are results, recorded in the table), 130
-   when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data.
+   when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data, or a sweep another driver drives.
 
 Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
 <repo>/ray_results. A multi-node cluster needs shared storage here (s3://, gs://, NFS).
 MLflow: MLFLOW_TRACKING_URI, else sqlite:///<repo>/mlflow.db (pipeline.sweep.record.tracking).
-Tables: --results-dir, else VPN_RESULTS_DIR/<sweep name>, else <repo>/results/<sweep name>.
+Tables: --results-dir, else VPN_RESULTS_DIR/<sweep name>/<profile>, else <repo>/results/<sweep name>/<profile>.
 Run from Ray's uploaded copy of a working directory (`ray job submit --working-dir .`), the sweep
 refuses to start unless the MLflow store, the storage and the tables are all outside that copy
 (pipeline.sweep.cluster.persist): Ray deletes the copy.
@@ -46,6 +50,8 @@ refuses to start unless the MLflow store, the storage and the tables are all out
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -57,12 +63,12 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.paths import repo_root
+from pipeline.sweep.cluster.claim import Claiming, claim_sweep
 from pipeline.sweep.cluster.persist import RESULTS_ENV, STORAGE_ENV, check_results_persist
 from pipeline.sweep.cluster.placement import WAIT_ENV, choose_profile, trainable_of, wait_for_nodes
 from pipeline.sweep.cluster.plan import check_plan, check_plan_on_cluster, show_plan
 from pipeline.sweep.spec.budget import trial_gpu_hours
 from pipeline.sweep.spec.data_check import SweepDataError, check_data
-from pipeline.sweep.spec.identity import sweep_id_of
 from pipeline.sweep.spec.inputs import check_run_inputs
 from pipeline.sweep.spec.sweep import SpecError, Sweep, SweepSpec, load_spec
 from pipeline.sweep.trials.faults import Faults
@@ -104,7 +110,7 @@ class _Experiment:
     client: Any  # mlflow.tracking.MlflowClient
     experiment_id: str
     store: str  # Ray's storage path (local, absolute; or a URI)
-    path: str  # <store>/<sweep id>
+    path: str = ""  # <store>/<sweep id>, once the sweep is claimed (pipeline.sweep.cluster.claim)
 
 
 def connect_ray() -> bool:
@@ -117,9 +123,16 @@ def connect_ray() -> bool:
     return True
 
 
-def run_sweep(
+def run_sweep(spec: SweepSpec, profile: str = "auto", **options: Any) -> SweepOutcome:
+    """Run (or resume) one sweep; see the module docstring and _run_sweep for the options."""
+    with contextlib.ExitStack() as held:  # the sweep's lease, from its claim to its last record
+        return _run_sweep(spec, profile, held, **options)
+
+
+def _run_sweep(
     spec: SweepSpec,
-    profile: str = "auto",
+    profile: str,
+    held: contextlib.ExitStack,
     *,
     data: str | Path | None = None,
     storage: str | None = None,
@@ -127,10 +140,11 @@ def run_sweep(
     results_dir: str | Path | None = None,
     write_tables: bool = True,
     fault: Mapping[str, Any] | Faults | None = None,
+    claiming: Claiming | None = None,
 ) -> SweepOutcome:
-    """Run (or resume) one sweep; see the module docstring. `fault` is a test hook passed to the
-    trials (pipeline.sweep.trials.faults, e.g. {"kill_at_step": n, "marker": path}: SIGKILL the worker once
-    at that step)."""
+    """`fault` is a test hook passed to the trials (pipeline.sweep.trials.faults, e.g. {"kill_at_step": n,
+    "marker": path}: SIGKILL the worker once at that step); `claiming`: --start-over, --take-over and
+    --continue-under-new-code (pipeline.sweep.cluster.claim). The lease taken enters `held`."""
     check_run_inputs(data=data, storage=storage, results_dir=results_dir)  # paths, environment (spec.inputs)
     # Refused at once when every result would live in Ray's uploaded copy of a working directory.
     check_results_persist(repo_root(), _spec_arg(spec), storage=storage, results_dir=results_dir)
@@ -138,6 +152,10 @@ def run_sweep(
         os.environ.setdefault(k, v)
     if isinstance(fault, Mapping):  # as JSON gives it (tests/test_cluster.py)
         fault = Faults.from_dict(fault) if fault else None
+    if results_dir:  # replaced whole at the end: refused now if it holds more than the tables
+        from pipeline.sweep.record.results import check_results_folder
+
+        check_results_folder(Path(results_dir))
 
     sweep = data_info = None
     if profile != "auto":  # everything checkable is checked before Ray starts
@@ -159,17 +177,22 @@ def run_sweep(
         # Every check of the trials' placement before anything is created.
         nodes = [node["Resources"] for node in ray.nodes() if node.get("Alive")]
         trainable, max_concurrent = trainable_of(sweep, cluster, nodes)
-        sweep_id = sweep_id_of(sweep, data_info["identity"])
-        exp = _open_experiment(sweep, sweep_id, storage)
+        exp = _open_experiment(sweep, storage)
         _check_reach(ray, exp)
+        # One driver per sweep: a second is refused here, having created nothing (pipeline.sweep.cluster.claim).
+        claim = claim_sweep(exp.client, exp.experiment_id, exp.uri, sweep, data_info["identity"], exp.store, claiming)
+        held.enter_context(claim.lease)
+        sweep_id, exp = claim.sweep_id, dataclasses.replace(exp, path=claim.path)
         # The sweep's parent run, its trials nested under it (pipeline.sweep.record.parent); found again on a resume.
         parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id)
+        claim.record(exp.client, parent)  # the code this driver runs (pipeline.sweep.record.lineage)
         tuner = _tuner(sweep, sweep_id, exp, data_info, trainable, max_concurrent, retry_errored, fault, parent)
         tuner.fit()
     finally:
         if started:
             ray.shutdown()
 
+    claim.lease.ensure_held()  # a driver that took the sweep over owns its runs now
     statuses, unfinished = _close_unfinished(exp, sweep_id)
     out = None
     if write_tables:
@@ -200,20 +223,18 @@ def _resolve_on_cluster(
     return sweep, data_info, cluster
 
 
-def _open_experiment(sweep: Sweep, sweep_id: str, storage: str | None) -> _Experiment:
-    """The sweep's MLflow experiment (created if missing, its latest sweep id of this profile set) and
-    Ray folder: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else <repo>/ray_results."""
+def _open_experiment(sweep: Sweep, storage: str | None) -> _Experiment:
+    """The sweep's MLflow experiment (created if missing) and Ray storage: --storage, else
+    VPN_SWEEP_STORAGE, else the profile's run.storage_path, else <repo>/ray_results."""
     from pipeline.sweep.record import tracking
 
     uri = tracking.absolute_uri(tracking.tracking_uri())
     client = tracking.client(uri)
     experiment_id = tracking.ensure_experiment(client, sweep.name, uri)
-    client.set_experiment_tag(experiment_id, tracking.EXPERIMENT_LATEST.format(profile=sweep.profile), sweep_id)
-
     store = storage or os.environ.get(STORAGE_ENV) or sweep.run.storage_path or str(repo_root() / "ray_results")
     if "://" not in store:
         store = str(Path(store).expanduser().resolve())
-    return _Experiment(uri, client, experiment_id, store, f"{store.rstrip('/')}/{sweep_id}")
+    return _Experiment(uri, client, experiment_id, store)
 
 
 def _check_reach(ray, exp: _Experiment) -> None:
@@ -256,7 +277,7 @@ def _tuner(
         if not sweep.search.searched and len(held) != len(sweep.points):  # a searcher's runs come as it draws
             raise SweepDataError(
                 f"{exp.path} holds sweep {sweep_id} but the MLflow store {exp.uri} has {len(held)} of its "
-                f"{len(sweep.points)} runs; delete that folder to start the sweep over"
+                f"{len(sweep.points)} runs; rerun with --start-over to archive them and start the sweep over"
             )
         log.info("resuming sweep %s from %s (finished trials are kept)", sweep_id, exp.path)
         return tune.Tuner.restore(
@@ -335,10 +356,8 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
     trial's model in the registry (pipeline.sweep.record.registry)."""
     from pipeline.sweep.record import results
 
-    if results_dir:
-        out_dir = Path(results_dir)
-    else:  # VPN_RESULTS_DIR is the parent, like <repo>/results
-        out_dir = Path(os.environ[RESULTS_ENV]) / sweep.name if os.environ.get(RESULTS_ENV) else None
+    # VPN_RESULTS_DIR is the parent, like <repo>/results: <parent>/<name>/<profile>
+    out_dir = Path(results_dir or results.results_folder(sweep.name, sweep.profile, os.environ.get(RESULTS_ENV)))
     out = results.write_results(exp.client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
     if register:  # the best of a finished sweep, by the tables' own ranking
         from pipeline.sweep.record import registry
@@ -391,8 +410,14 @@ def main(argv: list[str] | None = None) -> int:
         "--storage", help=f"Ray storage path (default: ${STORAGE_ENV}, the profile's, <repo>/ray_results)"
     )
     parser.add_argument("--retry-errored", action="store_true", help="on resume, retry errored trials too")
+    parser.add_argument("--start-over", action="store_true", help="archive the sweep's runs and Ray folder; start anew")
+    parser.add_argument("--take-over", action="store_true", help="take the sweep from its driver (once it is dead)")
     parser.add_argument(
-        "--results-dir", help=f"where the tables go (default: ${RESULTS_ENV}/<sweep name>, else results/<sweep name>)"
+        "--continue-under-new-code", action="store_true", help="continue the unfinished sweep of other code"
+    )
+    parser.add_argument(
+        "--results-dir",
+        help=f"where the tables go (default: ${RESULTS_ENV}/<name>/<profile>, else results/<name>/<profile>)",
     )
     parser.add_argument("--plan", action="store_true", help="print each trial's memory and cost plan; starts no Ray")
     parser.add_argument("--json", action="store_true", help="with --plan: a JSON list, one object per trial")
@@ -418,6 +443,7 @@ def main(argv: list[str] | None = None) -> int:
             storage=args.storage,
             retry_errored=args.retry_errored,
             results_dir=args.results_dir,
+            claiming=Claiming(args.start_over, args.take_over, args.continue_under_new_code),
         )
     except (SpecError, SweepDataError) as e:
         log.error("%s", e)

@@ -3,7 +3,8 @@
     python -m pipeline.sweep.record.results sweeps/depth_width.yaml [--profile cpu] [--sweep-id ID] [--out DIR]
     python -m pipeline.sweep.record.results depth_width --profile cpu
 
-writes, atomically, results/<sweep name>/:
+writes results/<sweep name>/<profile>/ (one folder per profile, so that the cpu and gpu sweeps of one
+spec keep their own tables; the three files replaced together, vpn.files.atomic_dir):
 - trials.parquet: one row per trial (TRIAL_COLUMNS): identity and status, the configs, the size
   (parameters, FLOPs per frame at the frame size used), how far it got, final and best NLLs, the
   test NLL with its floor and the excess over it (train mode), mean speed, the overfit convergence
@@ -36,7 +37,7 @@ from pipeline.paths import repo_root
 from pipeline.sweep.record import forecasting, tracking
 from pipeline.sweep.spec.sweep import SpecError, load_spec
 from vpn.config import TrainConfig, VPNConfig
-from vpn.files import atomic_path
+from vpn.files import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +57,7 @@ TRIAL_COLUMNS = (
     "converged_step", "floor_nats_per_frame", "tol_nats_per_frame",
     "checkpoint_uri", "artifact_uri", "start_time", "end_time", "duration_s",
 )  # fmt: skip
+TABLES = ("trials.parquet", "curves.parquet", "metrics.json")  # a sweep's results folder holds these only
 CURVE_COLUMNS = ("run_id", "trial", "step", tracking.TRAIN_KEY, tracking.VAL_KEY, tracking.SPEED_KEY)
 
 # Column dtypes (pandas); the rest of TRIAL_COLUMNS follow the two dataclasses' field types.
@@ -254,20 +256,32 @@ def _number(value: Any) -> float | None:
     return None if pd.isna(value) else float(value)
 
 
+def results_folder(name: str, profile: str, parent: str | Path | None = None) -> Path:
+    """Where a sweep's tables go by default: <parent>/<name>/<profile>, parent <repo>/results."""
+    return Path(parent or repo_root() / "results") / name / profile
+
+
+def check_results_folder(out: Path) -> None:
+    """Refuse a folder that holds anything but the tables: write_results replaces it whole."""
+    others = sorted(p.name for p in out.iterdir() if p.name not in TABLES) if out.is_dir() else []
+    if others:
+        raise SpecError(f"{out}: holds {', '.join(others)} besides the results tables; give them a folder of their own")
+
+
 def write_results(client, name: str, profile: str, sweep_id: str, mode: str, out_dir: Path | None = None) -> Path:
-    """Write trials.parquet, curves.parquet and metrics.json for one sweep id; returns the folder."""
+    """Write trials.parquet, curves.parquet and metrics.json for one sweep id, replacing the folder's
+    three tables together (out_dir, default results_folder(name, profile)); returns the folder."""
     exp = client.get_experiment_by_name(name)
     if exp is None:
         raise SpecError(f"no MLflow experiment {name!r} in {client.tracking_uri}")
     runs = tracking.sweep_runs(client, exp.experiment_id, sweep_id)
     trials, curves = tables(client, runs)
-    out = out_dir or repo_root() / "results" / name
-    with atomic_path(out / "trials.parquet") as tmp:
-        trials.to_parquet(tmp, index=False)
-    with atomic_path(out / "curves.parquet") as tmp:
-        curves.to_parquet(tmp, index=False)
-    with atomic_path(out / "metrics.json") as tmp:
-        tmp.write_text(json.dumps(summary(trials, name, profile, sweep_id, mode), indent=2) + "\n")
+    out = Path(out_dir) if out_dir else results_folder(name, profile)
+    check_results_folder(out)
+    with atomic_dir(out) as tmp:
+        trials.to_parquet(tmp / "trials.parquet", index=False)
+        curves.to_parquet(tmp / "curves.parquet", index=False)
+        (tmp / "metrics.json").write_text(json.dumps(summary(trials, name, profile, sweep_id, mode), indent=2) + "\n")
     log.info("results of %s: %d trial(s), %d curve point(s) -> %s", sweep_id, len(trials), len(curves), out)
     return out
 
@@ -278,7 +292,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("sweep", help="sweep spec YAML or sweep name")
     parser.add_argument("--profile", help="profile (default: the only one run)")
     parser.add_argument("--sweep-id", help="a specific sweep id (default: the latest of the profile)")
-    parser.add_argument("--out", type=Path, help="output folder (default: results/<name>)")
+    parser.add_argument("--out", type=Path, help="output folder (default: results/<name>/<profile>)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

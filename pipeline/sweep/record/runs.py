@@ -16,7 +16,8 @@ from typing import Any
 
 from pipeline.paths import repo_root
 from pipeline.sweep.record import tracking
-from pipeline.sweep.spec.data_check import streams
+from pipeline.sweep.record.lineage import TAG_ARCHIVED
+from pipeline.sweep.spec.data_check import SweepDataError, streams
 from pipeline.sweep.spec.sweep import Point, Sweep
 
 log = logging.getLogger(__name__)
@@ -72,11 +73,16 @@ def create_runs(
     client, experiment_id: str, sweep: Sweep, sweep_id: str, data_info: Mapping[str, Any], parent: str | None = None
 ) -> list[str]:
     """One SCHEDULED run per point, with the code's git commit and the data as a dataset input, nested
-    under run `parent` (mlflow.parentRunId); runs left by an earlier start of this sweep id are
-    deleted. Returns the run ids in grid order."""
+    under run `parent` (mlflow.parentRunId). Runs left by an earlier start of this sweep id that never
+    trained (a driver stopped before Ray saved the sweep) are deleted; a run that holds metrics never is
+    (the driver refuses or archives those first: pipeline.sweep.cluster.claim). Returns the run ids in
+    grid order."""
     stale = tracking.sweep_runs(client, experiment_id, sweep_id)
+    trained = [r.info.run_name for r in stale if r.data.metrics]
+    if trained:
+        raise SweepDataError(f"sweep {sweep_id}: runs {', '.join(trained)} hold metrics; --start-over archives them")
     if stale:
-        log.warning("sweep %s starts over: deleting %d MLflow run(s) of its earlier start", sweep_id, len(stale))
+        log.warning("sweep %s: deleting %d MLflow run(s) of an earlier start that never trained", sweep_id, len(stale))
         for run in stale:
             tracking.retrying(client.delete_run, run.info.run_id)
     frame_hw = data_info["shape"][3:]
@@ -96,3 +102,43 @@ def create_runs(
         tracking.retrying(client.log_inputs, run_id, datasets=[dataset])
         run_ids.append(run_id)
     return run_ids
+
+
+def drop_orphans(client, experiment_id: str, sweep_id: str, known_trial_ids: set[str]) -> list[str]:
+    """Delete the runs of a searched sweep that no trial of Ray Tune's state will ever open: SCHEDULED,
+    without metrics, their Ray trial unknown to Tune (made as the trial started, just before a crash that
+    came before Tune saved the trial; the resumed searcher drew it again under a new trial id). Left,
+    such a run would make the sweep look interrupted forever. Returns their names."""
+    orphans = [
+        r
+        for r in tracking.sweep_runs(client, experiment_id, sweep_id)
+        if r.info.status == "SCHEDULED" and not r.data.metrics
+        and r.data.tags.get(tracking.TAG_TRIAL_ID) not in known_trial_ids
+    ]  # fmt: skip
+    for run in orphans:
+        tracking.retrying(client.delete_run, run.info.run_id)
+    if orphans:
+        log.info(
+            "sweep %s: deleted %d run(s) that no trial will open (made just before a crash)", sweep_id, len(orphans)
+        )
+    return [r.info.run_name for r in orphans]
+
+
+def archive_sweep(client, experiment_id: str, sweep_id: str, stamp: str) -> int:
+    """Start over, keeping the old runs: the sweep's runs and its parent get the sweep id
+    `<sweep_id>~archived-<stamp>` (tag archived_from=<sweep_id>), so that no lookup of the sweep finds
+    them again but they stay in the experiment with their metrics; unfinished ones are marked KILLED.
+    Returns how many runs were archived."""
+    archived = f"{sweep_id}~archived-{stamp}"
+    runs = tracking.sweep_runs(client, experiment_id, sweep_id)
+    parents = tracking.retrying(
+        client.search_runs, [experiment_id], filter_string=f"tags.{tracking.TAG_PARENT_OF} = '{sweep_id}'"
+    )
+    for run in runs:
+        tracking.set_tags(client, run.info.run_id, {tracking.TAG_SWEEP_ID: archived, TAG_ARCHIVED: sweep_id})
+    for parent in parents:
+        tracking.set_tags(client, parent.info.run_id, {tracking.TAG_PARENT_OF: archived, TAG_ARCHIVED: sweep_id})
+    for run in [*runs, *parents]:
+        if run.info.status in ("RUNNING", "SCHEDULED"):
+            tracking.retrying(client.set_terminated, run.info.run_id, status="KILLED")
+    return len(runs)

@@ -6,6 +6,9 @@ trial runs. Those files are not listed by hand (a list goes stale with every new
 the modules that the trial's entry points (TRIAL_ENTRY_POINTS) import, followed transitively through
 their import statements (read with ast, never imported), package __init__ files included, since
 they run too. The CLI, the report and the driver count only if a trial imports them.
+
+base_id_of leaves the code out: a sweep of the same spec, profile and data under other code has the
+same base, which is how a driver finds an unfinished one to continue (pipeline.sweep.record.lineage).
 """
 
 from __future__ import annotations
@@ -69,14 +72,26 @@ def _module_files(root: Path, module: str) -> list[str]:
     return []
 
 
-def code_identity(root: Path | None = None) -> str:
-    """sha256 of the source that determines what a trial computes (code_files, names and bytes)."""
+def code_digests(root: Path | None = None) -> dict[str, str]:
+    """The sha256 of each file of code_files, by path: what a sweep continued under new code compares."""
     root = root or repo_root()
+    return {name: hashlib.sha256((root / name).read_bytes()).hexdigest() for name in code_files(root)}
+
+
+def code_identity(root: Path | None = None, digests: dict[str, str] | None = None) -> str:
+    """sha256 of the source that determines what a trial computes (code_files, names and contents)."""
     h = hashlib.sha256()
-    for name in code_files(root):
-        h.update(name.encode() + b"\0" + (root / name).read_bytes())
+    for name, digest in sorted((digests if digests is not None else code_digests(root)).items()):
+        h.update(name.encode() + b"\0" + digest.encode() + b"\0")
     return h.hexdigest()
 
 
-def sweep_id_of(sweep: Sweep, data_identity: str) -> str:
-    return f"{sweep.name}-{sweep.profile}-{sweep.fingerprint(data_identity, code_identity())[:10]}"
+def sweep_id_of(sweep: Sweep, data_identity: str, digests: dict[str, str] | None = None) -> str:
+    """<name>-<profile>-<fingerprint of the points, the data and the code (code_digests unless given)>."""
+    code = code_identity(digests=digests if digests is not None else code_digests())
+    return f"{sweep.name}-{sweep.profile}-{sweep.fingerprint(data_identity, code)[:10]}"
+
+
+def base_id_of(sweep: Sweep, data_identity: str) -> str:
+    """The sweep id without the code: equal for the sweeps of one spec, profile and data under any code."""
+    return f"{sweep.name}-{sweep.profile}-{sweep.fingerprint(data_identity)[:10]}"

@@ -11,7 +11,8 @@ A test passes `run_sweep(..., fault={...})`; the dict becomes a `Faults` in the 
   kill_at_step: on rank `rank` (default 0), write the step to `marker` and SIGKILL this worker, like
     a lost node.
   hold_at_step: on that rank, write {"node_id", "pid", "step"} to `marker` and wait (hold_s, default
-    300 s), so that a test can kill this worker's node at a known step.
+    300 s, or until the file `release` exists), so that a test can kill this worker's node at a known
+    step, or act while the trial is known to be training.
   kill_driver_at_step: on rank 0 of a data-parallel trial, SIGKILL the trial's driver (driver_pid),
     write the step to `driver_marker`, then wait to be torn down.
 
@@ -44,6 +45,7 @@ class Faults:
     rank: int = 0
     marker: str | None = None
     hold_s: float = 300.0
+    release: str | None = None
     kill_driver_at_step: int | None = None
     driver_marker: str | None = None
     driver_pid: int | None = None
@@ -86,7 +88,7 @@ class Faults:
 
         note = {"node_id": ray.get_runtime_context().get_node_id(), "pid": os.getpid(), "step": step}
         if _first_to(self.marker, json.dumps(note)):
-            _hold(self.hold_s)
+            _hold(self.hold_s, self.release)
 
 
 def _first_to(path: str, text: str) -> bool:
@@ -103,7 +105,7 @@ def _first_to(path: str, text: str) -> bool:
         tmp.unlink()
 
 
-def _hold(seconds: float) -> None:
+def _hold(seconds: float, release: str | None = None) -> None:
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
+    while time.monotonic() < deadline and not (release and Path(release).exists()):
         time.sleep(0.2)

@@ -4,8 +4,9 @@ A grid's runs are created before any trial starts (pipeline.sweep.record.runs.cr
 trials are drawn while the sweep runs, so their runs are created on the driver as each trial starts
 (SearchedRuns.on_trial_start, which Tune calls before the trial's function runs), keyed by the Ray
 trial id: a trial restarted after a crash or a resume finds its run (tracking.find_trial_run) and no
-second one is made. Each run holds the params of a grid point's run plus `est_gpu_hours`, the trial's
-estimated cost (pipeline.sweep.spec.budget).
+second one is made; a run made just before a crash that came before Tune saved its trial is deleted when
+the resumed sweep ends (it holds no metrics, and no trial of Tune's will open it). Each run holds the
+params of a grid point's run plus `est_gpu_hours`, the trial's estimated cost (pipeline.sweep.spec.budget).
 
 Every trial's run is nested under the sweep's parent run (tag mlflow.parentRunId; pipeline.sweep.record.parent),
 as a grid's are.
@@ -21,7 +22,7 @@ from ray.tune import Callback
 from pipeline.paths import repo_root
 from pipeline.sweep.record import tracking
 from pipeline.sweep.record.parent import COST_PARAM, TAG_PARENT, TAG_PARENT_OF
-from pipeline.sweep.record.runs import point_params, point_tags
+from pipeline.sweep.record.runs import drop_orphans, point_params, point_tags
 from pipeline.sweep.spec.budget import FRAME_SIZE, trial_gpu_hours
 from pipeline.sweep.spec.grid import Point
 from pipeline.sweep.trials.search import INDEX, trial_config
@@ -62,6 +63,10 @@ class SearchedRuns(Callback):
         about = {"identity_of": self.data_info.get("identity_of")}
         dataset = tracking.dataset_input(self.sweep.data, self.data_info["identity"], about)
         tracking.retrying(self.client.log_inputs, run_id, datasets=[dataset])
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        """Tune's state is saved: delete the runs that none of its trials will open (drop_orphans)."""
+        drop_orphans(self.client, self.experiment_id, self.sweep_id, {t.trial_id for t in trials})
 
 
 def searched_tune_args(sweep: Any, sweep_id: str, exp: Any, data_info: Mapping, fault: Any, parent: str):

@@ -59,7 +59,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sweep.record import forecasting, pictures, tracking
+from pipeline.sweep.record import forecasting, lineage, pictures, tracking
 from pipeline.sweep.trials import search
 from pipeline.sweep.trials.devices import require_usable_gpu
 from pipeline.sweep.trials.trial import TrialConfig
@@ -154,7 +154,7 @@ class _TrialRun:
         client = tracking.client(cfg.tracking_uri)
         run = tracking.retrying(client.get_run, cfg.run_id)
         refuse_known_non_finite(run)
-        tags = dict(tags)
+        tags = {**tags, **lineage.trained_under(client, run)}  # the code version it trains under now
         if tracking.TAG_STARTED not in run.data.tags:  # the run was created when the sweep started
             tags[tracking.TAG_STARTED] = int(time.time() * 1000)
         tracking.set_tags(client, cfg.run_id, tags)
@@ -320,7 +320,8 @@ class _Reporter:
             (Path(d) / TRIAL_FILE).write_text(json.dumps(meta))
             self._flush()
             if final:
-                for k, v in (extra or {}).items():
+                once, series = unlogged(client, run_id, extra, series)
+                for k, v in once.items():
                     if v is not None:
                         tracking.retrying(client.log_metric, run_id, k, float(v), step=step)
                 if series:
@@ -328,6 +329,14 @@ class _Reporter:
                 tracking.retrying(client.log_artifact, run_id, str(Path(d) / CHECKPOINT_FILE), "checkpoint")
                 tracking.retrying(client.set_terminated, run_id, status="FINISHED")
             self.tune.report(self._result(step, extra), checkpoint=self.tune.Checkpoint.from_directory(d))
+
+
+def unlogged(client, run_id: str, extra: Mapping[str, Any] | None, series: list | None) -> tuple[dict[str, Any], list]:
+    """The final metrics and series that the run does not hold yet. The run is FINISHED before Ray has
+    registered the final checkpoint: a trial retried after a crash in between scores again from its
+    previous checkpoint, and must not log its final metrics twice (they are logged once, at the end)."""
+    held = set(tracking.retrying(client.get_run, run_id).data.metrics)
+    return {k: v for k, v in (extra or {}).items() if k not in held}, [m for m in series or () if m.key not in held]
 
 
 def score_test_split(trainer: Trainer, data_root: str | Path) -> dict[str, float]:
