@@ -224,32 +224,3 @@ def test_a_sweep_trains_through_a_tracking_server_outage(tmp_path, outage_s):
             assert any(killed < t < back for t in stamps) and any(t > back for t in stamps)  # held, then resumed
     finally:
         server.stop()
-        server.start()  # read what it holds
-    try:
-        out = log.read_text()
-        statuses = json.loads(out.split("STATUSES ", 1)[1].split("\n")[0].rsplit(" ", 1)[0])
-        assert statuses == {"f0.03125": "FINISHED", "f0.0625": "FINISHED"}, out[-4000:]
-        assert back - killed >= outage_s
-        exp = client.get_experiment_by_name("outage")
-        runs = trial_runs(client.search_runs([exp.experiment_id]))
-        assert len(runs) == 2
-        log_steps, val_steps = list(range(5, STEPS + 1, 5)), list(range(10, STEPS + 1, 10))
-        for run in runs:
-            run_id = run.info.run_id
-            assert tracking.TAG_RESUMED_FROM not in run.data.tags  # never restarted from a checkpoint
-            assert tracking.TAG_ERROR not in run.data.tags
-            train = client.get_metric_history(run_id, tracking.TRAIN_KEY)
-            assert sorted(m.step for m in train) == log_steps  # each step once
-            assert sorted(m.step for m in client.get_metric_history(run_id, tracking.VAL_KEY)) == val_steps
-            # trained during the outage: steps past the kill logged (held) while the server was away
-            during = [m.step for m in train if killed * 1000 < m.timestamp < back * 1000]
-            assert PAUSE_AT in during and min(during) <= KILL_AFTER + 10, during
-            # a picture at every validation, once: before, during and after the outage
-            assert picture_steps(client, run_id) == val_steps
-            system = client.get_metric_history(run_id, "system/cpu_utilization_percentage")
-            steps = [m.step for m in system]
-            assert len(steps) == len(set(steps))  # no sample twice
-            stamps = [m.timestamp / 1000 for m in system]
-            assert any(killed < t < back for t in stamps) and any(t > back for t in stamps)  # held, then resumed
-    finally:
-        server.stop()
