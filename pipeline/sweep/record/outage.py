@@ -160,6 +160,8 @@ class PatientClient:
         self.wait = wait
 
     def __getattr__(self, name: str) -> Any:
+        if name in ("once", "wait"):  # not set yet (an unpickled copy): no recursion into itself
+            raise AttributeError(name)
         attr = getattr(self.once, name)
         if not callable(attr):
             return attr
