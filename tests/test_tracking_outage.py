@@ -4,9 +4,9 @@ is logged twice.
 The sweep test kills a real `mlflow server` (SIGKILL) while a 2-trial sweep trains and starts it again
 on the same port and store `outage_s` seconds later. The trials train on meanwhile (their steps during
 the outage carry the outage's timestamps), pause at a known step until the server is back (the
-`pause_at_step` test hook), then finish. CI runs a 45 s outage, longer than one call's retries
-(record/outage.HTTP_DEFAULTS: about 3 s); VPN_OUTAGE_S=600 runs the 10-minute one (docs/sweeps.md
-records the longest run).
+`pauses` test hook, which also holds them at step KILL_AT until the server is killed), then finish.
+CI runs a 45 s outage, longer than one call's retries (record/outage.HTTP_DEFAULTS: about 3 s);
+VPN_OUTAGE_S=600 runs the 10-minute one (docs/sweeps.md records the longest run).
 
 The faster tests check the pieces against a server that is away, then started: calls that wait
 (record/outage) and the outbox of a trial (record/outbox), whose pending metrics and pictures go
@@ -36,7 +36,7 @@ from pipeline.sweep.record.parent import trial_runs
 
 REPO = Path(__file__).resolve().parents[1]
 OUTAGE_ENV = "VPN_OUTAGE_S"
-STEPS, KILL_AFTER, PAUSE_AT = 60, 10, 40
+STEPS, KILL_AT, PAUSE_AT = 60, 15, 40
 TRAIN = {"steps": STEPS, "batch_size": 4, "log_every": 5, "val_every": 10, "val_batches": 1, "ckpt_every": 20,
          "context": 3, "device": "cpu", "test_sequences": 4, "forecast_samples": 0}  # fmt: skip
 
@@ -132,7 +132,7 @@ def _start_sweep(root: Path, spec: Path, uri: str, fault: dict) -> tuple[subproc
         "sys.exit(130 if o.interrupted else 0)"
     )
     env = {**os.environ, **QUIET_ENV, "MLFLOW_TRACKING_URI": uri, "RAY_ADDRESS": "local",
-           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1", "PYTHONPATH": str(REPO)}  # fmt: skip
+           "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5", "PYTHONPATH": str(REPO)}  # fmt: skip
     env.pop(outage.WAIT_ENV, None)  # the default wait (30 min), longer than any outage here
     with log.open("w") as out:
         driver = subprocess.Popen(
@@ -154,20 +154,6 @@ def _until(what: str, check, driver: subprocess.Popen, log: Path, timeout: float
     pytest.fail(f"timed out waiting for {what}:\n{log.read_text()[-4000:]}")
 
 
-def _runs_past(client, step: int):
-    """The sweep's two trial runs once each holds a picture and its train curve up to `step`, else None."""
-    exp = client.once.get_experiment_by_name("outage")
-    runs = trial_runs(client.once.search_runs([exp.experiment_id])) if exp else []
-    if len(runs) < 2:
-        return None
-    for r in runs:
-        if max(tracking.last_logged_step(client.once, r.info.run_id, [tracking.TRAIN_KEY]), 0) < step:
-            return None
-        if not picture_steps(client.once, r.info.run_id):
-            return None
-    return runs
-
-
 @pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:The ``noload`` loader strategy is deprecated")
 @pytest.mark.parametrize("outage_s", _outages())
@@ -180,21 +166,26 @@ def test_a_sweep_trains_through_a_tracking_server_outage(tmp_path, outage_s):
     spec_path.write_text(yaml.safe_dump(spec))
     (tmp_path / "server").mkdir()
     server = MlflowServer(tmp_path / "server")
-    release = tmp_path / "server_back"
+    killed_file, back_file = tmp_path / "server_killed", tmp_path / "server_back"
+
+    def both_at(release: Path) -> bool:
+        return len(glob.glob(f"{release}.at.*")) >= 2
+
     try:
         client = tracking.client(server.start(), wait=60)
-        fault = {"pause_at_step": PAUSE_AT, "release": str(release), "hold_s": outage_s + 900}
-        driver, log = _start_sweep(tmp_path, spec_path, server.uri, fault)
+        pauses = [[KILL_AT, str(killed_file)], [PAUSE_AT, str(back_file)]]
+        driver, log = _start_sweep(tmp_path, spec_path, server.uri, {"pauses": pauses, "hold_s": outage_s + 900})
 
-        _until(f"both trials past step {KILL_AFTER}", lambda: _runs_past(client, KILL_AFTER), driver, log, 600)
+        _until(f"both trials at step {KILL_AT}", lambda: both_at(killed_file), driver, log, 600)
         server.stop(signal.SIGKILL)
         killed = time.time()
-        # The trials train on: both reach the paused step while the server is away.
-        _until("both trials at the pause", lambda: len(glob.glob(f"{release}.at.*")) >= 2, driver, log, outage_s + 600)
+        killed_file.write_text("killed")
+        # The trials train on: both reach the next pause while the server is away.
+        _until(f"both trials at step {PAUSE_AT}", lambda: both_at(back_file), driver, log, outage_s + 600)
         time.sleep(max(0.0, killed + outage_s - time.time()))
         server.start()  # the same port and store
         back = time.time()
-        release.write_text("back")
+        back_file.write_text("back")
         assert driver.wait(timeout=900) == 0, log.read_text()[-4000:]
 
         out = log.read_text()
@@ -212,9 +203,9 @@ def test_a_sweep_trains_through_a_tracking_server_outage(tmp_path, outage_s):
             train = client.get_metric_history(run_id, tracking.TRAIN_KEY)
             assert sorted(m.step for m in train) == log_steps  # each step once
             assert sorted(m.step for m in client.get_metric_history(run_id, tracking.VAL_KEY)) == val_steps
-            # trained through the outage: the steps before the pause were logged while the server was away
-            during = [m.step for m in train if killed * 1000 < m.timestamp < back * 1000]
-            assert PAUSE_AT - 5 in during, (during, killed, back)
+            # trained through the outage: every step from the kill to the pause was taken while the server was away
+            during = sorted(m.step for m in train if killed * 1000 < m.timestamp < back * 1000)
+            assert during == list(range(KILL_AT, PAUSE_AT, 5)), (during, killed, back)
             # a picture at every validation, once: before, during and after the outage
             assert picture_steps(client, run_id) == val_steps
             system = client.get_metric_history(run_id, "system/cpu_utilization_percentage")

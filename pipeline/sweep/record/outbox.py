@@ -392,14 +392,13 @@ class SystemMetrics:
         self.outbox.add_metrics(Metric(prefix + k, float(v), now, step) for k, v in values.items())
 
     def finish(self) -> None:
-        """Stop sampling; one last sample, and one try to send what is held."""
+        """Stop sampling, and try once more to send what is held."""
         if self._thread is None:
             return
         self._stop.set()
         self._thread.join(timeout=120)  # a call in flight ends within MLflow's short retries
         self._thread = None
         try:
-            self.sample()
             self.outbox.retry_now()  # the trial's end found the server (or gave up): no back-off left to sit out
             self.outbox.flush()
         except Exception as e:
