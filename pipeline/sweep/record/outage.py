@@ -104,7 +104,8 @@ def server_away(exc: BaseException) -> bool:
     return False
 
 
-def _short(e: BaseException) -> str:
+def short(e: BaseException) -> str:
+    """The first line of an error, for a log line."""
     text = str(e).strip().splitlines()
     return (text[0] if text else type(e).__name__)[:300]
 
@@ -138,10 +139,10 @@ def patient(fn: Callable[..., T], *args: Any, wait: float | None = None, **kwarg
             deadline = now + limit if deadline is None else deadline
             if now >= deadline:
                 raise TrackingUnavailable(
-                    f"the MLflow tracking store did not answer for {limit:.0f} s ({WAIT_ENV}): {_short(e)}"
+                    f"the MLflow tracking store did not answer for {limit:.0f} s ({WAIT_ENV}): {short(e)}"
                 ) from e
             if not warned and "database is locked" not in str(e):
-                why = _short(e)
+                why = short(e)
                 log.warning("MLflow did not answer %s (%s); waiting up to %.0f s (%s)", name, why, limit, WAIT_ENV)
                 warned = True
             time.sleep(min(backoff.next(), deadline - now))

@@ -218,7 +218,7 @@ class Outbox:
             if not self._away:
                 log.warning(
                     "MLflow run %s: the tracking server does not answer (%s); holding %d metric(s) and %d picture(s) "
-                    "and training on", self.run_id, outage._short(e), len(self._metrics), len(self._pictures),
+                    "and training on", self.run_id, outage.short(e), len(self._metrics), len(self._pictures),
                 )  # fmt: skip
             self._away = True
             self._retry_at = time.monotonic() + self._backoff.next()
