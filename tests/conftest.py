@@ -126,44 +126,64 @@ def running_local_ray(**init) -> Iterator[str]:
             ray.shutdown()
 
 
-@contextlib.contextmanager
-def running_mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in `root`; yields its URI."""
-    from pipeline.sweep.driver import QUIET_ENV
+class MlflowServer:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in `root`, on one port
+    for life: stop() then start() again is the same server restarted (its port, its store)."""
 
-    port = free_port()
-    log = (root / "server.log").open("w")
-    server = subprocess.Popen(
-        [
-            sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-            "--backend-store-uri", f"sqlite:///{root / 'server.db'}",
-            "--artifacts-destination", str(root / "server_artifacts"), "--workers", "1",
-        ],
-        stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its process group
-        env={**os.environ, **QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
-    )  # fmt: skip
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
+    def __init__(self, root: Path, port: int | None = None) -> None:
+        self.root, self.port = root, port or free_port()
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self._process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 120) -> str:
+        """Start it and wait until /health answers; returns its URI."""
+        from pipeline.sweep.driver import QUIET_ENV
+
+        with (self.root / "server.log").open("a") as log:
+            self._process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+                    "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
+                    "--artifacts-destination", str(self.root / "server_artifacts"), "--workers", "1",
+                ],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its process group
+                env={**os.environ, **QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+            )  # fmt: skip
+        deadline = time.monotonic() + timeout
         while True:
             try:
-                with urllib.request.urlopen(f"{uri}/health", timeout=2) as r:
+                with urllib.request.urlopen(f"{self.uri}/health", timeout=2) as r:
                     if r.status == 200:
-                        break
+                        return self.uri
             except OSError:
                 pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                pytest.fail(f"mlflow server did not start:\n{(root / 'server.log').read_text()[-3000:]}")
+            if self._process.poll() is not None or time.monotonic() > deadline:
+                self.stop()
+                pytest.fail(f"mlflow server did not start:\n{(self.root / 'server.log').read_text()[-3000:]}")
             time.sleep(0.5)
-        yield uri
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)  # the server and the workers it started, nothing else
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Stop it and the workers it started, nothing else (SIGKILL: a crash, nothing flushed)."""
+        if self._process is None:
+            return
+        server, self._process = self._process, None
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(server.pid, sig)
         try:
             server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(server.pid, signal.SIGKILL)
             server.wait()
-        log.close()
+
+
+@contextlib.contextmanager
+def running_mlflow_server(root: Path) -> Iterator[str]:
+    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in `root`; yields its URI."""
+    server = MlflowServer(root)
+    try:
+        yield server.start()
+    finally:
+        server.stop()
 
 
 @pytest.fixture()

@@ -52,7 +52,8 @@ def test_resume_restores_cuda_rng_only_for_visible_gpus(monkeypatch):
 @pytest.mark.parametrize("rank", [0, 1])
 def test_one_system_metrics_monitor_per_trial(monkeypatch, rank):
     started = []
-    monkeypatch.setattr(trainable, "_system_metrics", lambda cfg: started.append(cfg) or SimpleNamespace(finish=list))
+    monitor = SimpleNamespace(finish=list)
+    monkeypatch.setattr(trainable, "_system_metrics", lambda cfg, run: started.append(cfg) or monitor)
     monkeypatch.setattr(trainable._TrialRun, "open", classmethod(lambda cls, cfg, tags: None))
     monkeypatch.setattr(trainable, "_train", lambda cfg, run, session: None)
     cfg = SimpleNamespace(mode="train", system_metrics=True, run_id="r")

@@ -24,9 +24,9 @@ import pytest
 import yaml
 from conftest import environ, running_local_ray, running_mlflow_server, write_splits
 
+from pipeline.sweep.cluster import lease as leases
 from pipeline.sweep.cluster.claim import Claiming
 from pipeline.sweep.driver import QUIET_ENV, run_sweep
-from pipeline.sweep.record import lease as leases
 from pipeline.sweep.record import lineage, tracking
 from pipeline.sweep.record.parent import TAG_PARENT_OF, trial_runs
 from pipeline.sweep.spec import identity

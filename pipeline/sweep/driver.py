@@ -354,7 +354,7 @@ def _close_unfinished(exp: _Experiment, sweep_id: str) -> tuple[dict[str, str], 
 def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, register: bool) -> Path:
     """The results tables (pipeline.sweep.record.results) and, for a finished sweep (`register`), its best
     trial's model in the registry (pipeline.sweep.record.registry)."""
-    from pipeline.sweep.record import results
+    from pipeline.sweep.record import results, tracking
 
     # VPN_RESULTS_DIR is the parent, like <repo>/results: <parent>/<name>/<profile>
     out_dir = Path(results_dir or results.results_folder(sweep.name, sweep.profile, os.environ.get(RESULTS_ENV)))
@@ -363,8 +363,8 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
         from pipeline.sweep.record import registry
 
         summary = json.loads((out / "metrics.json").read_text())
-        try:
-            registry.register_best(exp.client, exp.uri, sweep.name, summary)
+        try:  # retried whole while the server is away: mlflow.pytorch.log_model has a client of its own
+            tracking.retrying(registry.register_best, exp.client, exp.uri, sweep.name, summary)
         except Exception as e:  # the tables are written; a registry that refuses must not fail the sweep
             log.warning("sweep %s: the best trial's model was not registered: %s", sweep_id, e)
     return out

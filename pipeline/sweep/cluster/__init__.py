@@ -2,8 +2,9 @@
 
 placement.py (the profile for the cluster, trial resources, a placement that can hold them, the GPUs
 probed), plan.py (the memory plan: what one GPU must hold, and the settings that make it fit),
-persist.py (results that outlive Ray's uploaded working directory) and claim.py (the sweep a driver
-drives, under its lease, its Ray folder set aside on --start-over).
+persist.py (results that outlive Ray's uploaded working directory), claim.py (the sweep a driver
+drives, its Ray folder set aside on --start-over) and lease.py (one driver per sweep: its lease, held
+in the MLflow store that every driver of the sweep shares).
 
 May import: the spec, record and trials wings, vpn/ and pipeline's top-level modules.
 """

@@ -4,7 +4,7 @@ second driver out, and starting over on request.
 1. Which sweep: the id of this spec, profile, data and code; or, with --continue-under-new-code, an
    unfinished sweep of the same spec, profile and data under other code (pipeline.sweep.record.lineage:
    the driver names it and the files that differ either way).
-2. The lease on that id (pipeline.sweep.record.lease): a second driver is refused here, with exit
+2. The lease on that id (pipeline.sweep.cluster.lease): a second driver is refused here, with exit
    status 2, before it creates or deletes anything, in one sentence naming the holder and how to take
    over (--take-over).
 3. Under the lease: with --start-over, the sweep's runs and parent are archived (kept in the
@@ -25,8 +25,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.paths import repo_root
+from pipeline.sweep.cluster.lease import Lease
 from pipeline.sweep.record import lineage, tracking
-from pipeline.sweep.record.lease import Lease
 from pipeline.sweep.record.runs import archive_sweep
 from pipeline.sweep.spec import identity
 from pipeline.sweep.spec.data_check import SweepDataError
@@ -66,7 +66,7 @@ def claim_sweep(
     client, experiment_id: str, uri: str, sweep: Sweep, data_identity: str, store: str, claiming: Claiming | None
 ) -> Claim:
     """Choose the sweep, take its lease, start over if asked (see the module docstring); raises
-    pipeline.sweep.record.lease.LeaseHeld or SweepDataError (exit status 2) having changed nothing."""
+    pipeline.sweep.cluster.lease.LeaseHeld or SweepDataError (exit status 2) having changed nothing."""
     claiming = claiming or Claiming()
     files = identity.code_digests()
     computed = identity.sweep_id_of(sweep, data_identity, files)

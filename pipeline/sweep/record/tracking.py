@@ -8,9 +8,12 @@
 - One run per trial, created by the driver with the trial's params and tags. The trial config and
   the trial's checkpoints carry the run id, so a retried or resumed trial reattaches to its run.
 - Per-step metrics are buffered and written with MlflowClient.log_batch when the trainable reports
-  to Tune. MetricBuffer drops steps that the run already holds, so a trial restarted from an
-  older checkpoint re-trains those steps (batches are a pure function of (seed, step)) without
-  logging them again: each curve has every step exactly once.
+  to Tune (pipeline.sweep.record.outbox: held while the server is away, saved with each checkpoint).
+  The outbox drops steps that the run already holds, so a trial restarted from an older checkpoint
+  re-trains those steps (batches are a pure function of (seed, step)) without logging them again:
+  each curve has every step exactly once.
+- A server that is away is waited for (pipeline.sweep.record.outage): every method of `client()`
+  retries for up to VPN_TRACKING_WAIT_S seconds, and MLflow's own HTTP retries are kept short.
 - What the runs table's columns show: Source from the git tags (git_tags: the script, the commit,
   the branch, and mlflow.source.git.dirty), Dataset from the data's input (dataset_input: name,
   path, and a digest of the data's own identity), Model from the sweep's registered best trial
@@ -27,17 +30,19 @@ import logging
 import math
 import os
 import subprocess
-import time
 from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
 
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param, RunTag, ViewType
+from mlflow.entities import Dataset, DatasetInput, InputTag, Param, RunTag, ViewType
 from mlflow.tracking import MlflowClient
 
 from pipeline.paths import repo_root
+from pipeline.sweep.record import outage
+
+outage.use_short_http_retries()  # before any request: MLflow reads them at each one
 
 log = logging.getLogger(__name__)
 
@@ -107,23 +112,19 @@ def absolute_uri(uri: str) -> str:
     return uri
 
 
-def retrying(fn: Callable[..., T], *args: Any, attempts: int = 8, **kwargs: Any) -> T:
-    """Call fn, retrying while SQLite says "database is locked" (concurrent trials writing at once)."""
-    for attempt in range(attempts):
-        try:
-            return fn(*args, **kwargs)
-        except Exception as e:  # MlflowException wraps sqlalchemy's OperationalError
-            if "database is locked" not in str(e) or attempt == attempts - 1:
-                raise
-            time.sleep(0.1 * 2**attempt)
-    raise AssertionError("unreachable")
+def retrying(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Call fn, again while SQLite says "database is locked" (concurrent trials writing at once) or the
+    server is away, for up to VPN_TRACKING_WAIT_S seconds (outage.patient)."""
+    return outage.patient(fn, *args, **kwargs)
 
 
-def client(uri: str | None = None) -> MlflowClient:
+def client(uri: str | None = None, wait: float | None = None) -> outage.PatientClient:
     """A client of one store, its Model Registry included (MlflowClient would otherwise take the
-    registry from the process's settings, e.g. ./mlflow.db of whatever the working directory is)."""
+    registry from the process's settings, e.g. ./mlflow.db of whatever the working directory is).
+    Its every method waits up to `wait` seconds (VPN_TRACKING_WAIT_S) for an away server; `.once`
+    is the bare MlflowClient."""
     uri = uri or tracking_uri()
-    return MlflowClient(tracking_uri=uri, registry_uri=uri)
+    return outage.PatientClient(MlflowClient(tracking_uri=uri, registry_uri=uri), wait)
 
 
 def ensure_experiment(c: MlflowClient, name: str, uri: str) -> str:
@@ -207,34 +208,6 @@ def last_logged_step(c: MlflowClient, run_id: str, keys: Iterable[str] = CURVE_K
     """The largest step the run holds for any curve metric (0 when none)."""
     steps = [m.step for key in keys for m in retrying(c.get_metric_history, run_id, key)]
     return max(steps, default=0)
-
-
-class MetricBuffer:
-    """Per-step metrics, held until flush() writes them with log_batch.
-
-    after_step: steps up to this one are already in the run (logged before a restart): add() drops
-    them, and flush() raises it to the last step written, so no step reaches MLflow twice.
-    """
-
-    def __init__(self, c: MlflowClient, run_id: str, after_step: int = 0) -> None:
-        self.client, self.run_id, self.after_step = c, run_id, after_step
-        self._pending: list[Metric] = []
-
-    def add(self, step: int, metrics: Mapping[str, float]) -> None:
-        if step <= self.after_step:
-            return
-        now = int(time.time() * 1000)
-        self._pending += [Metric(k, float(v), now, step) for k, v in metrics.items()]
-
-    def __len__(self) -> int:
-        return len(self._pending)
-
-    def flush(self) -> None:
-        pending, self._pending = self._pending, []
-        for i in range(0, len(pending), MAX_METRICS_PER_BATCH):
-            retrying(self.client.log_batch, self.run_id, metrics=pending[i : i + MAX_METRICS_PER_BATCH])
-        if pending:
-            self.after_step = max(self.after_step, max(m.step for m in pending))
 
 
 # -- what the runs table shows beside the metrics ------------------------------------------------------

@@ -21,7 +21,7 @@ table, ASHA and the driver-side TrackingCallback see a data-parallel trial as an
   run.max_failures)), waiting for the cluster to offer N workers again. A dead driver (its node
   lost, the sweep interrupted and resumed): Tune restarts the trial, and the new TorchTrainer finds
   the run's checkpoints in storage and continues from the last. Either way rank 0 reattaches to the
-  trial's MLflow run and logs no step twice (pipeline.sweep.record.tracking.MetricBuffer).
+  trial's MLflow run and logs no step twice (pipeline.sweep.record.outbox).
 - Non-finite loss: the loss is all-reduced, so every rank sees it at the same step. Rank 0 marks the
   run FAILED as a one-worker trial does; every rank then ends without an error (a NaN is
   deterministic: Ray Train must not retry it) and the driver raises NonFiniteLoss, so that Tune

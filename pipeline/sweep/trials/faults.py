@@ -15,6 +15,10 @@ A test passes `run_sweep(..., fault={...})`; the dict becomes a `Faults` in the 
     step, or act while the trial is known to be training.
   kill_driver_at_step: on rank 0 of a data-parallel trial, SIGKILL the trial's driver (driver_pid),
     write the step to `driver_marker`, then wait to be torn down.
+  pauses: [[step, release], ...]: on that rank, at each step, write the step to `<release>.at.<pid>`
+    and wait until the file `release` exists (at most hold_s), every time the step is reached: a
+    test lets its trials go on only once it has done something (killed the tracking server, started
+    it again: tests/test_tracking_outage.py).
 
 One fault is the sweep driver's, not a trial's: `checkpoint_marker`, a file to which the driver appends
 {"trial", "step"} (a JSON line) each time Ray Tune registers a trial's checkpoint
@@ -50,12 +54,15 @@ class Faults:
     driver_marker: str | None = None
     driver_pid: int | None = None
     checkpoint_marker: str | None = None
+    pauses: list | None = None  # [[step, release file], ...]
 
     def __post_init__(self) -> None:
         if (self.kill_at_step is not None or self.hold_at_step is not None) and not self.marker:
             raise ValueError("fault: kill_at_step and hold_at_step need a marker file")
         if self.kill_driver_at_step is not None and not self.driver_marker:
             raise ValueError("fault: kill_driver_at_step needs a driver_marker file")
+        if any(len(p) != 2 or not p[1] for p in self.pauses or ()):
+            raise ValueError(f"fault: pauses must be [[step, release file], ...], got {self.pauses!r}")
 
     @classmethod
     def from_dict(cls, d: Mapping[str, Any]) -> Self:
@@ -78,6 +85,10 @@ class Faults:
         if self.kill_driver_at_step == step and rank == 0 and _first_to(self.driver_marker, str(step)):
             os.kill(self.driver_pid, signal.SIGKILL)
             _hold(self.hold_s)
+        for at, release in self.pauses or ():
+            if at == step and rank == self.rank:
+                Path(f"{release}.at.{os.getpid()}").write_text(str(step))
+                _hold(self.hold_s, until=Path(release))
         if rank != self.rank or step not in (self.kill_at_step, self.hold_at_step):
             return
         if self.kill_at_step == step:
@@ -105,7 +116,8 @@ def _first_to(path: str, text: str) -> bool:
         tmp.unlink()
 
 
-def _hold(seconds: float, release: str | None = None) -> None:
+def _hold(seconds: float, until: str | Path | None = None) -> None:
+    """Wait `seconds`, or less once the file `until` exists."""
     deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline and not (release and Path(release).exists()):
+    while time.monotonic() < deadline and not (until and Path(until).exists()):
         time.sleep(0.2)

@@ -7,8 +7,9 @@ flow is one-way: rank 0 opens that run once (`_TrialRun`: its client, id and met
 everything the trial logs goes through it.
 
 Reporting, checkpointing and logging hang off the Trainer's hooks:
-- every log_every steps the metrics go into a MetricBuffer (nothing is written yet);
-- at a validation step (train mode) or a log step (overfit mode) the buffer is flushed to MLflow
+- every log_every steps the metrics go into the run's Outbox (pipeline.sweep.record.outbox; nothing is
+  written yet);
+- at a validation step (train mode) or a log step (overfit mode) the outbox is flushed to MLflow
   with one log_batch, and the metrics are reported to Tune (progress display, ASHA);
 - every ckpt_every steps and at the end the Trainer's checkpoint (plus trial.json with the run id)
   is reported to Tune as a Checkpoint; the last one is also logged as the run's artifact
@@ -29,9 +30,15 @@ Reporting, checkpointing and logging hang off the Trainer's hooks:
 - MLflow's system metrics (CPU, memory, disk, network, GPU) unless the spec turned them off
   (run.system_metrics).
 
+A tracking server that is away (pipeline.sweep.record.outage) stops nothing: the outbox holds the
+metrics, pictures and system metrics (saved with each checkpoint) and sends them, once, when the
+server answers again; only the trial's start and end wait for it, for at most VPN_TRACKING_WAIT_S
+seconds (TrialConfig.tracking_wait_s), after which the trial fails and its next start sends what its
+checkpoint holds.
+
 Restarts. A trial retried after a crash, or resumed after the sweep was interrupted, restores the
 Trainer from its last Tune checkpoint and reattaches to the same MLflow run. Steps the run already
-holds are not logged again (MetricBuffer), so its curve has no gap and no duplicate.
+holds are not logged again (the outbox), so its curve has no gap and no duplicate.
 
 Non-finite loss. Trainer raises NonFiniteLossError at the next host sync. The run is then marked
 FAILED with tags error and non_finite_step, and the error is raised so that Ray marks the trial
@@ -59,7 +66,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from pipeline.sweep.record import forecasting, lineage, pictures, tracking
+from pipeline.sweep.record import forecasting, lineage, outbox, pictures, tracking
 from pipeline.sweep.trials import search
 from pipeline.sweep.trials.devices import require_usable_gpu
 from pipeline.sweep.trials.trial import TrialConfig
@@ -142,16 +149,16 @@ def searched_run(cfg: TrialConfig, trial_id: str, wait_s: float = 30.0) -> Trial
 
 @dataclass(frozen=True)
 class _TrialRun:
-    """The trial's MLflow run as rank 0 writes it: one client, the run's id, its metric buffer."""
+    """The trial's MLflow run as rank 0 writes it: one client, the run's id, its outbox."""
 
-    client: Any  # mlflow.tracking.MlflowClient
+    client: Any  # tracking.client: each call waits for an away server (record/outage)
     run_id: str
-    buffer: tracking.MetricBuffer
+    buffer: outbox.Outbox  # metrics, pictures, system metrics: held while the server is away
 
     @classmethod
     def open(cls, cfg: TrialConfig, tags: Mapping[str, Any]) -> _TrialRun:
         """Reattach to the run the driver created: refuse a known NaN, tag it, mark it RUNNING."""
-        client = tracking.client(cfg.tracking_uri)
+        client = tracking.client(cfg.tracking_uri, wait=cfg.tracking_wait_s)
         run = tracking.retrying(client.get_run, cfg.run_id)
         refuse_known_non_finite(run)
         tags = {**tags, **lineage.trained_under(client, run)}  # the code version it trains under now
@@ -159,7 +166,8 @@ class _TrialRun:
             tags[tracking.TAG_STARTED] = int(time.time() * 1000)
         tracking.set_tags(client, cfg.run_id, tags)
         tracking.retrying(client.update_run, cfg.run_id, status="RUNNING")
-        buffer = tracking.MetricBuffer(client, cfg.run_id, after_step=tracking.last_logged_step(client, cfg.run_id))
+        after, start = tracking.last_logged_step(client, cfg.run_id), run.info.start_time
+        buffer = outbox.Outbox(client, cfg.run_id, cfg.tracking_uri, after, cfg.tracking_wait_s, origin_ms=start)
         return cls(client, cfg.run_id, buffer)
 
     def set_tags(self, tags: Mapping[str, Any]) -> None:
@@ -167,7 +175,7 @@ class _TrialRun:
 
     def fail_non_finite(self, err: NonFiniteLossError) -> None:
         """Mark the run FAILED on a non-finite loss, keeping the finite steps before it."""
-        self.buffer.flush()  # the finite steps before it belong to the curve
+        self.buffer.flush(wait=True)  # the finite steps before it belong to the curve
         self.set_tags({tracking.TAG_ERROR: str(err), tracking.TAG_NON_FINITE_STEP: err.step})
         tracking.retrying(self.client.set_terminated, self.run_id, status="FAILED")
 
@@ -183,7 +191,7 @@ def run_trial(cfg: TrialConfig, session, tags: Mapping[str, Any], rank: int = 0)
     runner = _overfit if cfg.mode == "overfit" else _train
     # One monitor a trial, on rank 0: NVML ignores CUDA_VISIBLE_DEVICES, so each rank's would log
     # every GPU of the node again.
-    monitor = _system_metrics(cfg) if cfg.system_metrics and rank == 0 else None
+    monitor = _system_metrics(cfg, run) if cfg.system_metrics and rank == 0 else None
     try:
         runner(cfg, run, session)
     except NonFiniteLossError as err:
@@ -195,15 +203,11 @@ def run_trial(cfg: TrialConfig, session, tags: Mapping[str, Any], rank: int = 0)
             monitor.finish()
 
 
-def _system_metrics(cfg: TrialConfig):
-    """MLflow's system metrics monitor on the trial's run (a thread sampling CPU, memory, disk,
-    network, and NVIDIA GPUs where nvidia-ml-py finds one, every 10 s); it stops itself once the run
-    is no longer RUNNING. A resumed trial continues the run's system-metric steps."""
-    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
-
-    monitor = SystemMetricsMonitor(cfg.run_id, resume_logging=True, tracking_uri=cfg.tracking_uri)
-    monitor.start()
-    return monitor
+def _system_metrics(cfg: TrialConfig, run: _TrialRun) -> outbox.SystemMetrics:
+    """MLflow's system metrics on the trial's run (a thread sampling CPU, memory, disk, network, and
+    NVIDIA GPUs where nvidia-ml-py finds one, every 10 s) through its outbox: held through an outage,
+    in the checkpoints too; it stops itself once the run is no longer RUNNING (record/outbox)."""
+    return run.buffer.system_metrics()
 
 
 def refuse_known_non_finite(run) -> None:
@@ -228,6 +232,8 @@ def _restore(
         if meta["run_id"] != run_id:
             raise RuntimeError(f"checkpoint {checkpoint.path} belongs to MLflow run {meta['run_id']}, not {run_id}")
         trainer = load(Path(d) / CHECKPOINT_FILE)
+        if run is not None:  # what the server had not taken when the checkpoint was saved
+            run.buffer.load(Path(d))
     if run is not None:  # rank 0
         run.set_tags({tracking.TAG_RESUMED_FROM: trainer.step})
     log.info("trial %s resumed from its checkpoint at step %d", meta.get("label"), trainer.step)
@@ -275,11 +281,12 @@ class _Reporter:
 
     def picture(self, step: int, key: str, draw: Callable[[], Any]) -> None:
         """Log draw()'s image under key at step, unless the run already holds that step (a restart).
-        A picture that fails is reported once and not tried again: it must never cost the trial."""
-        if self.run is None or step <= self.run.buffer.after_step or self.no_pictures:
+        It goes with the next flush (held through an outage). A picture that fails otherwise is reported
+        once and not tried again: it must never cost the trial."""
+        if self.run is None or step <= self.run.buffer.after_step or self.no_pictures or self.run.buffer.pictures_off:
             return  # ranks > 0 draw nothing: rank 0 logs the pictures
         try:
-            tracking.log_image(self.run.client, self.run.run_id, draw(), key, step)
+            self.run.buffer.add_picture(key, step, draw())
         except Exception as e:  # pictures are a view of the run, not its result
             log.warning("trial %s: no more %s pictures (step %d): %s", self.cfg.label, key, step, e)
             self.no_pictures = True
@@ -289,15 +296,15 @@ class _Reporter:
             self._flush()
         self.tune.report(self._result(step, extra))
 
-    def _flush(self) -> None:
+    def _flush(self, wait: bool = False) -> None:
         # Workers of a data-parallel trial outlive a stop of their trial (ASHA ends the driver; Ray
         # takes the workers down a moment later): once the driver side has closed the run
         # (pipeline.sweep.trials.callbacks.TrackingCallback), nothing more may reach it.
         if self.trainer.world_size > 1:
-            status = tracking.retrying(self.run.client.get_run, self.run.run_id).info.status
-            if status != "RUNNING":
+            status = self.run.buffer.status()  # None: the server is away, training goes on
+            if status not in (None, "RUNNING"):
                 raise TrialClosed(f"MLflow run {self.run.run_id} is {status}: this trial was stopped; not logging")
-        self.run.buffer.flush()
+        self.run.buffer.flush(wait=wait)
 
     def _result(self, step: int, extra: Mapping[str, Any] | None) -> dict[str, Any]:
         return {"step": step, **self.latest, **{k: v for k, v in (extra or {}).items() if v is not None}}
@@ -318,7 +325,8 @@ class _Reporter:
             self.trainer.save(Path(d) / CHECKPOINT_FILE)
             meta = {"run_id": run_id, "step": step, "label": self.cfg.label, "final": final, **(extra or {})}
             (Path(d) / TRIAL_FILE).write_text(json.dumps(meta))
-            self._flush()
+            self._flush(wait=final)  # the end waits for an away server (VPN_TRACKING_WAIT_S), then fails
+            self.run.buffer.save(Path(d))  # what the server has not taken yet goes with the checkpoint
             if final:
                 once, series = unlogged(client, run_id, extra, series)
                 for k, v in once.items():

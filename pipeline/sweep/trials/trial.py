@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Self
 
+from pipeline.sweep.record import outage
 from pipeline.sweep.spec.sweep import OverfitSettings, Point, Sweep
 from pipeline.sweep.trials.faults import Faults
 from vpn.config import TrainConfig, VPNConfig, refuse_unknown_keys
@@ -36,6 +37,8 @@ class TrialConfig:
     tracking_uri: the MLflow store, absolute.
     sample_frames, system_metrics: what the trial logs besides its curves (pipeline.sweep.spec.sweep.RunSettings).
     fault: test hooks (pipeline.sweep.trials.faults), None in every real sweep.
+    tracking_wait_s: how long the trial waits for an away tracking server at its start and end (the
+    driver's VPN_TRACKING_WAIT_S; None: the trial's own, pipeline.sweep.record.outage).
     sweep_id, experiment_id: where a searched trial finds its run (run_id None: the driver creates the
     run when the trial starts, pipeline.sweep.trials.searched_runs); None for a grid's trials.
     """
@@ -54,6 +57,7 @@ class TrialConfig:
     fault: Faults | None = None
     sweep_id: str | None = None
     experiment_id: str | None = None
+    tracking_wait_s: float | None = None
 
     def __post_init__(self) -> None:
         if (self.mode == "overfit") != (self.overfit is not None):
@@ -76,6 +80,7 @@ class TrialConfig:
             sample_frames=sweep.run.sample_frames,
             system_metrics=sweep.run.system_metrics,
             fault=fault,
+            tracking_wait_s=outage.wait_s(),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -95,6 +100,7 @@ class TrialConfig:
             "fault": self.fault.to_dict() if self.fault is not None else None,
             "sweep_id": self.sweep_id,
             "experiment_id": self.experiment_id,
+            "tracking_wait_s": self.tracking_wait_s,
         }
 
     @classmethod

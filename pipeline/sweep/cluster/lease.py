@@ -195,7 +195,7 @@ class Lease:
                 TAG_HOST: socket.gethostname(), TAG_PID: str(os.getpid()), TAG_USER: getpass.getuser(),
                 TAG_SINCE: str(since), TAG_BEAT: str(since), TAG_LAPSE: str(lapse),
                 "mlflow.note.content": f"The lease of sweep {sweep_id}: held while its driver runs, deleted when "
-                "it ends (pipeline/sweep/record/lease.py).",
+                "it ends (pipeline/sweep/cluster/lease.py).",
             }  # fmt: skip
             try:
                 experiment_id = client.create_experiment(
