@@ -1,8 +1,9 @@
 """The cluster wing: where a sweep's trials can run, checked before anything is created.
 
 placement.py (the profile for the cluster, trial resources, a placement that can hold them, the GPUs
-probed), plan.py (the memory plan: what one GPU must hold, and the settings that make it fit) and
-persist.py (results that outlive Ray's uploaded working directory).
+probed), plan.py (the memory plan: what one GPU must hold, and the settings that make it fit),
+persist.py (results that outlive Ray's uploaded working directory) and tracking_server.py (the head's
+MLflow server: PostgreSQL behind it, the admin's and the trials' logins; the configs' head runs it).
 
 May import: the spec, record and trials wings, vpn/ and pipeline's top-level modules.
 """
