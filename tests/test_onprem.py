@@ -276,8 +276,8 @@ def check_postgres(server: str, home: Path) -> None:
     auth = get_app_client("basic-auth", tracking_uri=server)
     exp = tracking.client(server).get_experiment_by_name("depth_width")
     # MLflow grants MANAGE to whoever creates an experiment or a registered model: the trials' login did.
-    assert auth.get_experiment_permission(exp.experiment_id, "vpn-trials").permission == "MANAGE"
-    assert auth.get_registered_model_permission("depth_width", "vpn-trials").permission == "MANAGE"
+    assert auth.get_user_permission("vpn-trials", "experiment", exp.experiment_id).permission == "MANAGE"
+    assert auth.get_user_permission("vpn-trials", "registered_model", "depth_width").permission == "MANAGE"
 
 
 def logged_params_and_tags(server: str) -> str:

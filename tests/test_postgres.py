@@ -119,8 +119,8 @@ def test_a_sweep_on_postgres_with_the_trials_login(head, tmp_path, capfd):
     # The trials' login created the experiment and the model, so MLflow gave it MANAGE on them, and no more.
     with as_user(head.admin):
         auth = get_app_client("basic-auth", tracking_uri=head.uri)
-        assert auth.get_experiment_permission(exp.experiment_id, "vpn-trials").permission == "MANAGE"
-        assert auth.get_registered_model_permission("pg_sweep", "vpn-trials").permission == "MANAGE"
+        assert auth.get_user_permission("vpn-trials", "experiment", exp.experiment_id).permission == "MANAGE"
+        assert auth.get_user_permission("vpn-trials", "registered_model", "pg_sweep").permission == "MANAGE"
         assert not auth.get_user("vpn-trials").is_admin
     # No password in the console, the params and tags, or the results.
     out = capfd.readouterr()
@@ -173,7 +173,10 @@ def test_the_trials_login_cannot_delete_another_experiment_or_manage_users(head)
         assert refused(call) == 403, what
     with as_user(head.admin):
         assert MlflowClient(head.uri).get_experiment(other).lifecycle_stage == "active"
-        assert not get_app_client("basic-auth", tracking_uri=head.uri).get_user("vpn-trials").is_admin
+        admin_auth = get_app_client("basic-auth", tracking_uri=head.uri)
+        assert not admin_auth.get_user("vpn-trials").is_admin
+        assert admin_auth.get_user_permission("vpn-trials", "experiment", other).permission == "READ"
+        assert admin_auth.get_user_permission("vpn-trials", "experiment", mine).permission == "MANAGE"
 
 
 def test_a_changed_password_takes_effect_on_the_running_server(head, tmp_path):
