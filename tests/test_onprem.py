@@ -20,6 +20,7 @@ console, the runs' params and tags, the results or the server's logs.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import pwd
 import secrets
@@ -112,6 +113,10 @@ def user_processes(uid: int) -> list[str]:
 @pytest.fixture()
 def sshd(tmp_path):
     need_tools()
+    # One run at a time per machine: two runs (two checkouts' test suites) would share USER, and each
+    # wipes the node's ~/vpn and `ray down` runs `ray stop` as USER, ending the other's Ray.
+    lock = open("/tmp/vpn-test-onprem.lock", "w")  # noqa: SIM115 (held until the fixture ends)
+    fcntl.flock(lock, fcntl.LOCK_EX)
     key = tmp_path / "id_ed25519"
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", key], check=True)
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", tmp_path / "host_key"], check=True)
@@ -132,6 +137,7 @@ def sshd(tmp_path):
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+        lock.close()  # releases the flock
 
 
 def cluster_copy(sshd, tmp_path: Path, repo: Path, mounts: dict[str, Path]) -> Path:
