@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from pipeline.sweep.cluster.tracking_server import Login
 from pipeline.sweep.driver import QUIET_ENV
 
 pytestmark = [pytest.mark.slow]
+CACHE = 3  # seconds
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,8 @@ def head(tmp_path_factory) -> Iterator[Head]:
     with running_postgres() as database:
         runs_db, auth_db = database("mlflow"), database("mlflow_auth")
         tracking_server.set_logins(auth_db, tracking_server.read_login(admin.source), trials)
-        tracking_server.write_auth_config(root / "basic_auth.ini", auth_db, "admin")
+        # A checked login trusted for CACHE (the configs' 30 s, shortened): the rotation test waits it out.
+        tracking_server.write_auth_config(root / "basic_auth.ini", auth_db, "admin", cache_seconds=CACHE)
         env = {"MLFLOW_AUTH_CONFIG_PATH": str(root / "basic_auth.ini"),
                "MLFLOW_FLASK_SERVER_SECRET_KEY": secrets.token_hex(32)}  # fmt: skip
         server = running_mlflow_server(root, backend=runs_db, workers=2, args=("--app-name", "basic-auth"), env=env)
@@ -181,18 +184,20 @@ def test_the_trials_login_cannot_delete_another_experiment_or_manage_users(head)
 
 def test_a_changed_password_takes_effect_on_the_running_server(head, tmp_path):
     """MLflow ignores MLFLOW_AUTH_ADMIN_PASSWORD once its admin exists; the head's setup sets both
-    passwords in the auth database itself (tracking_server.set_logins), and the running server takes them."""
+    passwords in the auth database itself (tracking_server.set_logins), and the running server takes
+    them: the new ones at once, and it refuses the old ones once its workers' cache of checked logins expires."""
     from mlflow import MlflowClient
 
     new_admin, new_trials = login(tmp_path / "admin", "admin"), login(tmp_path / "trials", "vpn-trials")
     try:
         tracking_server.set_logins(head.auth_db, new_admin, new_trials)
-        for old in (head.admin, head.trials):
-            with as_user(old):
-                assert refused(lambda: MlflowClient(head.uri).search_experiments(max_results=1)) == 401
         for new in (new_admin, new_trials):
             with as_user(new):
                 assert MlflowClient(head.uri).search_experiments(max_results=1)
+        time.sleep(CACHE + 1)
+        for old in (head.admin, head.trials):
+            with as_user(old):
+                assert refused(lambda: MlflowClient(head.uri).search_experiments(max_results=1)) == 401
         # With the admin's file emptied (the head's copy after a start), the admin's password stays.
         tracking_server.set_logins(head.auth_db, None, new_trials, admin_name="admin")
         with as_user(new_admin):

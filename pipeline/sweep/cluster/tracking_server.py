@@ -18,8 +18,8 @@ the head's start commands, at every `ray up`. Each step does nothing where its w
      experiment. It can create experiments and registered models, and gets MANAGE on those it
      creates (MLflow grants it), but it cannot delete anything else or manage users.
    MLflow creates its admin only when none exists, and ignores MLFLOW_AUTH_ADMIN_PASSWORD afterwards.
-   Setting both passwords here at every start is what makes a changed password take effect. MLflow
-   caches no credentials by default, so a running server takes the change at once.
+   Setting both passwords here at every start is what makes a changed password take effect. A
+   running server takes the change within CACHE_SECONDS (how long a worker trusts a checked login).
 3. `mlflow server --app-name basic-auth` on the given (private) address, detached, unless it
    already answers. Its process group is in ~/mlflow/server.pid.
 
@@ -53,6 +53,10 @@ USERNAME, PASSWORD = "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"
 # Each server worker keeps up to 15 connections per database (SQLAlchemy's pool: 5, plus 10
 # overflow), so 4 workers could open 120: more than PostgreSQL's default 100.
 MAX_CONNECTIONS = 300
+# How long each server worker trusts a login it has checked. Without the cache, every request costs a
+# password hash check (werkzeug's scrypt: 0.11 s of CPU here), and 100 trials' requests would keep the
+# head's cores busy with it. The price: an old password keeps working for up to this long after a change.
+CACHE_SECONDS = 30
 
 
 @dataclass(frozen=True)
@@ -167,9 +171,14 @@ def _create_databases(folder: Path, port: int) -> None:
 # The logins
 
 
-def write_auth_config(path: Path, auth_uri: str, admin: str) -> None:
-    """MLflow's basic-auth config: READ for whoever has no grant, the users in `auth_uri`."""
-    write_private(path, f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_uri}\nadmin_username = {admin}\n")
+def write_auth_config(path: Path, auth_uri: str, admin: str, cache_seconds: int = CACHE_SECONDS) -> None:
+    """MLflow's basic-auth config: READ for whoever has no grant, the users in `auth_uri`, a checked
+    login trusted for `cache_seconds`."""
+    write_private(
+        path,
+        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_uri}\nadmin_username = {admin}\n"
+        f"auth_cache_ttl_seconds = {cache_seconds}\n",
+    )
 
 
 def configured_admin(path: Path) -> str | None:
