@@ -20,9 +20,16 @@ from typing import Any, TypeVar
 
 import yaml
 
+from vpn.config import type_problem
+
 T = TypeVar("T")
 
 DEFAULT_PARAMS = Path("params.yaml")
+# What a params file or a sweep spec may hold: no real one comes near. Deeper nesting ends in Python's
+# recursion limit inside the YAML parser, and a few aliases of aliases (a "billion laughs") expand to
+# billions of values in whatever walks the result (a deep copy, json.dumps).
+MAX_DEPTH = 32
+MAX_VALUES = 100_000
 
 
 class ParamsError(ValueError):
@@ -51,16 +58,69 @@ def field_named_by(message: str, fields: Collection[str]) -> str | None:
     return first.group() if first and first.group() in fields else None
 
 
+def read_yaml(path: Path) -> Any:
+    """The YAML document in the file at `path`, parsed safely (yaml.safe_load) and checked to be small:
+    UTF-8, at most MAX_DEPTH levels deep and MAX_VALUES values with every alias expanded.
+
+    Raises ParamsError whose `problem` says what is wrong in one sentence without the file (callers
+    name the file their own way).
+    """
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        problem = f"is not UTF-8 text (byte {e.start} is {e.object[e.start : e.start + 1]!r}); save it as UTF-8"
+        raise ParamsError(f"{path} {problem}", problem=problem) from None
+    except OSError as e:
+        problem = f"cannot be read: {e.strerror or e}"
+        raise ParamsError(f"{path} {problem}", problem=problem) from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = f"is not valid YAML{where}: {e.problem or e.context}"
+        raise ParamsError(f"{path} {problem}", problem=problem) from None
+    except yaml.YAMLError as e:
+        problem = f"is not valid YAML: {' '.join(str(e).split())}"
+        raise ParamsError(f"{path} {problem}", problem=problem) from None
+    except RecursionError:  # the parser recurses once per level of nesting
+        problem = f"is nested deeper than {MAX_DEPTH} levels"
+        raise ParamsError(f"{path} {problem}", problem=problem) from None
+    problem = _too_big(data)
+    if problem:
+        raise ParamsError(f"{path} {problem}", problem=problem)
+    return data
+
+
+def _too_big(data: Any) -> str | None:
+    """Why `data` is too deep or too large (every alias counted each time it is used), or None."""
+    stack, seen = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            return f"is nested deeper than {MAX_DEPTH} levels"
+        if isinstance(value, dict):
+            children = [*value.keys(), *value.values()]
+        elif isinstance(value, (list, tuple)):
+            children = list(value)
+        else:
+            continue
+        seen += len(children)
+        if seen > MAX_VALUES:
+            return f"holds more than {MAX_VALUES:,} values (aliases of aliases that expand without end?)"
+        stack.extend((child, depth + 1) for child in children)
+    return None
+
+
 def read_params(path: str | Path = DEFAULT_PARAMS) -> dict[str, Any]:
     """Parse a params.yaml file into its top-level mapping (empty file -> {})."""
     path = Path(path)
     if not path.is_file():
         raise ParamsError(f"params file {path} does not exist")
-    with path.open() as f:
-        try:
-            data = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise ParamsError(f"params file {path} is not valid YAML: {e}") from e
+    try:
+        data = read_yaml(path)
+    except ParamsError as e:
+        raise ParamsError(f"params file {path} {e.problem}") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -82,19 +142,12 @@ def _allowed_types(annotation: Any) -> tuple[type, ...] | None:
 
 def _check_type(value: Any, allowed: tuple[type, ...], where: str, key: str) -> Any:
     """Return `value` (ints promoted to float for float fields) or raise naming `where` (key's place)."""
-    # bool is a subclass of int in Python; `n_train: true` must not pass as 1.
-    if isinstance(value, bool):
-        if bool in allowed:
-            return value
-    elif isinstance(value, int) and int in allowed:
-        return value
-    elif isinstance(value, (int, float)) and float in allowed:
+    problem = type_problem(value, allowed)  # bools are not numbers, numbers are finite, ints fit an int64
+    if problem:
+        raise ParamsError(f"{where} {problem}", key=key, problem=problem)
+    if isinstance(value, int) and not isinstance(value, bool) and int not in allowed:
         return float(value)
-    elif value is None and type(None) in allowed or isinstance(value, str) and str in allowed:
-        return value
-    names = " or ".join("null" if t is type(None) else t.__name__ for t in allowed)
-    problem = f"must be {names}, got {value!r} ({type(value).__name__})"
-    raise ParamsError(f"{where} {problem}", key=key, problem=problem)
+    return value
 
 
 def section_from_mapping(cls: type[T], mapping: Any, section: str, source: str = "params") -> T:

@@ -4,6 +4,8 @@ Chromium's --remote-debugging-pipe reads protocol messages (JSON, each ending in
 file descriptor 3 and writes replies and events on 4. `Chromium.open(url)` loads a page in a new tab
 and returns what a test asks of it: each image's natural width, each table's size, and every console
 error, uncaught exception and failed load the page produced (Runtime and Log domains).
+`Chromium.poll(url, expression, done)` evaluates JavaScript on a page until it says the page has drawn
+what a test waits for (MLflow's UI fetches its runs and draws its charts after the load event).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Self
 
@@ -181,3 +184,32 @@ class Chromium:
                 page.errors.append(f"{entry.get('source')}: {entry.get('text')} {entry.get('url', '')}".strip())
         self.call("Target.closeTarget", {"targetId": target})
         return page
+
+    def poll(
+        self,
+        url: str,
+        expression: str,
+        done: Callable[[Any], bool],
+        timeout: float = 90.0,
+        size: tuple[int, int] = (1600, 1000),
+    ) -> Any:
+        """Load url in a new tab of `size` (width, height) pixels and evaluate `expression` (JavaScript giving a
+        JSON value) every half second until done(value) or `timeout` passes; returns the last value. For
+        pages that draw after their load event (a single-page app fetching its data)."""
+        target = self.call("Target.createTarget", {"url": "about:blank"})["targetId"]
+        session = self.call("Target.attachToTarget", {"targetId": target, "flatten": True})["sessionId"]
+        width, height = size
+        metrics = {"width": width, "height": height, "deviceScaleFactor": 1, "mobile": False}
+        self.call("Emulation.setDeviceMetricsOverride", metrics, session=session)
+        navigation = self.call("Page.navigate", {"url": url}, session=session)
+        if navigation.get("errorText"):
+            raise RuntimeError(f"{url}: {navigation['errorText']}")
+        deadline, value = time.monotonic() + timeout, None
+        while time.monotonic() < deadline:
+            answer = self.call("Runtime.evaluate", {"expression": expression, "returnByValue": True}, session=session)
+            value = answer.get("result", {}).get("value")
+            if done(value):
+                break
+            time.sleep(0.5)
+        self.call("Target.closeTarget", {"targetId": target})
+        return value

@@ -232,6 +232,7 @@ def test_the_trial_sets_the_cap_from_the_gpus_ray_granted(monkeypatch):
     monkeypatch.setattr(trainable.search, "trial_config", lambda config: cfg)
     monkeypatch.setattr(trainable, "searched_run", lambda c, trial_id: c)
     monkeypatch.setattr(trainable, "cap_gpu_memory", lambda gpus, device: capped.append((gpus, device)))
+    monkeypatch.setattr(trainable, "require_usable_gpu", lambda gpus: None)  # no CUDA here (tests/test_bad_inputs.py)
     monkeypatch.setattr(trainable, "run_trial", lambda c, session, tags: ran.append(capped[:]))
     monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
     trainable.trial({})

@@ -209,11 +209,13 @@ def test_placement_counts_workers_per_node_and_names_the_fields(tmp_path, caplog
     run = resolve(tmp_path, {"workers_per_trial": 4, "gpus_per_trial": 1}).run
     with pytest.raises(ValueError, match=r"run.gpus_per_trial=1\) cannot be placed"):
         plan(run, [{"CPU": 8.0, "GPU": 2.0}, {"CPU": 8.0, "GPU": 1.0}])
-    # no GPU at all: CPU workers (as one-worker trials do), drivers on logical memory
-    with caplog.at_level("WARNING"):
-        p = plan(run, [{"CPU": 2.0}, {"CPU": 2.0}])
+    # no GPU at all: refused, never CPU workers in the GPUs' place (tests/test_bad_inputs.py); CPU workers
+    # (no GPU asked for) have their drivers on logical memory
+    with pytest.raises(ValueError, match=r"run.gpus_per_trial=1 asks for GPUs but the Ray cluster offers none"):
+        plan(run, [{"CPU": 2.0}, {"CPU": 2.0}])
+    cpu_run = resolve(tmp_path, {"workers_per_trial": 4}).run
+    p = plan(cpu_run, [{"CPU": 2.0}, {"CPU": 2.0}])
     assert p.worker == {"CPU": 1.0} and p.driver == {"memory": float(DRIVER_MEMORY)} and p.max_concurrent == 1
-    assert "the cluster has no GPU" in caplog.text
 
 
 def test_the_sweep_refuses_a_trial_no_placement_holds(tmp_path):
@@ -229,3 +231,18 @@ def test_the_sweep_refuses_a_trial_no_placement_holds(tmp_path):
         trainable_of(sweep, {"CPU": 8.0, "GPU": 1.0}, nodes)
     _, concurrent = trainable_of(sweep, {"CPU": 16.0, "GPU": 2.0}, [{"CPU": 8.0, "GPU": 1.0}] * 2)
     assert concurrent == 1  # the cluster holds one pair of workers at a time
+
+
+def test_gpu_workers_of_a_trial_are_pinned_to_one_gpu_model(tmp_path):
+    from pipeline.sweep.cluster.placement import ACCELERATOR_SHARE, plan
+
+    run = resolve(tmp_path, {"workers_per_trial": 2, "gpus_per_worker": 1}).run
+    a100 = {"CPU": 8.0, "GPU": 2.0, "accelerator_type:A100": 1.0}
+    l40s = {"CPU": 8.0, "GPU": 4.0, "accelerator_type:L40S": 1.0}
+    # two models: the one holding the most workers (4 L40S) takes every trial's workers, never mixed
+    p = plan(run, [a100, l40s])
+    assert p.worker == {"CPU": 1.0, "GPU": 1.0, "accelerator_type:L40S": ACCELERATOR_SHARE}
+    assert p.max_concurrent == 2  # the two A100s no longer count: a trial's pair fits only the L40S node
+    # one model (or none named): no pin
+    assert plan(run, [a100, dict(a100)]).worker == {"CPU": 1.0, "GPU": 1.0}
+    assert plan(run, [{"CPU": 8.0, "GPU": 2.0}]).worker == {"CPU": 1.0, "GPU": 1.0}

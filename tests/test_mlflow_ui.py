@@ -1,7 +1,9 @@
 """What MLflow's UI shows of a sweep, read back from a real store after tiny sweeps: the pictures of
 each run (samples at every validation, an overfit run's reconstruction), the data as a dataset input,
 the git commit, bits per sub-pixel, and the best trial as a registered model that loads in one line.
-The train sweep runs as the command a user types, so its console is checked too."""
+The train sweep runs as the command a user types, so its console is checked too, and the link it
+prints is opened in headless Chromium against the store served by `mlflow server`: every trial's
+train curve is drawn in the chart view."""
 
 from __future__ import annotations
 
@@ -18,12 +20,14 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import environ, running_local_ray, write_splits
+from conftest import environ, running_local_ray, running_mlflow_server, write_splits
+from mlflow.entities import Metric
 from PIL import Image
 
-from pipeline.sweep.driver import QUIET_ENV, run_sweep
+from pipeline.sweep.driver import QUIET_ENV, run_sweep, runs_url
 from pipeline.sweep.record import futures, pictures, registry, tracking
-from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, trial_runs
+from pipeline.sweep.record.parent import TAG_PARENT, TAG_PARENT_OF, open_parent, trial_runs
+from pipeline.sweep.record.runs import create_runs
 from pipeline.sweep.spec.sweep import load_spec
 from vpn.checkpoint import load_model
 
@@ -51,7 +55,7 @@ def env(tmp_path_factory):
     data = write_splits(root / "moving_mnist", {"train": 16, "val": 4, "test": 4})
     stats = {"params": {"seed": 0, "frame_size": 8}, "train": {"shape": [16, 6, 1, 8, 8]}}
     (data / "stats.json").write_text(json.dumps(stats))
-    uri = f"sqlite:///{root / 'mlflow.db'}"
+    uri = f"sqlite:///{root / 'server.db'}"  # the database conftest.running_mlflow_server(root) serves
     # MLflow's system metrics every 0.2 s instead of 10: these trials last a second or two (Ray's
     # workers inherit the environment of the Ray started here)
     quick = {**QUIET_ENV, "MLFLOW_TRACKING_URI": uri, "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.2"}
@@ -87,7 +91,9 @@ def git(*args: str) -> str:
     return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
 
 
-def test_train_sweep_as_the_ui_shows_it(env):
+@pytest.fixture(scope="module")
+def train_console(env) -> str:
+    """A train sweep of two rows (Bernoulli and categorical heads) run as a user types it; its console."""
     model = {"enc_blocks": 1, "dec_blocks": 1, "filter_fraction": 0.03125}
     rows = [{"name": "bern", "model": {"output": "bernoulli"}}, {"name": "cat", "model": {"output": "categorical"}}]
     spec = write_spec(env, "ui_train", mode="train", model=model, train={**TRAIN, "steps": 10}, search={"rows": rows})
@@ -99,6 +105,11 @@ def test_train_sweep_as_the_ui_shows_it(env):
     )  # fmt: skip
     out = console.stdout + console.stderr
     assert console.returncode == 0, out[-4000:]
+    return out
+
+
+def test_train_sweep_as_the_ui_shows_it(env, train_console):
+    out = train_console
     # the console: Tune's progress and the result, not Ray's line per checkpoint (4 checkpoints here)
     assert "Checkpoint successfully created" not in out and "Downloading artifacts" not in out, out[-4000:]
     assert "ui_train-cpu-" in out and "2 finished, 0 failed" in out
@@ -175,6 +186,73 @@ def test_train_sweep_as_the_ui_shows_it(env):
     # registering again (the sweep resumed, nothing changed) makes no new version
     assert registry.register_best(client, env["uri"], "ui_train", {"best": best}) == "1"
     assert len(client.search_model_versions("name='ui_train'")) == 1
+
+
+# Every chart card of MLflow's chart view: its text (the legend names the metric), where it sits, and each
+# line's run id and number of points (Plotly keeps a chart's traces on its div as .data).
+CHART_CARDS = """JSON.stringify([...document.querySelectorAll('[data-testid="experiment-view-compare-runs-card"]')]
+  .map(card => ({text: card.innerText, top: card.getBoundingClientRect().top, height: window.innerHeight,
+                 traces: [...card.querySelectorAll('.js-plotly-plot')].flatMap(plot => (plot.data || [])
+                   .map(t => [t.uuid, (t.x || []).length]))})))"""
+
+
+def curve_charts(browser, url: str, metric: str, runs: int) -> list[dict]:
+    """The chart cards of `metric` that the page at url draws, once one holds `runs` runs' lines (or 120 s passed)."""
+
+    def cards(value) -> list[dict]:
+        return [c for c in json.loads(value or "[]") if f"({metric})" in c["text"]]
+
+    value = browser.poll(url, CHART_CARDS, lambda v: any(len({t[0] for t in c["traces"]}) >= runs for c in cards(v)))
+    return cards(value)
+
+
+def grid_of_twelve(env, client) -> tuple[str, str, dict[str, int]]:
+    """A sweep of 12 trials made by the driver's own functions (its parent, its saved view, its runs), each
+    given a train curve of its own length: (experiment id, sweep id, {run id: points})."""
+    model = {"enc_blocks": [1, 2, 3], "dec_blocks": [1, 2], "filter_fraction": [0.03125, 0.0625]}
+    sweep = load_spec(write_spec(env, "ui_twelve", mode="train", search={"model": model})).resolve("cpu")
+    experiment_id = client.create_experiment("ui_twelve")
+    sweep_id = "ui_twelve-cpu-000000000000"
+    parent = open_parent(client, experiment_id, sweep, sweep_id)
+    data_info = {"shape": [16, 6, 1, 8, 8], "identity": "0" * 16}
+    points = {}
+    for i, run_id in enumerate(create_runs(client, experiment_id, sweep, sweep_id, data_info, parent)):
+        curve = [Metric(tracking.TRAIN_KEY, 50.0 - s - i, 0, s) for s in range(1, 4 + i)]
+        client.log_batch(run_id, metrics=curve)
+        points[run_id] = len(curve)
+    return experiment_id, sweep_id, points
+
+
+def test_the_printed_link_shows_every_trials_curve(env, train_console):
+    """The link the sweep prints, opened in a real browser against the served store, shows the chart view
+    with every trial's train curve in one chart on the first screen, and nothing of the parent run; and
+    so does a sweep of 12 trials (MLflow charts only 10 runs unless told otherwise)."""
+    from cdp import Chromium, find_chromium
+
+    executable = find_chromium()
+    if executable is None:
+        message = "no Chromium on PATH (Debian: apt-get install chromium; or set VPN_CHROMIUM)"
+        if os.environ.get("CI"):
+            pytest.fail(message)
+        pytest.skip(message)
+    (line,) = [line for line in train_console.splitlines() if line.startswith("the runs in MLflow's UI: ")]
+    printed = line.split(": ", 1)[1]
+    assert printed.startswith("http://127.0.0.1:5000/#/experiments/") and "mlflow ui --backend-store-uri" in printed
+    page = printed.split()[0].removeprefix("http://127.0.0.1:5000/")  # the address `mlflow ui` would serve
+    client = tracking.client(env["uri"])
+    exp = client.get_experiment_by_name("ui_train")
+    trials = {r.info.run_id: len(client.get_metric_history(r.info.run_id, tracking.TRAIN_KEY))
+              for r in trial_runs(client.search_runs([exp.experiment_id]))}  # fmt: skip
+    assert len(trials) == 2 and min(trials.values()) >= 2
+    twelve_id, twelve_sweep, twelve = grid_of_twelve(env, client)
+    with running_mlflow_server(env["root"]) as served, Chromium(executable, timeout=120) as browser:
+        for url, runs in ((f"{served}/{page}", trials), (runs_url(served, twelve_id, twelve_sweep), twelve)):
+            charts = curve_charts(browser, url, tracking.TRAIN_KEY, len(runs))
+            assert len(charts) == 1, (url, charts)
+            (chart,) = charts
+            assert chart["top"] < chart["height"] - 200, chart  # on the first screen, no scrolling
+            drawn = {run_id: n for run_id, n in chart["traces"]}
+            assert drawn == runs, (url, chart)  # every trial, each with its every point; no other run
 
 
 def test_overfit_runs_log_their_reconstruction(env):

@@ -59,3 +59,12 @@ def test_the_default_ablation_shows_the_baseline_gap(tmp_path, request):
     finding = json.loads((work / "reports/paper_ablation/metrics.json").read_text())["finding"]
     assert finding["frames"] == "32x32" and finding["baseline_gap"]["paper"] == pytest.approx(22.5)
     assert finding["baseline_gap"]["nats_per_frame"] == pytest.approx(excess["baseline"] - vpn.min())
+    # and beside the paper's in a unit that does not grow with the frame: nats/pixel (32x32 against 64x64),
+    # the report saying what holds there (the sign), never a match in nats/frame
+    gap = finding["baseline_gap"]
+    assert gap["pixels"] == 1024 and gap["nats_per_pixel"] == pytest.approx(gap["nats_per_frame"] / 1024)
+    assert gap["paper_nats_per_pixel"] == pytest.approx(22.5 / 4096) and gap["same_sign_as_paper"] is True
+    text = (work / "reports/paper_ablation/report.md").read_text()
+    paragraph = text.split("### The paper's finding")[1].split("\n\n")[1]
+    assert f"{gap['nats_per_pixel']:+.3g} nats/pixel" in paragraph and "+0.00549 nats/pixel" in paragraph
+    assert "Per pixel it has the paper's sign" in paragraph

@@ -12,19 +12,17 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import environ, running_local_ray
 
 from pipeline.paths import repo_root
 from pipeline.sweep import driver
 from pipeline.sweep.cluster import plan
 from pipeline.sweep.cluster.placement import GPUProbe
-from pipeline.sweep.driver import QUIET_ENV
 from pipeline.sweep.spec.sweep import SpecError, load_spec
 from vpn import memory
 from vpn.memory import CONTEXT_GIB, GIB, HEADROOM
 
 MODEL = {"output": "bernoulli", "enc_blocks": 1, "dec_blocks": 1, "filter_fraction": 0.03125}
-TRAIN = {"steps": 10, "batch_size": 4, "seq_len": 4, "context": 2, "downsample": 4, "device": "cpu"}
+TRAIN = {"steps": 10, "batch_size": 4, "seq_len": 4, "context": 2, "downsample": 4, "device": "auto"}
 
 
 def spec_of(tmp_path: Path, run: dict, train: dict | None = None) -> Path:
@@ -118,23 +116,6 @@ def test_the_gpu_planned_for_comes_from_the_probe_where_it_saw_one(tmp_path):
         plan.check_plan(sweep, tmp_path, small)
 
 
-@pytest.mark.slow  # starts Ray
-def test_the_probe_on_a_ray_without_cuda_sees_no_gpu(tmp_path, caplog):
-    """A real local Ray offering one (logical) GPU: the probe's task runs there and finds no CUDA device,
-    so the check on the cluster says so and plans with the spec's figure."""
-    import ray
-
-    from pipeline.sweep.cluster import placement
-
-    sweep = load_spec(spec_of(tmp_path, {"gpu_memory_gb": 1000}), root=tmp_path).resolve("gpu")
-    with environ(QUIET_ENV), running_local_ray(num_gpus=1):
-        probe = placement.probe_gpus(ray, timeout_s=120)
-        assert probe.gpus == () and "torch there sees no CUDA device" in probe.why_none
-        with caplog.at_level("INFO", logger="pipeline.sweep.cluster.plan"):
-            assert [p.fits for p in plan.check_plan_on_cluster(ray, sweep, tmp_path)] == [True, True]
-    assert f"no GPU visible ({probe.why_none}), using run.gpu_memory_gb of {sweep.source}" in caplog.text
-
-
 def test_the_probe_of_a_cluster_without_gpus_runs_nothing():
     class NoGPURay:
         @staticmethod
@@ -204,3 +185,33 @@ def test_every_gpu_profile_fits_the_clusters_gpus(spec, profile, capsys):
     rows = json.loads(capsys.readouterr().out)
     assert rows and all(r["budget_gib"] is not None for r in rows)
     assert [r["label"] for r in rows if not r["fits"]] == []
+
+
+def test_gpus_torch_cannot_use_are_refused_and_usable_ones_are_not(tmp_path):
+    """placement.refuse_unusable_gpus on the probe's answers (the real probe: tests/test_sweep_ray.py)."""
+    from pipeline.sweep.cluster.placement import refuse_unusable_gpus
+    from pipeline.sweep.spec.data_check import SweepDataError
+
+    sweep = load_spec(spec_of(tmp_path, {}), root=tmp_path).resolve("gpu")
+    node = {"node": "10.0.0.7", "host": "w7", "torch": "2.13.0+cu128", "cuda_build": "12.8", "available": False}
+    h100 = GPUProbe((("n1", "NVIDIA H100 80GB HBM3", 85_000_000_000),))
+    refuse_unusable_gpus(sweep, h100)  # every GPU node's torch sees its GPU: no refusal
+    refuse_unusable_gpus(
+        sweep, GPUProbe(why_none="no node with a GPU ran the probe within 120 s")
+    )  # busy: trials check
+    cases = [
+        (GPUProbe(why_none="no node of the Ray cluster offers a GPU"), "asks for GPUs but the Ray cluster offers none"),
+        (GPUProbe(h100.gpus, unusable=({**node, "cuda_visible_devices": ""},)), "CUDA_VISIBLE_DEVICES is empty"),
+        (GPUProbe(why_none="x", unusable=(node,)), "an NVIDIA driver older than that CUDA build"),
+        (GPUProbe(why_none="x", unusable=({**node, "cuda_build": None}, node)), "a CPU-only build, no CUDA"),
+    ]
+    for probe, words in cases:
+        with pytest.raises(SweepDataError) as info:
+            refuse_unusable_gpus(sweep, probe)
+        msg = str(info.value)
+        assert msg.startswith(f"{sweep.source}: profiles.gpu: run.gpus_per_trial=1") and words in msg, msg
+        if probe.unusable:
+            assert "node 10.0.0.7 (w7)" in msg and "torch 2.13.0+cu128" in msg and "--profile cpu" in msg, msg
+    assert "(and 1 more node(s))" in msg
+    cpu = load_spec(spec_of(tmp_path, {"gpus_per_trial": 0}), root=tmp_path).resolve("gpu")
+    refuse_unusable_gpus(cpu, GPUProbe(why_none="no node of the Ray cluster offers a GPU"))  # asks for none

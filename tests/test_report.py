@@ -95,6 +95,37 @@ def test_forecast_section_beside_openstl(tmp_path):
     assert "| SimVP+gSTA-S | 2000 epoch | 15.05 | 49.8 | 0.9675 |" in text
     # the best trial by the mean frame's MSE: trial 8 (mse 40 - 8, mean frame 22)
     assert metrics["best_forecast_mse_mean_frame"] == pytest.approx(22.0)
+    # each table's caption: the sequences, the test set and the size; per pixel, the unit both share
+    assert "Ours: the first 16 sequences of the data's test split, 16x16 frames, 3 frames predicted from 3" in text
+    assert "64x64 frames, 10 predicted from 10, on the 10,000 sequences of the standard test file" in text
+    assert metrics["best_forecast_mse_per_pixel_mean_frame"] == pytest.approx(22.0 / 256)
+    assert f"has an MSE of {22 / 256:.4g}, against OpenSTL's {14.07 / 4096:.4g} to {32.15 / 4096:.4g}" in text
+    # the test NLL agrees with the MSE here (none given): nothing said of an order
+    assert "disagree" not in text and "forecast_order" not in metrics
+
+
+def test_the_report_says_where_mse_and_the_likelihood_order_the_trials_differently(tmp_path):
+    """Trial k has the better MSE the larger k is, and the worse test NLL: the report says so with the
+    run's numbers; and names the standard test file where the data's stats.json records it."""
+    trials, curves = synthetic(n_failed=1)
+    data = tmp_path / "moving_mnist"
+    data.mkdir()
+    (data / "stats.json").write_text(json.dumps({"splits": {"test": {"source_file": "/x/mnist_test_seq.npy"}}}))
+    for k, t in enumerate(with_forecasts(trials), start=1):
+        t.update(data_path=str(data), test_nats_per_frame=20.0 + k if t["status"] == "FINISHED" else None,
+                 test_sequences_scored=1000)  # fmt: skip
+    write_tables(tmp_path, "demo", trials, curves)
+    metrics = build_report("demo", ReportParams(sweeps=("demo",)), tmp_path)
+    text = (tmp_path / "reports" / "demo" / "report.md").read_text()
+    assert "the first 16 sequences of the standard test file (mnist_test_seq.npy)" in text
+    line = next(x for x in text.splitlines() if "MSE and the likelihood disagree" in x)
+    assert "MSE over 16 test sequences, the NLL over 1,000" in line
+    assert "by the mean frame's MSE enc 2 / dec 3 / f 0.0625 comes first (22.00, against 23.00 to 28.00" in line
+    assert "by the test NLL it is 7 of 7 (28.00 nats/frame, 6.00 behind enc 1 / dec 1 / f 0.0625)" in line
+    assert "the per-pixel mean, a blur" in line  # the reason
+    order = metrics["forecast_order"]
+    assert order["its_nll_rank"] == 7 and order["kendall_tau"] == pytest.approx(-1.0)
+    assert order["by_nll"] == list(reversed(order["by_mse"]))
 
 
 def test_report_figures_table_and_numbers(tmp_path):
@@ -452,7 +483,17 @@ def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_pat
         "floor": 20.0,
         "excess": 40.0,
         "paper_nats_per_frame": 110.1,
+        "excess_nats_per_pixel": pytest.approx(40.0 / 256),  # 16x16 grey frames
+        "paper_excess_nats_per_pixel": pytest.approx((110.1 - 86.3) / 4096),  # the paper's 64x64
     }
+    assert metrics["best_excess_nats_per_pixel"] == pytest.approx(6.0 / 256)
+    # the paper's gap beside ours per pixel, and what holds there (the sign), never a match in nats/frame
+    gap = metrics["finding"]["baseline_gap"]
+    assert gap["nats_per_frame"] == pytest.approx(40.0 - 6.0) and gap["pixels"] == 256
+    assert gap["nats_per_pixel"] == pytest.approx(34.0 / 256) and gap["paper_nats_per_pixel"] == pytest.approx(
+        22.5 / 4096
+    )
+    assert gap["same_sign_as_paper"] is True
     assert metrics["rows"]["relu_dilated"]["paper_nats_per_frame"] == 87.7
     text = (out / "report.md").read_text()
     table = text.split("## The paper's rows")[1]
@@ -460,7 +501,10 @@ def test_ablation_report_ranks_by_excess_and_sits_beside_the_papers_rows(tmp_pat
         "16x16 frames" in table and "4,000 training sequences (streamed)" in table and "1,000 test sequences" in table
     )
     line = next(x for x in table.splitlines() if x.startswith("| rmb_dilated |"))
-    assert "VPN, RMB, dilation" in line and "| 26 | 20 | 6 | 87.6 | 1.3 |" in line
+    assert "VPN, RMB, dilation" in line and "| 26 | 20 | 6 | 87.6 | 1.3 | 0.02344 | 0.0003174 |" in line
+    finding = table.split("### The paper's finding")[1]
+    assert "+0.133 nats/pixel" in finding and "+0.00549 nats/pixel" in finding and "the paper's sign" in finding
+    assert "do not compare across sizes" in table and "compares across frame sizes" not in text
     # the table of every trial is sorted by excess
     every = text.split("## Every trial")[1]
     order = [name for name, *_ in rows if f"| {name} (" in every]

@@ -199,6 +199,12 @@ def test_paper_finding_gives_the_baseline_gap_and_rmb_over_relu_with_paired_inte
     text = "\n".join(finding_lines(finding))
     assert f"{gap.value:+.2f} nats/frame" in text and f"[{ci.low:+.2f}, {ci.high:+.2f}]" in text and "+22.5" in text
     assert finding.to_json()["baseline_gap"]["ci95"] == [pytest.approx(ci.low), pytest.approx(ci.high)]
+    # per pixel, the unit the gap is set beside the paper's in: 32x32 grey frames against the paper's 64x64
+    as_json = finding.to_json()["baseline_gap"]
+    assert as_json["nats_per_pixel"] == pytest.approx(gap.value / 1024) and as_json["pixels"] == 1024
+    assert as_json["ci95_per_pixel"] == [pytest.approx(ci.low / 1024), pytest.approx(ci.high / 1024)]
+    assert as_json["paper_nats_per_pixel"] == pytest.approx(22.5 / 4096) and as_json["same_sign_as_paper"]
+    assert f"{gap.value / 1024:+.3g} nats/pixel" in text and "only the sign carries over" in text
 
 
 def test_paper_finding_with_one_seed_has_no_interval_and_none_without_a_baseline():

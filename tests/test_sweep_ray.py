@@ -126,7 +126,8 @@ def test_sweep_through_ray_records_every_trial_in_mlflow(env):
     assert parent.data.tags[TAG_PARENT_OF] == outcome.sweep_id and parent.info.status == "FINISHED"
     assert parent.data.params["algorithm"] == "grid" and parent.data.params["trials"] == "4"
     assert parent.data.metrics["trials_run"] == 4
-    assert 0 < parent.data.metrics["est_gpu_hours_used"] <= parent.data.metrics["est_gpu_hours_planned"]
+    # a CPU grid: no GPU-hour estimates on the parent (they say nothing of it)
+    assert not {"est_gpu_hours_used", "est_gpu_hours_planned"} & set(parent.data.metrics)
     assert [a.path for a in client.list_artifacts(parent.info.run_id)] == ["sweep.json"]
     about = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep.json", str(env["root"]))).read_text())
     assert about["space"] == {"model.enc_blocks": [1, 2], "train.lr": [1e-3, 1e30]}
@@ -373,28 +374,43 @@ def test_asha_stops_hopeless_trials_and_marks_their_runs(env):
     assert len(all_runs(client, "asha")) == 6
 
 
-# -- fractional GPUs ----------------------------------------------------------------------------------
-def test_fractional_gpu_trials_share_a_gpu(env):
-    # The module's Ray declares one GPU, so --profile auto picks the gpu profile, and its two trials
-    # of half a GPU each are scheduled. (No CUDA here: device "auto" trains on the CPU; what Ray
-    # granted is what is checked.)
+# -- GPUs used or refused, never silently skipped (issue 28 item 4) -----------------------------------------
+def test_a_gpu_torch_cannot_use_is_refused_before_any_run(env):
+    # The module's Ray declares one GPU, which torch here (a CPU-only wheel, or no NVIDIA driver) cannot
+    # use: a GPU profile is refused, --profile auto (which picks gpu on a cluster with GPUs) too, within a
+    # minute, naming the node, torch and its CUDA build; no MLflow run (not even the experiment), no Ray folder.
     import ray
+
+    from pipeline.sweep.cluster.placement import probe_gpus
+    from pipeline.sweep.spec.data_check import SweepDataError
+    from pipeline.sweep.trials import devices
 
     if not ray.cluster_resources().get("GPU"):
         pytest.skip("the Ray instance was started elsewhere, without a GPU")
+    if torch.cuda.is_available():
+        pytest.skip("torch sees a CUDA device here: the declared GPU may be usable")
     spec_path = make_spec(
-        env, "half_gpu", {"model": {"enc_blocks": [1, 2]}}, {"steps": 10, "device": "auto"},
-        run={"gpus_per_trial": 0.5}, profiles={"cpu": {"run": {"gpus_per_trial": 0}}, "gpu": {}},
+        env, "gpu_refused", {"model": {"enc_blocks": [1, 2]}}, {"steps": 10, "device": "auto"},
+        run={"gpus_per_trial": 0.5},
+        profiles={"cpu": {"run": {"gpus_per_trial": 0}, "train": {"device": "cpu"}}, "gpu": {}},
     )  # fmt: skip
-    outcome = run_sweep(load_spec(spec_path), "auto", storage=str(env["root"] / "ray"), write_tables=False)
-    assert outcome.sweep.profile == "gpu"
-    assert outcome.statuses == {"e1": "FINISHED", "e2": "FINISHED"}
-    client = tracking.client(env["uri"])
-    runs = all_runs(client, "half_gpu")
-    for run in runs:
-        assert json.loads(run.data.tags[tracking.TAG_RESOURCES]) == {"CPU": 1.0, "GPU": 0.5}
-    # and both ran at once on the one GPU: each trial started (its own tag, set in the worker)
-    # before the other finished (end_time, set by the worker when it marks the run FINISHED)
-    spans = [(int(r.data.tags[tracking.TAG_STARTED]), r.info.end_time) for r in runs]
-    assert len(spans) == 2 and all(start < end for start, end in spans)
-    assert max(start for start, _ in spans) < min(end for _, end in spans), spans
+    storage = env["root"] / "ray_gpu_refused"
+    for profile in ("gpu", "auto"):
+        started = time.monotonic()
+        with pytest.raises(SweepDataError) as info:
+            run_sweep(load_spec(spec_path), profile, storage=str(storage), write_tables=False)
+        assert time.monotonic() - started < 60
+        msg = str(info.value)
+        assert msg.startswith(f"{spec_path}: profiles.gpu: run.gpus_per_trial=0.5: Ray offers a GPU on node "), msg
+        assert ray.util.get_node_ip_address() in msg and f"torch {torch.__version__}" in msg, msg
+        assert (
+            "a CPU-only build, no CUDA" if torch.version.cuda is None else f"built for CUDA {torch.version.cuda}"
+        ) in msg
+        assert "--profile cpu" in msg and "\n" not in msg
+    assert tracking.client(env["uri"]).get_experiment_by_name("gpu_refused") is None and not storage.exists()
+    probe = probe_gpus(ray, timeout_s=120)
+    assert probe.gpus == () and "torch there sees no CUDA device" in probe.why_none and len(probe.unusable) == 1
+    # A trial that Ray granted such a GPU (one that joined after the probe) fails at once, with the same words.
+    check = ray.remote(num_gpus=0.5, num_cpus=0, max_retries=0)(devices.require_usable_gpu)
+    with pytest.raises(devices.GPUUnusable, match=r"Ray granted this trial 0.5 GPU on node .* cannot use it"):
+        ray.get(check.remote(0.5))

@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.sweep.spec.sweep import SpecError, budget, load_spec
+from pipeline.sweep.spec import budget
+from pipeline.sweep.spec.sweep import SpecError, load_spec
 from pipeline.sweep.trials import search
 from pipeline.sweep.trials.trial import TrialConfig
 

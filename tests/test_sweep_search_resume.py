@@ -15,7 +15,8 @@ import pytest
 import yaml
 
 from pipeline.sweep.record import tracking
-from pipeline.sweep.spec.sweep import budget, load_spec
+from pipeline.sweep.spec import budget
+from pipeline.sweep.spec.sweep import load_spec
 from pipeline.sweep.trials import search
 from pipeline.sweep.trials.trial import TrialConfig
 

@@ -225,7 +225,7 @@ def test_fingerprint_follows_what_is_computed(tmp_path):
         ({"run": {"cpus": 1}}, "run.cpus", "unknown key"),
         ({"run": {"cpus-per-trial": 1}}, "run.cpus-per-trial", "unknown key"),  # not a Python name: still named
         ({"run": {"asha": {"enabled": True, "grace": 1}}}, "run.asha.grace", "unknown key"),
-        ({"run": {"max_failures": "twice"}}, "run.max_failures", "must be int"),
+        ({"run": {"max_failures": "twice"}}, "run.max_failures", "must be an integer"),
         ({"overfit": {"index": 0}}, "overfit", "only applies to mode: overfit"),
         ({"mode": "overfit", "overfit": {"split": "dev"}}, "overfit.split", "train, val or test"),
         ({"profiles": {}}, "profiles", "at least one profile"),
@@ -412,15 +412,20 @@ def test_gpus_are_requested_only_where_the_cluster_has_them(tmp_path, caplog):
     spec = load_spec(
         write_spec(
             tmp_path,
-            with_(BASE, run={"gpus_per_trial": 0.5}, profiles={"cpu": {"run": {"gpus_per_trial": 0}}, "gpu": {}}),
+            with_(
+                BASE,
+                train={**BASE["train"], "device": "auto"},
+                run={"gpus_per_trial": 0.5},
+                profiles={"cpu": {"run": {"gpus_per_trial": 0}}, "gpu": {}},
+            ),
         ),
         root=tmp_path,
     )
     gpu = spec.resolve("gpu")
     assert trial_resources(gpu, {"CPU": 8.0, "GPU": 1.0}) == {"cpu": 1.0, "gpu": 0.5}  # fractional
-    # A CPU-only cluster: no GPU request at all (in Ray 2.60 it would wait forever), and a warning.
-    assert trial_resources(gpu, {"CPU": 8.0}) == {"cpu": 1.0, "gpu": 0.0}
-    assert "asks for 0.5 GPU(s) per trial but the cluster has none" in caplog.text
+    # A CPU-only cluster: refused (in Ray 2.60 the request would wait forever; CPU trials would skip the GPUs).
+    with pytest.raises(SweepDataError, match="profiles.gpu: run.gpus_per_trial=0.5 asks for GPUs but the Ray"):
+        trial_resources(gpu, {"CPU": 8.0})
     assert trial_resources(spec.resolve("cpu"), {"CPU": 2.0, "GPU": 4.0}) == {"cpu": 1.0, "gpu": 0.0}
     with pytest.raises(SweepDataError, match="cpus_per_trial=1 but the cluster has 0 CPU"):
         trial_resources(gpu, {"GPU": 1.0})

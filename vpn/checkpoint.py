@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from vpn.config import VPNConfig
+from vpn.config import TrainConfig, VPNConfig
 from vpn.files import atomic_path
 from vpn.model import VideoPixelNetwork
 
@@ -46,7 +46,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise ValueError(_unreadable(path, str(err))) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"checkpoint {path} is not a {CHECKPOINT_FORMAT} file, so this project did not write it")
+    _check_configs(path, state)
     return state
+
+
+def _check_configs(path: Path, state: dict[str, Any]) -> None:
+    """The configs and weights every reader of a checkpoint takes from it, there and valid (one sentence)."""
+    for key, cls in (("model_config", VPNConfig), ("train_config", TrainConfig)):
+        if not isinstance(state.get(key), dict):
+            raise ValueError(f"checkpoint {path} has no {key}, so it cannot be rebuilt: it is not a whole checkpoint")
+        try:
+            cls.from_dict(state[key])
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"checkpoint {path}: {key}: {e}") from None
+    if not isinstance(state.get("model"), dict):
+        raise ValueError(f"checkpoint {path} has no model weights")
 
 
 def _unreadable(path: Path, torch_error: str) -> str:
@@ -60,9 +74,22 @@ def _unreadable(path: Path, torch_error: str) -> str:
     return f"checkpoint {path} cannot be read: it is truncated, corrupt or not a PyTorch file"
 
 
+def mismatch(path: str | Path, error: Exception) -> ValueError:
+    """The one sentence for a checkpoint whose state does not fit its own configs (weights of another
+    model configuration than its model_config, an optimizer state of other parameters)."""
+    # torch's message is a header line, then one line per key: the first key's line says enough.
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()] or [type(error).__name__]
+    detail = lines[1] if len(lines) > 1 and lines[0].endswith(":") else lines[0]
+    detail = detail if len(detail) <= 200 else detail[:200] + "..."
+    return ValueError(f"checkpoint {path}: its state does not fit its own configs ({detail})")
+
+
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> VideoPixelNetwork:
     """The model of a checkpoint, rebuilt from its config, in eval mode."""
     state = load_checkpoint(path, map_location)
     model = VideoPixelNetwork(VPNConfig.from_dict(state["model_config"]))
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, ValueError, KeyError, TypeError) as e:
+        raise mismatch(path, e) from None
     return model.to(map_location).eval()

@@ -14,6 +14,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -22,19 +23,60 @@ import torch
 import yaml
 
 from vpn.checkpoint import load_checkpoint, load_model
-from vpn.config import BLOCKS, DECODERS, PRESETS, TrainConfig, VPNConfig
+from vpn.config import BLOCKS, DECODERS, DEVICE_RE, PRESETS, SEED_LIMIT, TrainConfig, VPNConfig
 from vpn.evaluate import prepare, score
 from vpn.overfit import overfit
 from vpn.train import Trainer, resolve_device
 
 log = logging.getLogger("vpn")
+DEFAULT_PRESET = "micro"
+MODEL_ARGS = ("preset", "enc_blocks", "dec_blocks", "filter_fraction", "image_channels", "output", "dilation", "block",
+              "decoder")  # fmt: skip
+
+
+# -- argument types: a bad value is refused by argparse, naming the argument (exit status 2) ---------
+def _int_from(low: int, high: int | None = None):
+    """An argparse type: an integer in [low, high)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be an integer, got {text!r}") from None
+        if value < low or (high is not None and value >= high):
+            bound = f">= {low}" if high is None else f"in [{low}, {high})"
+            raise argparse.ArgumentTypeError(f"must be an integer {bound}, got {value}")
+        return value
+
+    return parse
+
+
+def _positive_number(text: str) -> float:
+    """An argparse type: a finite number > 0 (not nan, not inf)."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number, got {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text!r}")
+    return value
+
+
+def _device(text: str) -> str:
+    """An argparse type: auto, cpu, cuda or cuda:N."""
+    if not DEVICE_RE.match(text):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or cuda:N, got {text!r}")
+    return text
+
+
+_positive, _index, _seed = _int_from(1), _int_from(0), _int_from(0, SEED_LIMIT)
 
 
 # -- shared arguments ---------------------------------------------------------------------------
 def _add_model_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (a preset, then any overrides)")
-    g.add_argument("--preset", choices=sorted(PRESETS), default="micro")
-    g.add_argument("--enc-blocks", type=int)
+    g.add_argument("--preset", choices=sorted(PRESETS), help="default: micro")
+    g.add_argument("--enc-blocks", type=int)  # the model's fields: VPNConfig checks them, named
     g.add_argument("--dec-blocks", type=int)
     g.add_argument("--filter-fraction", type=float)
     g.add_argument("--image-channels", type=int, choices=(1, 3))
@@ -49,23 +91,10 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def _model_config(args: argparse.Namespace, image_channels: int | None = None) -> VPNConfig:
-    overrides = {
-        k: getattr(args, k)
-        for k in (
-            "enc_blocks",
-            "dec_blocks",
-            "filter_fraction",
-            "image_channels",
-            "output",
-            "dilation",
-            "block",
-            "decoder",
-        )
-        if getattr(args, k) is not None
-    }
+    overrides = {k: getattr(args, k) for k in MODEL_ARGS[1:] if getattr(args, k) is not None}
     if image_channels is not None:
         overrides.setdefault("image_channels", image_channels)
-    return VPNConfig.preset(args.preset, **overrides)
+    return VPNConfig.preset(args.preset or DEFAULT_PRESET, **overrides)
 
 
 def _parse_sets(pairs: list[str]) -> dict[str, Any]:
@@ -75,8 +104,31 @@ def _parse_sets(pairs: list[str]) -> dict[str, Any]:
         key, sep, value = pair.partition("=")
         if not sep:
             raise ValueError(f"--set expects key=value, got {pair!r}")
-        out[key.strip()] = yaml.safe_load(value)
+        try:
+            parsed = yaml.safe_load(value)
+        except (yaml.YAMLError, RecursionError):
+            raise ValueError(f"--set {key.strip()}: {value!r} is not a YAML value (3e-4, true, null, 8)") from None
+        if isinstance(parsed, (dict, list)):  # every TrainConfig field is a number, a string, a bool or null
+            raise ValueError(f"--set {key.strip()}: takes a number, a string, true/false or null, got {value!r}")
+        out[key.strip()] = parsed
     return out
+
+
+def _check_resume(args: argparse.Namespace, state: dict[str, Any]) -> None:
+    """--resume continues the checkpoint's own model: a model argument that would change it is refused
+    (it was ignored silently), as is --overfit (a new fit of one sequence, not a resume)."""
+    if args.overfit:
+        raise ValueError("--resume: continues a training run; --overfit fits one sequence from scratch, drop one")
+    saved = VPNConfig.from_dict(state["model_config"])
+    given = {k: (getattr(args, k), f"--{k.replace('_', '-')}") for k in MODEL_ARGS[1:] if getattr(args, k) is not None}
+    if args.preset is not None:  # the preset's fields, where no argument of their own overrides them
+        given = {**{k: (v, f"--preset {args.preset}") for k, v in PRESETS[args.preset].items()}, **given}
+    for key, (value, flag) in given.items():
+        if getattr(saved, key) != value:
+            raise ValueError(
+                f"{flag}: the checkpoint {args.resume} holds a model with {key}={getattr(saved, key)!r}, not "
+                f"{value!r}; --resume continues the checkpoint's own model: drop {flag.split()[0]}, or start a new run"
+            )
 
 
 def training_source(root: str, data: str, seed: int):
@@ -93,7 +145,7 @@ def _dataset(root: str, split: str):
 
 # -- commands -----------------------------------------------------------------------------------
 def cmd_info(args: argparse.Namespace) -> int:
-    names = list(PRESETS) if args.all else [args.preset]
+    names = list(PRESETS) if args.all else [args.preset or DEFAULT_PRESET]
     rows = []
     for name in names:
         if args.all:  # every preset's depth and width, with the other options as given
@@ -160,11 +212,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     for flag in ("steps", "batch_size", "lr", "seed", "device"):
         if getattr(args, flag) is not None:
             sets[flag] = getattr(args, flag)
-    resumed = (
-        TrainConfig.from_dict(load_checkpoint(args.resume)["train_config"])
-        if args.resume and not args.overfit
-        else None
-    )
+    resumed = None
+    if args.resume:
+        state = load_checkpoint(args.resume)
+        _check_resume(args, state)
+        resumed = TrainConfig.from_dict(state["train_config"])
     source = {k: sets.get(k, getattr(resumed or TrainConfig(), k)) for k in ("data", "seed")}
     train_data = training_source(args.data, "fixed" if args.overfit else source["data"], source["seed"])
     image_channels = train_data[0].shape[1]
@@ -173,6 +225,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.overfit:
         cfg = _model_config(args, image_channels)
         tcfg = TrainConfig.from_dict({"context": 1, **sets})
+        if args.index >= len(train_data):
+            raise ValueError(f"--index: {args.index}, but {args.data} has {len(train_data)} training sequences")
         sequence = train_data[args.index]
         result = overfit(cfg, tcfg, sequence, tol=args.tol)
         summary = {
@@ -229,9 +283,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     state = load_checkpoint(args.checkpoint)
     tcfg = TrainConfig.from_dict(state["train_config"])
     if args.context is not None:
-        tcfg = dataclasses.replace(tcfg, context=args.context)
+        try:
+            tcfg = dataclasses.replace(tcfg, context=args.context)
+        except ValueError as e:  # context=n must be < seq_len=m, the checkpoint's
+            raise ValueError(f"--context: {e} (the checkpoint's train.seq_len)") from None
     model = load_model(args.checkpoint, device)
     data = _dataset(args.data, args.split)
+    frames = min(tcfg.seq_len or data.seq_len, data.seq_len)
+    if tcfg.context >= frames:
+        raise ValueError(f"--context: {tcfg.context} frames given leave none to score of the {frames} frames scored")
     out: dict[str, Any] = {"split": args.split, "context": tcfg.context}
     if "nll" in metrics:
         result = score(model, data, tcfg, args.limit, batch_size=args.batch_size)
@@ -241,8 +301,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
             out["excess_nats_per_frame"] = result.excess_nats_per_frame
     frame_metrics = [m for m in metrics if m != "nll"]
     if frame_metrics:
-        if args.samples < 1:
-            raise ValueError(f"--samples must be >= 1, got {args.samples}")
         fc = forecast(
             model, data, tcfg, args.limit, samples=args.samples, temperature=args.temperature,
             seed=args.seed, batch_size=args.batch_size,
@@ -263,14 +321,17 @@ def cmd_sample(args: argparse.Namespace) -> int:
     tcfg = TrainConfig.from_dict(state["train_config"])
     model = load_model(args.checkpoint, device)
     data = _dataset(args.data, args.split)
+    if args.index + args.batch > len(data):
+        raise ValueError(
+            f"--index {args.index} --batch {args.batch}: asks for sequences up to {args.index + args.batch - 1}, but "
+            f"split {args.split} of {args.data} has {len(data)}"
+        )
     truth = prepare(torch.stack([data[args.index + b] for b in range(args.batch)]), tcfg)  # (B, T, C, H, W)
     if not 1 <= args.context < truth.shape[1] + 1:
         raise ValueError(f"--context must be in [1, {truth.shape[1]}]")
     context = truth[:, : args.context].to(device)
     generator = torch.Generator(device=device).manual_seed(args.seed)
     k = args.samples
-    if k < 1:
-        raise ValueError(f"--samples must be >= 1, got {k}")
     given = context.repeat_interleave(k, dim=0)  # (B*k, context, C, H, W): k draws per sequence
     video = model.sample(given, args.frames, generator=generator, temperature=args.temperature, method=args.method)
     video = video.cpu().unflatten(0, (args.batch, k))  # (B, k, frames, C, H, W)
@@ -305,14 +366,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("info", help="block counts, widths, parameters and FLOPs per frame")
     _add_model_args(p)
     p.add_argument("--all", action="store_true", help="every preset")
-    p.add_argument("--height", type=int, default=64)
-    p.add_argument("--width", type=int, default=64)
+    p.add_argument("--height", type=_positive, default=64)
+    p.add_argument("--width", type=_positive, default=64)
     g = p.add_argument_group("training memory (vpn.memory: one step on one device, estimated on the meta device)")
-    g.add_argument("--batch-size", type=int, default=TrainConfig.batch_size, help="sequences per step on the device")
-    g.add_argument("--seq-len", type=int, default=20, help="frames per sequence")
+    g.add_argument(
+        "--batch-size", type=_positive, default=TrainConfig.batch_size, help="sequences per step on the device"
+    )
+    g.add_argument("--seq-len", type=_int_from(2), default=20, help="frames per sequence")
     g.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="bf16: autocast, as on CUDA")
     g.add_argument("--activation-checkpointing", action="store_true", help="recompute each residual block")
-    g.add_argument("--micro-batch-size", type=int, help="sequences per forward pass (gradient accumulation)")
+    g.add_argument("--micro-batch-size", type=_positive, help="sequences per forward pass (gradient accumulation)")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_info)
 
@@ -320,16 +383,16 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     p.add_argument("--data", required=True, help="folder with train.npy / val.npy (the generate stage's output)")
     p.add_argument("--out", default="runs/latest", help="checkpoint.pt and metrics.jsonl go here")
-    p.add_argument("--steps", type=int)
-    p.add_argument("--batch-size", type=int)
-    p.add_argument("--lr", type=float)
-    p.add_argument("--seed", type=int)
-    p.add_argument("--device")
+    p.add_argument("--steps", type=_positive)
+    p.add_argument("--batch-size", type=_positive)
+    p.add_argument("--lr", type=_positive_number)
+    p.add_argument("--seed", type=_seed)
+    p.add_argument("--device", type=_device)
     p.add_argument("--resume", help="checkpoint to continue from (its configs are used)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="any TrainConfig field")
     p.add_argument("--overfit", action="store_true", help="the blog post's experiment: fit one sequence")
-    p.add_argument("--index", type=int, default=0, help="--overfit: which training sequence")
-    p.add_argument("--tol", type=float, help="--overfit: nats/frame above the floor that count as converged")
+    p.add_argument("--index", type=_index, default=0, help="--overfit: which training sequence")
+    p.add_argument("--tol", type=_positive_number, help="--overfit: nats/frame above the floor that count as converged")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
@@ -337,38 +400,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--context", type=int, help="frames given (default: the checkpoint's train.context)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--limit", type=int, help="score only the first N sequences")
+    p.add_argument("--context", type=_positive, help="frames given (default: the checkpoint's train.context)")
+    p.add_argument("--batch-size", type=_positive, default=16)
+    p.add_argument("--limit", type=_positive, help="score only the first N sequences")
     p.add_argument(
         "--metrics", default="nll", help=f"comma-separated, of {','.join(EVAL_METRICS)} (frame metrics: vpn.forecast)"
     )
-    p.add_argument("--samples", type=int, default=10, help="k free-running samples per sequence (frame metrics)")
-    p.add_argument("--temperature", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto")
+    p.add_argument("--samples", type=_positive, default=10, help="k free-running samples per sequence (frame metrics)")
+    p.add_argument("--temperature", type=_positive_number, default=1.0)
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("sample", help="sample frames after a context; writes sample.png and sample.gif")
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=("train", "val", "test"))
-    p.add_argument("--index", type=int, default=0)
-    p.add_argument("--batch", type=int, default=1, help="sequences index..index+batch-1")
-    p.add_argument("--context", type=int, default=10)
-    p.add_argument("--frames", type=int, default=10)
-    p.add_argument("--samples", type=int, default=1, help="k samples per sequence, one row each under its truth")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--index", type=_index, default=0)
+    p.add_argument("--batch", type=_positive, default=1, help="sequences index..index+batch-1")
+    p.add_argument("--context", type=_positive, default=10)
+    p.add_argument("--frames", type=_positive, default=10)
+    p.add_argument("--samples", type=_positive, default=1, help="k samples per sequence, one row each under its truth")
+    p.add_argument("--seed", type=_seed, default=0)
+    p.add_argument("--temperature", type=_positive_number, default=1.0)
     p.add_argument("--method", choices=("cached", "naive"), default="cached")
     p.add_argument("--out", default="runs/latest/samples")
-    p.add_argument("--device", default="auto")
+    p.add_argument("--device", type=_device, default="auto")
     p.set_defaults(func=cmd_sample)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # argparse has printed the usage and the argument at fault (status 2), or --help
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )

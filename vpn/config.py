@@ -17,7 +17,12 @@ that space, so every point that passes validation must build.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
+import numbers
+import re
+import types
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Self
@@ -46,8 +51,70 @@ DECODERS = ("pixelcnn", "baseline", "stacks")
 DILATION_RATES = (1, 2, 4, 8)
 
 
+# Integers go into int64 columns (the results tables), torch and numpy; Python's own are unbounded.
+INT64_MAX = 2**63 - 1
+# Seeds: numpy's legacy generators (the searchers') take [0, 2**32), and vpn.batches seeds torch with
+# seed * 1_000_003 + step, which must stay below torch's 2**64.
+SEED_LIMIT = 2**32
+# A device torch can name: auto, cpu, cuda or cuda:N. Nothing else: the device ends up in trial names,
+# hence in folder names, and torch.device("cuda/../x") fails only where the trial runs.
+DEVICE_RE = re.compile(r"^(auto|cpu|cuda(:[0-9]{1,3})?)$")
+
+
 def _is_int(x: Any) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
+
+
+_KIND_WORDS = {bool: "true or false", int: "an integer", float: "a number", str: "a string", type(None): "null"}
+
+
+def type_problem(value: Any, allowed: tuple[type, ...]) -> str | None:
+    """Why `value` is not one of the simple types `allowed` (bool, int, float, str, NoneType), or None.
+
+    Stricter than isinstance where YAML and Python are lax: a bool is not a number (`lr: true` is not
+    1), a float is finite (.nan and .inf are YAML floats), an int fits an int64, and an int is a
+    float's value but a float is no int's. numpy's scalars count as the Python types they stand for.
+    """
+    kinds = " or ".join(_KIND_WORDS[t] for t in allowed)
+    if isinstance(value, bool):
+        return None if bool in allowed else f"must be {kinds}, got {value!r}"
+    if isinstance(value, numbers.Integral):
+        if int not in allowed and float not in allowed:
+            return f"must be {kinds}, got {value!r}"
+        if abs(int(value)) > INT64_MAX:
+            return f"must be {kinds} of at most 2**63 - 1 in size, got {value!r}"
+        return None
+    if isinstance(value, numbers.Real):
+        if float not in allowed:
+            return f"must be {kinds}, got {value!r}"
+        return None if math.isfinite(value) else f"must be a finite number, got {value!r}"
+    if value is None:
+        return None if type(None) in allowed else f"must be {kinds}, got null"
+    if isinstance(value, str):
+        return None if str in allowed else f"must be {kinds}, got {value!r}"
+    return f"must be {kinds}, got {value!r} (a {type(value).__name__})"
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, tuple[type, ...]]:
+    """Each field of the dataclass `cls` with the simple types its annotation admits."""
+    simple = (bool, int, float, str, type(None))
+    out = {}
+    for name, hint in typing.get_type_hints(cls).items():
+        args = typing.get_args(hint) if typing.get_origin(hint) in (typing.Union, types.UnionType) else (hint,)
+        if all(a in simple for a in args):
+            out[name] = tuple(args)
+    return out
+
+
+def check_field_types(config: Any) -> None:
+    """Raise ValueError naming the first field of the dataclass `config` whose value is not of its
+    annotated type (type_problem: no bool for a number, no NaN, no int beyond int64)."""
+    for f in dataclasses.fields(config):
+        allowed = _field_types(type(config)).get(f.name)
+        problem = allowed and type_problem(getattr(config, f.name), allowed)
+        if problem:
+            raise ValueError(f"{f.name} {problem}")
 
 
 def refuse_unknown_keys(cls: type, d: Mapping[str, Any]) -> None:
@@ -106,6 +173,7 @@ class VPNConfig(_Config):
     decoder: str = "pixelcnn"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         for name in ("enc_blocks", "dec_blocks"):
             value = getattr(self, name)
             if not _is_int(value) or value < 1:
@@ -253,6 +321,7 @@ class TrainConfig(_Config):
     micro_batch_size: int | str | None = "auto"
 
     def __post_init__(self) -> None:
+        check_field_types(self)
         positive = ("steps", "batch_size", "log_every", "val_every", "val_batches", "context", "downsample")
         for name in positive:
             value = getattr(self, name)
@@ -262,6 +331,8 @@ class TrainConfig(_Config):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
                 raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        if self.seed >= SEED_LIMIT:
+            raise ValueError(f"seed must be below 2**32 = {SEED_LIMIT}, got {self.seed}")
         for name in ("lr", "rmsprop_eps"):
             value = getattr(self, name)
             if not isinstance(value, (int, float)) or not value > 0 or not math.isfinite(value):
@@ -274,8 +345,8 @@ class TrainConfig(_Config):
             raise ValueError(f"seq_len must be an integer >= 2 or null, got {self.seq_len!r}")
         if self.seq_len is not None and self.context >= self.seq_len:
             raise ValueError(f"context={self.context} must be < seq_len={self.seq_len}")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise ValueError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {self.device!r}")
+        if not DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {self.device!r}")
         for name in ("amp", "cpu_amp", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -304,3 +375,6 @@ class TrainConfig(_Config):
             raise ValueError(f"micro_batch_size must be an integer >= 1, null (the whole batch) or 'auto', got {m!r}")
         if _is_int(m) and m > self.batch_size:
             raise ValueError(f"micro_batch_size={m} must be <= batch_size={self.batch_size}")
+        if _is_int(m) and self.batch_size % m:
+            # Accumulation runs batch_size / micro_batch_size equal passes (vpn.step.micro_batches).
+            raise ValueError(f"micro_batch_size={m} must divide batch_size={self.batch_size}")

@@ -11,13 +11,14 @@ This module knows nothing of DVC, Ray or MLflow.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
+
+from vpn.files import read_json_object
 
 SPLITS = ("train", "val", "test")
 STATS_FILE = "stats.json"
@@ -55,15 +56,23 @@ def load_split(root: str | Path, split: str) -> np.memmap:
         raise ValueError(f"{path}: not a readable .npy array: {e}") from e
     if array.dtype != np.uint8 or array.ndim != 5:
         raise ValueError(f"{path}: expected uint8 (N, T, C, H, W), got {array.dtype} with shape {array.shape}")
+    if 0 in array.shape:  # nothing to train on, score or draw a frame of
+        raise ValueError(f"{path}: holds no data (shape {array.shape}: N, T, C, H, W must all be >= 1)")
     return array
 
 
 def read_stats(root: str | Path) -> dict[str, Any]:
-    """The data stage's stats.json (shapes, lower bounds in nats/frame, generation params)."""
+    """The data stage's stats.json (shapes, lower bounds in nats/frame, generation params).
+
+    Raises FileNotFoundError when it is missing and ValueError naming it when it is not a JSON object.
+    """
     path = Path(root) / STATS_FILE
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no stats file; run `dvc repro generate` to make the data")
-    return json.loads(path.read_text())
+    try:
+        return read_json_object(path)
+    except ValueError as e:
+        raise ValueError(f"{e}; run `dvc repro generate` to make the data again") from None
 
 
 class MovingMNIST(Dataset):

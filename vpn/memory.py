@@ -47,6 +47,10 @@ PRECISIONS = ("fp32", "bf16")
 # the CUDA context and cuDNN workspaces (CONTEXT_GIB, about what a CUDA 12 context takes).
 HEADROOM = 0.9
 CONTEXT_GIB = 1.0
+# A CPU trial's process holds its imports (torch, Ray, MLflow, the trainable) besides the step: 0.40 GiB
+# of resident memory measured on the 2-core dev machine (/usr/bin/time -v python -c "import torch, ray,
+# mlflow, pipeline.sweep.trials.trainable"), planned as PROCESS_GIB.
+PROCESS_GIB = 0.5
 
 
 # The outputs' metadata of functional meta ops, by the op and its inputs' metadata (_MetaMemo): torch
@@ -366,6 +370,28 @@ def _measured(
 def budget_bytes(gpu_memory_gib: float) -> int:
     """What a step may use on a device of gpu_memory_gib: HEADROOM of it, less CONTEXT_GIB."""
     return int((gpu_memory_gib * HEADROOM - CONTEXT_GIB) * GIB)
+
+
+def host_budget_bytes(memory_gib: float) -> int:
+    """What a step may use in a CPU process allowed memory_gib of RAM: HEADROOM of it, less PROCESS_GIB."""
+    return int((memory_gib * HEADROOM - PROCESS_GIB) * GIB)
+
+
+def host_memory_bytes() -> int:
+    """This machine's memory as this process may use it: the physical RAM, or a container's lower limit
+    (cgroup v2 memory.max, v1 memory.limit_in_bytes)."""
+    import os
+
+    total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(limit) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit():
+            total = min(total, int(text))
+    return total
 
 
 def _divisors_descending(n: int) -> list[int]:

@@ -24,7 +24,6 @@ This module is numpy and torch only: no DVC, Ray or MLflow.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,6 +32,9 @@ from typing import Any
 import numpy as np
 import torch
 from torch.utils.data import Dataset
+
+from vpn.config import check_field_types
+from vpn.files import read_json_object
 
 # The stream's digit pool, written by the data stage beside the splits: MNIST's training images
 # minus the ones held out for validation, uint8 (P, 28, 28).
@@ -61,6 +63,12 @@ class SequenceSpec:
     digits: int = 2
     step: float = 0.1
     colour: bool = False
+
+    def __post_init__(self) -> None:
+        check_field_types(self)  # each message starts with the field's name
+        for name in ("seq_len", "frame_size", "digit_size", "digits"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
 
     @property
     def channels(self) -> int:
@@ -247,9 +255,15 @@ class MovingMNISTStream(Dataset):
         if not stats_path.is_file():
             raise FileNotFoundError(f"{stats_path}: no stats file; run `dvc repro generate`")
         # The data stage's params hold the protocol's fields among others (seed, split sizes, ...).
-        params = json.loads(stats_path.read_text()).get("params", {})
+        params = read_json_object(stats_path).get("params", {})
+        if not isinstance(params, dict):
+            raise ValueError(f"{stats_path}: params must be a JSON object, got {type(params).__name__}")
         fields = {f.name: params[f.name] for f in dataclasses.fields(SequenceSpec) if f.name in params}
-        return cls(pool, SequenceSpec(**fields), seed)
+        try:
+            spec = SequenceSpec(**fields)
+        except ValueError as e:
+            raise ValueError(f"{stats_path}: params.{e}") from None
+        return cls(pool, spec, seed)
 
     def __len__(self) -> int:
         # Without end; a length is still needed by code that asks (e.g. for an empty check).

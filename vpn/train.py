@@ -42,8 +42,8 @@ from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 from vpn.batches import StepBatches, as_dataset, is_stream
-from vpn.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, save_checkpoint
-from vpn.config import TrainConfig, VPNConfig
+from vpn.checkpoint import CHECKPOINT_FORMAT, load_checkpoint, mismatch, save_checkpoint
+from vpn.config import DEVICE_RE, TrainConfig, VPNConfig
 from vpn.evaluate import Score, prepare, score
 from vpn.model import VideoPixelNetwork
 from vpn.step import micro_batches, update
@@ -79,9 +79,21 @@ def cpu_has_native_bf16() -> bool:
 
 
 def resolve_device(name: str) -> torch.device:
+    """The torch device of a device name (TrainConfig.device's, or `--device`): auto is CUDA where torch
+    sees it, else the CPU. ValueError in one sentence for a name that is none, or a CUDA device torch
+    does not see here (a CPU-only build, no driver, fewer GPUs), instead of an error at the first tensor."""
+    if not isinstance(name, str) or not DEVICE_RE.match(name):
+        raise ValueError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda":
+        build = f"built for CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (device.index or 0) >= count:
+            sees = f"torch {torch.__version__} ({build}) sees {count} CUDA device(s) here"
+            raise ValueError(f"device {name!r}, but {sees}")
+    return device
 
 
 def autotune_convolutions(device: torch.device) -> None:
@@ -374,7 +386,13 @@ class Trainer:
     ) -> Trainer:
         """Rebuild the architecture and trainer from a checkpoint's own configs, then load its state."""
         state = load_checkpoint(path)
+        missing = [k for k in ("optimizer", "step", "best_val", "rng") if k not in state]
+        if missing:
+            raise ValueError(f"checkpoint {path} has no {', '.join(missing)}: it cannot resume training")
         train_cfg = TrainConfig.from_dict(state["train_config"]).replace(**train_overrides)
         trainer = cls(VPNConfig.from_dict(state["model_config"]), train_cfg, train_data, val_data)
-        trainer.load_state_dict(state)
+        try:
+            trainer.load_state_dict(state)
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise mismatch(path, e) from None
         return trainer

@@ -112,6 +112,7 @@ class GenerateConfig(SequenceSpec, SplitParams):
     test_file: str | None = None
 
     def __post_init__(self) -> None:
+        super().__post_init__()  # SequenceSpec's: every field's type (no bool for a number, no NaN)
         if self.seed < 0:
             raise ValueError(f"seed must be >= 0, got {self.seed}")
         for name in ("n_train", "n_val", "n_test", "val_digits", "seq_len", "frame_size", "digit_size", "digits"):

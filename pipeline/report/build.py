@@ -20,8 +20,9 @@ row's test NLL, floor and excess beside the paper's Table 2 numbers.
 Definitions (also printed in the report):
 - final NLL: the last logged validation nats/frame (train nats/frame where no validation ran).
 - test NLL, floor, excess: the test split scored at the end of each trial, the entropy of the same
-  frames (the least any model can score), and test minus floor. Trials are ranked by the excess: it
-  compares across frame sizes, and with the paper's 87.6 - 86.3 = 1.3 nats/frame.
+  frames (the least any model can score), and test minus floor. Trials are ranked by the excess (a
+  sweep's trials share a frame size). Beside the paper's figures (64x64) the report sets ours also in
+  nats/pixel, nats/frame over the frame's C x H x W values: nats/frame grow with the frame size.
 - iterations to converge (train sweeps): first logged step whose train NLL is within
   `converge_fraction` of the run's total drop from its final value: L(s) - L_end <= f (L_0 - L_end).
   For overfit sweeps it is the trial's own converged_step (NLL within tol of the sequence's floor).
@@ -58,17 +59,21 @@ from pipeline.report.forecasts import forecast_section
 from pipeline.report.paper import (
     PAPER_BEST_EXCESS,
     PAPER_LOWER_BOUND,
+    PAPER_PIXELS,
     PAPER_SCALE,
     ablation_table,
+    frame_pixels,
     is_ablation_sweep,
     overfit_table,
+    per_pixel,
     scale_statement,
+    size_note,
 )
 from pipeline.report.params import ReportParams
 from pipeline.report.samples import write_samples_figure
 from pipeline.report.search_figures import search_section
 from pipeline.report.stats import paper_contrasts, seed_section
-from pipeline.report.tables import TABLE_COLUMNS, markdown_table
+from pipeline.report.tables import TABLE_COLUMNS, markdown_table, md_text
 from pipeline.sweep.record.results import EXCESS, best_trial, rank_column
 from vpn.files import write_text
 
@@ -151,8 +156,8 @@ def _overview(sweep: str, summary: pd.DataFrame) -> list[str]:
     if len(failed):
         lines += ["## Trials that did not finish", ""]
         for _, r in failed.iterrows():
-            error = f" ({r['error']})" if isinstance(r.get("error"), str) and r["error"] else ""
-            lines.append(f"- **{r['config']}**: {r['status']}{error}")
+            error = f" ({md_text(r['error'])})" if isinstance(r.get("error"), str) and r["error"] else ""
+            lines.append(f"- **{md_text(r['config'])}**: {r['status']}{error}")
         lines.append("")
     return lines
 
@@ -213,17 +218,25 @@ def _add_best(page: Page, best: pd.Series, ranked: bool) -> None:
     if not ranked:
         page.lines += [f"Best final NLL: **{best['final_nll']:.2f} nats/frame**, by {best['config']}.", ""]
         return
+    pixels = frame_pixels(best.to_frame().T)
     page.metrics.update(
         best_test_nats_per_frame=float(best["test_nats_per_frame"]),
         best_test_floor_nats_per_frame=float(best["test_floor_nats_per_frame"]),
         best_excess_nats_per_frame=float(best["excess"]),
+        best_excess_nats_per_pixel=_json_number(per_pixel(float(best["excess"]), pixels)),
     )
+    paper = f"{PAPER_BEST_EXCESS:.1f} nats/frame at {PAPER_SCALE.split(',')[0]}"
+    if pixels and pixels != PAPER_PIXELS:  # the unit both compare in
+        ours = f"{per_pixel(float(best['excess']), pixels):.4f} nats/pixel over its {pixels:,} pixels"
+        paper += f", {per_pixel(PAPER_BEST_EXCESS, PAPER_PIXELS):.5f} nats/pixel"
+        beside = f"; {ours} (the paper's best VPN: {paper})"
+    else:
+        beside = f" (the paper's best VPN: {paper})"
     page.lines += [
         (
             f"Best: **{best['config']}**, test NLL **{best['test_nats_per_frame']:.2f} nats/frame** against a "
             f"floor of {best['test_floor_nats_per_frame']:.2f}: "
-            f"**{best['excess']:.2f} nats/frame above the floor** "
-            f"(the paper's best VPN: {PAPER_BEST_EXCESS:.1f}, at {PAPER_SCALE.split(',')[0]}). "
+            f"**{best['excess']:.2f} nats/frame above the floor**{beside}. "
             f"Final validation NLL {best['final_nll']:.2f}."
         ),
         "",
@@ -238,9 +251,9 @@ def _add_paper_rows(page: Page, summary: pd.DataFrame, out: Path) -> None:
         "",
         (
             f"This sweep ran at: {scale_statement(summary)}. The paper's numbers are at: {PAPER_SCALE}. "
-            "Test NLLs at different frame sizes do not compare; the excess over each one's own floor is "
-            f"the closest comparison (the paper's lower bound is {PAPER_LOWER_BOUND})."
-        ),
+            "Each NLL is set against its own floor (the paper's lower bound is "
+            f"{PAPER_LOWER_BOUND}); the excesses are also given per pixel. {size_note(frame_pixels(summary))}"
+        ).strip(),
         "",
         markdown_table(table, list(table.columns)),
         "",
@@ -257,6 +270,8 @@ def _add_paper_rows(page: Page, summary: pd.DataFrame, out: Path) -> None:
             "floor": _json_number(r["floor"]),
             "excess": _json_number(r["excess"]),
             "paper_nats_per_frame": _json_number(r["paper NLL"]),
+            "excess_nats_per_pixel": _json_number(r["excess/pixel"]),
+            "paper_excess_nats_per_pixel": _json_number(r["paper excess/pixel"]),
         }
         for _, r in table.iterrows()
     }
@@ -303,6 +318,11 @@ def _definitions(params: ReportParams) -> list[str]:
             "floor. Trials are ranked by the excess."
         ),
         (
+            "- nats/pixel: nats/frame over the frame's C x H x W values. A frame's NLL sums over its pixels, so "
+            "nats/frame compare only between frames of one size; figures set beside the paper's (64x64, 4,096 "
+            "pixels) or OpenSTL's are compared per pixel."
+        ),
+        (
             f"- iterations to converge: first step with L(s) - L_end <= {params.converge_fraction} (L_0 - L_end) "
             "on the train curve; for overfit sweeps, the step at which the NLL came within tolerance of the "
             "sequence's floor."
@@ -327,13 +347,22 @@ _STYLE = (
 )
 
 
-def write_pages(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
-    """report.md (the lines), report.html (the same, rendered) and metrics.json into `out`."""
+def to_html(text: str) -> str:
+    """The markdown `text` as HTML, with raw HTML off: a `<script>` in a trial's error text is shown as
+    text, never run (Python-Markdown passes raw HTML through by default)."""
     import markdown
 
+    md = markdown.Markdown(extensions=["tables"])
+    md.preprocessors.deregister("html_block")
+    md.inlinePatterns.deregister("html")
+    return md.convert(text)
+
+
+def write_pages(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
+    """report.md (the lines), report.html (the same, rendered) and metrics.json into `out`."""
     text = "\n".join(lines)
     write_text(out / "report.md", text)
-    body = markdown.markdown(text, extensions=["tables"])
+    body = to_html(text)
     title = html.escape(lines[0].lstrip("# "))
     head = f"<meta charset='utf-8'><title>{title}</title><style>{_STYLE}</style>"
     write_text(out / "report.html", f"<!doctype html><html><head>{head}</head><body>{body}</body></html>")
@@ -341,7 +370,7 @@ def write_pages(out: Path, lines: list[str], metrics: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from pipeline.params import load_section, stage_argparser
+    from pipeline.params import ParamsError, load_section, stage_argparser
 
     parser = stage_argparser("Turn sweep results into comparison reports.")
     args = parser.parse_args(argv)
@@ -349,7 +378,11 @@ def main(argv: list[str] | None = None) -> int:
     import matplotlib
 
     matplotlib.use("Agg")
-    params = load_section(ReportParams, "report", args.params)
+    try:
+        params = load_section(ReportParams, "report", args.params)
+    except ParamsError as e:  # one sentence naming the file and the key, as the data stages say it
+        log.error("%s", e)
+        return 1
     repo = Path(args.params).resolve().parent
     from pipeline.report.to_mlflow import log_report
 

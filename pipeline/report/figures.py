@@ -179,22 +179,25 @@ def plot_speed(summary: pd.DataFrame, out: Path) -> Path:
 
 
 def plot_ablation(table: pd.DataFrame, out: Path) -> Path:
-    """Excess over the floor per row: this sweep's beside the paper's (nats/frame, log scale)."""
+    """Excess over the floor per row: this sweep's beside the paper's, per pixel (log scale): nats/frame
+    sum over a frame's pixels, and the paper's frames are 64x64 (pipeline.report.paper.SIZE_NOTE)."""
     import matplotlib
     import matplotlib.pyplot as plt
     import seaborn as sns
 
-    long = table.melt(id_vars="row", value_vars=["excess", "paper excess"], var_name="source", value_name="nats")
-    long["source"] = long["source"].map({"excess": "this sweep", "paper excess": "paper (64x64, full scale)"})
+    sources = {"excess/pixel": "this sweep", "paper excess/pixel": "paper (64x64, full scale)"}
+    long = table.melt(id_vars="row", value_vars=list(sources), var_name="source", value_name="nats")
+    long["source"] = long["source"].map(sources)
     long = long.dropna(subset=["nats"])
+    long = long[long["nats"] > 0]  # a log axis; an excess is >= 0
     fig, ax = plt.subplots(figsize=(8, 0.6 * len(table) + 1.5))
     if len(long):
         sns.barplot(data=long, y="row", x="nats", hue="source", order=list(table["row"]), ax=ax)
         for container in ax.containers:
-            ax.bar_label(container, fmt="%.1f", fontsize=8, padding=2)
+            ax.bar_label(container, fmt="%.2g", fontsize=8, padding=2)
         ax.set_xscale("log")
         ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())  # minor labels collide on a log axis
-    ax.set_xlabel("test NLL minus its floor (nats/frame; lower is better)")
+    ax.set_xlabel("test NLL minus its floor (nats/pixel; lower is better)")
     ax.set_ylabel("")
     ax.set_title("the paper's rows: excess over the data's floor")
     return save_figure(fig, out)

@@ -47,6 +47,16 @@ def format_cell(value: Any) -> str:
     return str(value)
 
 
+def md_text(value: Any) -> str:
+    """Text from outside the report (a trial's error, a label) as markdown shows it verbatim: one line,
+    and no link, image or code span it could open (brackets, backticks and backslashes escaped). Raw
+    HTML needs no escape here: the HTML page is rendered with it off (pipeline.report.build.to_html)."""
+    text = " ".join(str(value).split())
+    for ch in ("\\", "`", "[", "]", "*"):
+        text = text.replace(ch, "\\" + ch)
+    return text
+
+
 def markdown_table(df: pd.DataFrame, columns: Sequence[str] | Mapping[str, str]) -> str:
     """One row per row of df. columns: the columns to show, each headed by its name, or {column: header};
     columns df lacks are left out. A status other than FINISHED is bold."""
@@ -56,7 +66,9 @@ def markdown_table(df: pd.DataFrame, columns: Sequence[str] | Mapping[str, str])
     for _, row in df.iterrows():
         cells = []
         for c in cols:
-            text = format_cell(row[c]).replace("|", "/").replace("\n", " ")  # a cell holds no table syntax
+            text = format_cell(row[c]).replace("|", "/")  # a cell holds no table syntax
+            if isinstance(row[c], str):
+                text = md_text(text)
             if c == "status" and row[c] != "FINISHED":
                 text = f"**{text}**"
             cells.append(text)

@@ -9,8 +9,8 @@
    pipeline.sweep.spec.data_check).
 2. Ray: joins the cluster named by RAY_ADDRESS (as `ray job submit` sets it), or the one `ray start`
    left on this node, else starts a local one. `--profile auto` (the default) picks `gpu` when the
-   cluster has GPUs and `cpu` otherwise. GPUs are requested per trial only when the cluster has
-   some: in Ray 2.60 a GPU request on a CPU-only cluster leaves the trial PENDING forever. On an
+   cluster has GPUs and `cpu` otherwise. GPUs are used or refused: a profile that asks for GPUs on a
+   cluster without any, or with GPUs torch cannot use, is refused before any run is created. On an
    autoscaling cluster whose GPU nodes are still booting, VPN_WAIT_FOR_NODES=<seconds> makes the
    driver wait for them before it looks (sweeps/cluster.yaml sets it). With run.workers_per_trial
    N > 1 a trial is N data-parallel Ray Train workers (pipeline.sweep.trials.distributed); whether the cluster
@@ -50,6 +50,7 @@ import json
 import logging
 import os
 import sys
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -62,6 +63,7 @@ from pipeline.sweep.cluster.plan import check_plan, check_plan_on_cluster, show_
 from pipeline.sweep.spec.budget import trial_gpu_hours
 from pipeline.sweep.spec.data_check import SweepDataError, check_data
 from pipeline.sweep.spec.identity import sweep_id_of
+from pipeline.sweep.spec.inputs import check_run_inputs
 from pipeline.sweep.spec.sweep import SpecError, Sweep, SweepSpec, load_spec
 from pipeline.sweep.trials.faults import Faults
 from pipeline.sweep.trials.trial import TrialConfig
@@ -129,6 +131,7 @@ def run_sweep(
     """Run (or resume) one sweep; see the module docstring. `fault` is a test hook passed to the
     trials (pipeline.sweep.trials.faults, e.g. {"kill_at_step": n, "marker": path}: SIGKILL the worker once
     at that step)."""
+    check_run_inputs(data=data, storage=storage, results_dir=results_dir)  # paths, environment (spec.inputs)
     # Refused at once when every result would live in Ray's uploaded copy of a working directory.
     check_results_persist(repo_root(), _spec_arg(spec), storage=storage, results_dir=results_dir)
     for k, v in {**QUIET_ENV, **LEGACY_OUTPUT_ENV}.items():
@@ -357,9 +360,12 @@ def _spec_arg(spec: SweepSpec) -> str:
 
 
 # -- command line --------------------------------------------------------------------------------
-def runs_url(uri: str, experiment_id: str) -> str:
-    """Where MLflow 3.17's UI lists an experiment's runs (it opens experiments on an empty GenAI page)."""
-    page = f"#/experiments/{experiment_id}/runs"
+def runs_url(uri: str, experiment_id: str, sweep_id: str | None = None) -> str:
+    """Where MLflow 3.17's UI shows an experiment's runs (it opens experiments on an empty GenAI page): with
+    a sweep id, its saved view in the chart view, every trial's curves overlaid (record.parent.save_curves_view)."""
+    page = f"#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+    if sweep_id is not None:
+        page += f"&compareRunsMode=CHART&viewStateShareKey={urllib.parse.quote(sweep_id, safe='')}"
     if uri.startswith(("http://", "https://")):
         return f"{uri.rstrip('/')}/{page}"
     return f"http://127.0.0.1:5000/{page} (after `mlflow ui --backend-store-uri {uri}`)"
@@ -391,6 +397,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plan", action="store_true", help="print each trial's memory and cost plan; starts no Ray")
     parser.add_argument("--json", action="store_true", help="with --plan: a JSON list, one object per trial")
     args = parser.parse_args(argv)
+    if args.json and not args.plan:
+        parser.error("--json: only with --plan")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         spec = load_spec(find_spec(args.spec))
@@ -419,7 +427,7 @@ def main(argv: list[str] | None = None) -> int:
     listed = f": {', '.join(failed)}" if failed else ""
     print(f"sweep {outcome.sweep_id}: {done} finished, {len(failed)} failed{listed}")
     print(f"MLflow: {outcome.tracking_uri} (experiment {outcome.sweep.name!r}); Ray: {outcome.experiment_path}")
-    print(f"the runs in MLflow's UI: {runs_url(outcome.tracking_uri, outcome.experiment_id)}")
+    print(f"the runs in MLflow's UI: {runs_url(outcome.tracking_uri, outcome.experiment_id, outcome.sweep_id)}")
     if outcome.results_dir is not None:
         print(f"results: {outcome.results_dir}")
     return EXIT_INTERRUPTED if outcome.interrupted else 0

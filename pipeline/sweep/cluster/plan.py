@@ -44,7 +44,17 @@ from pipeline.sweep.cluster.placement import GPUProbe
 from pipeline.sweep.spec.budget import FRAME_SIZE, MFU, SEQ_LEN, plan_line, trial_gpu_hours
 from pipeline.sweep.spec.grid import Point
 from pipeline.sweep.spec.sweep import SpecError, Sweep
-from vpn.memory import GIB, HEADROOM, budget_bytes, choose_settings, meta_memo, train_memory
+from vpn.memory import (
+    GIB,
+    HEADROOM,
+    PROCESS_GIB,
+    budget_bytes,
+    choose_settings,
+    host_budget_bytes,
+    host_memory_bytes,
+    meta_memo,
+    train_memory,
+)
 from vpn.model import VideoPixelNetwork, count_flops_per_frame
 
 log = logging.getLogger(__name__)
@@ -194,12 +204,15 @@ def plan_sweep(sweep: Sweep, gpu: GPU | None) -> list[TrialPlan]:
 
 
 def check_plan(sweep: Sweep, root: Path | None = None, gpu: GPU | None = None) -> list[TrialPlan]:
-    """The plan of a sweep whose trials have GPUs, refusing one that no setting fits (SpecError).
+    """The plan of a sweep, refusing a trial whose step cannot fit (SpecError).
 
-    gpu: the GPU to plan for (default planned_gpu: the spec's run.gpu_memory_gb, else cluster.yaml's).
-    A CPU sweep (run.gpus_per_trial / gpus_per_worker 0) is not planned: nothing is measured.
+    A GPU sweep: no setting fits its GPU (gpu: the GPU to plan for; default planned_gpu, the spec's
+    run.gpu_memory_gb, else cluster.yaml's). A CPU sweep (run.gpus_per_trial / gpus_per_worker 0):
+    its step, under the settings it runs with, does not fit a trial process's share of the memory
+    (check_host_memory); its plans then hold only what that check measured ([]: all fit).
     """
     if sweep.run.worker_gpus <= 0:
+        check_host_memory(sweep)
         return []
     gpu = planned_gpu(sweep, root) if gpu is None else gpu
     if gpu is None:
@@ -209,6 +222,88 @@ def check_plan(sweep: Sweep, root: Path | None = None, gpu: GPU | None = None) -
     if refused:
         raise SpecError(f"{sweep.source}: profiles.{sweep.profile}: {refusal(sweep, refused, gpu)}")
     return plans
+
+
+def host_share(sweep: Sweep) -> GPU:
+    """The memory one CPU trial process may use (in GB, with where the figure comes from): the spec's
+    run.cpu_memory_gb, else this machine's memory (vpn.memory.host_memory_bytes) shared by the trial
+    processes that run at once (its cores / run.cpus_per_trial, or run.max_concurrent x the workers)."""
+    run = sweep.run
+    if run.cpu_memory_gb is not None:
+        return GPU(float(run.cpu_memory_gb), f"run.cpu_memory_gb of {sweep.source}")
+    import os
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    at_once = max(1, int(cores // run.worker_cpus))
+    if run.max_concurrent:
+        at_once = min(at_once, run.max_concurrent * run.workers_per_trial)
+    total = host_memory_bytes()
+    return GPU(
+        total / at_once / GB,
+        f"this machine's {total / GIB:.1f} GiB shared by {at_once} trial process(es) at once ({cores} cores)",
+    )
+
+
+def check_host_memory(sweep: Sweep) -> None:
+    """Refuse a CPU sweep (SpecError) whose step, with the settings it runs with (on CPU `auto` is the
+    whole share without checkpointing), needs more than a trial process's share of the memory
+    (host_share: HEADROOM of it, less PROCESS_GIB for the process's imports)."""
+    host = host_share(sweep)
+    budget = host_budget_bytes(host.memory_gib)
+    for point in sweep.points:
+        frames, share = _frames_and_share(sweep, point)
+        t = point.train
+        cfg = t.replace(
+            activation_checkpointing=_fixed(t.activation_checkpointing, False),
+            micro_batch_size=_fixed(t.micro_batch_size, None),
+        )
+        with meta_memo():  # the model built on the meta device and measured: each op asked once
+            need = _estimate(point.model, cfg, frames, share)
+        if need is None or need.total > budget:
+            raise SpecError(f"{sweep.source}: profiles.{sweep.profile}: {host_refusal(sweep, point, need, host)}")
+
+
+def _estimate(model, cfg, frames, share):
+    """vpn.memory.train_memory, or None where the step is too large to estimate (sizes beyond int64)."""
+    try:
+        return train_memory(model, cfg, frames, "fp32", share)
+    except (RuntimeError, OverflowError, MemoryError):
+        return None
+
+
+def _largest_fitting_micro(point: Point, frames: tuple[int, int, int], share: int, budget: int) -> int | None:
+    """The largest micro-batch (a divisor of the share) whose checkpointed step fits `budget`, or None.
+    A step's memory grows with its micro-batch, so a bisection over the divisors measures a handful."""
+    divisors = [d for d in range(1, share + 1) if share % d == 0]
+    lo, hi, best = 0, len(divisors) - 1, None
+    with meta_memo():
+        while lo <= hi and budget > 0:
+            mid = (lo + hi) // 2
+            cfg = point.train.replace(activation_checkpointing=True, micro_batch_size=divisors[mid])
+            need = _estimate(point.model, cfg, frames, share)
+            if need is not None and need.total <= budget:
+                best, lo = divisors[mid], mid + 1
+            else:
+                hi = mid - 1
+    return best
+
+
+def host_refusal(sweep: Sweep, point: Point, need, host: GPU) -> str:
+    """Why a CPU trial is refused: its step's memory against its share, and the settings that would fit."""
+    frames, share = _frames_and_share(sweep, point)
+    budget = host_budget_bytes(host.memory_gib)
+    step = f"a step of {share} sequence(s) of {frames} frames"
+    needs = "is too large to estimate" if need is None else f"needs {need.total_gib:.1f} GiB (vpn.memory)"
+    fix = "lower train.batch_size, train.seq_len or the model's size"
+    micro = _largest_fitting_micro(point, frames, share, budget) if need is not None else None
+    if micro is not None:
+        fix = f"set train.micro_batch_size: {micro} and train.activation_checkpointing: true (it fits then), or {fix}"
+    return (
+        f"trial {point.label} does not fit a CPU trial's memory: {step} in fp32 {needs}, and a step may use "
+        f"{max(budget, 0) / GIB:.1f} GiB of the {host.memory_gib:.1f} GiB a trial process has ({host.source}; "
+        f"{HEADROOM:.0%} of it less {PROCESS_GIB:g} GiB for the process's imports); {fix}, or lower run.max_concurrent "
+        "or set run.cpu_memory_gb"
+    )
 
 
 def gpu_from_probe(planned: GPU | None, probe: GPUProbe) -> tuple[GPU | None, str]:
@@ -236,9 +331,11 @@ def check_plan_on_cluster(ray, sweep: Sweep, root: Path | None = None) -> list[T
     (gpu_from_probe); logs where the figure came from. A CPU sweep probes nothing."""
     if sweep.run.worker_gpus <= 0:
         return []
-    from pipeline.sweep.cluster.placement import probe_gpus
+    from pipeline.sweep.cluster.placement import probe_gpus, refuse_unusable_gpus
 
-    gpu, where = gpu_from_probe(planned_gpu(sweep, root), probe_gpus(ray))
+    probe = probe_gpus(ray)
+    refuse_unusable_gpus(sweep, probe)  # GPUs that torch cannot use, or none at all: refused, never skipped
+    gpu, where = gpu_from_probe(planned_gpu(sweep, root), probe)
     log.info("memory plan of %s, profile %s: %s", sweep.name, sweep.profile, where)
     return check_plan(sweep, root, gpu) if gpu is not None else []
 

@@ -35,6 +35,8 @@ def check_data(sweep: Sweep) -> dict[str, Any]:
         identity, identity_of = json_dumps(read_stats(sweep.data)), "stats.json"
     except FileNotFoundError:  # hand-made data (tests): its shapes stand in for the stats
         identity, identity_of = json_dumps(shapes), "array shapes"
+    except ValueError as e:  # there, but not a JSON object (corrupt, truncated)
+        raise SweepDataError(f"{sweep.source}: data: {e}") from None
     return {"shape": (n, t, c, h, w), "identity": identity, "identity_of": identity_of, "shapes": shapes}
 
 

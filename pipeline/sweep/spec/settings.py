@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+RAY_RESOURCE_UNIT = 1e-4  # Ray counts resources in units of 1/10,000 (ray._common.ray_option_utils)
+
 
 @dataclass(frozen=True)
 class AshaSettings:
@@ -56,6 +58,9 @@ class RunSettings:
     # The memory of one GPU the trials run on, in GB (1e9 bytes, as GPUs are sold), for the memory plan
     # (pipeline.sweep.cluster.plan); null: the smallest GPU sweeps/cluster.yaml offers.
     gpu_memory_gb: float | None = None
+    # The memory one CPU trial's process may use, in GB, for the same plan; null: this machine's memory
+    # shared by the trial processes its cores run at once.
+    cpu_memory_gb: float | None = None
     max_failures: int = 2
     storage_path: str | None = None
     asha: AshaSettings = field(default_factory=AshaSettings)
@@ -75,6 +80,10 @@ class RunSettings:
         g = self.gpus_per_trial
         if g < 0 or (g > 1 and g != int(g)):
             raise ValueError(f"gpus_per_trial must be 0, a fraction in (0, 1] or a whole number, got {g}")
+        for name in ("cpus_per_trial", "gpus_per_trial", "cpus_per_worker", "gpus_per_worker"):
+            v = getattr(self, name)
+            if v is not None and 0 < v < RAY_RESOURCE_UNIT:  # else Ray refuses it, but only as a trial starts
+                raise ValueError(f"{name} must be 0 or at least {RAY_RESOURCE_UNIT} (Ray's unit), got {v}")
         n = self.workers_per_trial
         if isinstance(n, bool) or not isinstance(n, int) or n < 1:
             raise ValueError(f"workers_per_trial must be an integer >= 1, got {n!r}")
@@ -107,9 +116,10 @@ class RunSettings:
         b = self.budget_gpu_hours
         if b is not None and (isinstance(b, bool) or not isinstance(b, (int, float)) or not b > 0):
             raise ValueError(f"budget_gpu_hours must be a number > 0 or null, got {b!r}")
-        m = self.gpu_memory_gb
-        if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
-            raise ValueError(f"gpu_memory_gb must be a number > 0 or null, got {m!r}")
+        for name in ("gpu_memory_gb", "cpu_memory_gb"):
+            m = getattr(self, name)
+            if m is not None and (isinstance(m, bool) or not isinstance(m, (int, float)) or not m > 0):
+                raise ValueError(f"{name} must be a number > 0 or null, got {m!r}")
 
     @property
     def worker_cpus(self) -> float:

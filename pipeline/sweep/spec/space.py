@@ -14,10 +14,11 @@ then at its high end) as whole points; pipeline.sweep.trials.search turns the ax
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
+
+from vpn.config import type_problem
 
 ALGORITHMS = ("grid", "random", "optuna", "bohb")
 RANGE_KINDS = ("int", "uniform", "loguniform")
@@ -51,7 +52,7 @@ def read_range(value: Mapping[str, Any]) -> Range:
     kind, ends = next(iter(value.items()))
     if not isinstance(ends, list) or len(ends) != 2:
         raise ValueError(f"{kind}: give [low, high], got {ends!r}")
-    if any(isinstance(e, bool) or not isinstance(e, (int, float)) or not math.isfinite(e) for e in ends):
+    if any(type_problem(e, (int, float)) for e in ends):  # no bool, NaN, inf, or int beyond int64
         raise ValueError(f"{kind}: both ends must be finite numbers, got {ends!r}")
     low, high = ends
     if kind == "int" and (int(low) != low or int(high) != high):

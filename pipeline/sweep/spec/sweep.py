@@ -27,7 +27,7 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
       train: {lr: [3.0e-4]}        # lists of TrainConfig values
     run:                           # how the trials run, not what they compute
       cpus_per_trial: 1
-      gpus_per_trial: 0            # fractions allowed; requested only where the cluster has GPUs
+      gpus_per_trial: 0            # fractions allowed; refused where the cluster has no GPU torch can use
       workers_per_trial: 1         # N > 1: N data-parallel workers (Ray Train), train.batch_size split
       cpus_per_worker: null        # each worker's CPUs (null: cpus_per_trial)
       gpus_per_worker: null        # each worker's GPUs (null: gpus_per_trial); 0 or 1 when N > 1
@@ -35,6 +35,7 @@ Format (all sections but `name` optional; see sweeps/depth_width.yaml for a comm
       seeds: 1                     # each point runs this often, with train.seed + 0, 1, ...
       num_samples: null            # a searcher's draw count (search.algorithm random, optuna, bohb)
       budget_gpu_hours: null       # a searcher stops starting trials past this estimate
+      cpu_memory_gb: null          # a CPU trial's memory for the plan (null: this machine's per trial)
       max_failures: 2              # a crashed trial is retried from its checkpoint this often
       storage_path: null           # Ray results (null: <repo>/ray_results; s3://, NFS on a cluster)
       asha: {enabled: false, grace_steps: 100, reduction_factor: 3}
@@ -70,11 +71,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from pipeline.params import ParamsError, read_yaml
 from pipeline.paths import repo_root
 from pipeline.sweep.spec.budget import check_budget, trial_gpu_hours
 from pipeline.sweep.spec.grid import PRESET_FIELDS, Point, Row, Search, combinations, point_label
+from pipeline.sweep.spec.inputs import local_path
 from pipeline.sweep.spec.profiles import apply_profile
 from pipeline.sweep.spec.settings import AshaSettings, OverfitSettings, RunSettings
 from pipeline.sweep.spec.space import corner, describe, ends
@@ -84,6 +85,7 @@ from pipeline.sweep.spec.validate import (
     TRAIN_FIELDS,
     Blame,
     SpecError,
+    check_points,
     model_config,
     read_mapping,
     read_run,
@@ -213,10 +215,10 @@ def load_spec(path: str | Path, root: str | Path | None = None) -> SweepSpec:
     path = Path(path)
     if not path.is_file():
         raise SpecError(f"{label}: no such spec file")
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise SpecError(f"{label}: not valid YAML: {e}") from e
+    try:  # UTF-8, valid YAML, at most MAX_DEPTH levels and MAX_VALUES values (aliases expanded)
+        raw = read_yaml(path)
+    except ParamsError as e:
+        raise SpecError(f"{label}: {e.problem}") from None
     if not isinstance(raw, dict):
         raise SpecError(f"{label}: a spec must be a mapping of sections, got {type(raw).__name__}")
     _check_keys(label, "", raw, TOP_KEYS)
@@ -276,6 +278,7 @@ def _build(
     _check_trial_count(sections, blame)
     points = _corner_points(sections, blame) if sections.search.searched else _grid_points(sections, blame)
     _check_sweep(sections, points, blame)
+    check_points(sections.run, sections.search, sections.train, points, blame)  # devices, labels, batch splits
     if sections.run.budget_gpu_hours is not None:
         try:  # the corners' costs: each range's low and high ends (cost rises with depth, width, steps)
             costs = [trial_gpu_hours(None, p) for p in points]
@@ -310,8 +313,11 @@ def _read_sections(spec: Mapping[str, Any], root: Path, data_override: str | Pat
     data = data_override if data_override is not None else spec.get("data", "data/moving_mnist")
     if not isinstance(data, (str, Path)) or not str(data):
         raise blame.fail("data", f"must be a path to the moving_mnist folder, got {data!r}")
-    data_path = Path(data).expanduser()
-    data_path = (data_path if data_path.is_absolute() else root / data_path).resolve()
+    try:
+        data_path = local_path(data, root)
+    except ValueError as e:
+        given = " (given by --data or VPN_DATA)" if data_override is not None else ""
+        raise blame.fail("data", f"{e}{given}") from None
 
     model = read_mapping(spec.get("model"), "model", blame)
     train = read_mapping(spec.get("train"), "train", blame)
@@ -323,6 +329,11 @@ def _read_sections(spec: Mapping[str, Any], root: Path, data_override: str | Pat
             raise blame.fail(f"train.{key}", f"unknown TrainConfig key; known keys: {', '.join(TRAIN_FIELDS)}")
 
     run = read_run(spec.get("run"), blame)
+    if run.storage_path and "://" not in run.storage_path:  # s3://, gs://: Ray's to reach
+        try:
+            local_path(run.storage_path)
+        except ValueError as e:
+            raise blame.fail("run.storage_path", str(e)) from None
     overfit_raw = spec.get("overfit")
     if overfit_raw is not None and mode != "overfit":
         raise blame.fail("overfit", "only applies to mode: overfit")

@@ -21,8 +21,8 @@ from typing import Any, TypeVar
 from pipeline.params import ParamsError, field_named_by, section_from_mapping
 from pipeline.sweep.spec.grid import PRESET_FIELDS, Row, Search
 from pipeline.sweep.spec.settings import AshaSettings, RunSettings
-from pipeline.sweep.spec.space import ALGORITHMS, read_range
-from vpn.config import PRESETS, TrainConfig, VPNConfig
+from pipeline.sweep.spec.space import ALGORITHMS, Range, read_range
+from vpn.config import PRESETS, SEED_LIMIT, TrainConfig, VPNConfig
 
 T = TypeVar("T")
 
@@ -99,8 +99,9 @@ def read_search(value: Any, blame: Blame) -> Search:
     algorithm, seed = raw.get("algorithm", "grid"), raw.get("seed", 0)
     if algorithm not in ALGORITHMS:
         raise blame.fail("search.algorithm", f"must be one of {', '.join(ALGORITHMS)}, got {algorithm!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:
-        raise blame.fail("search.seed", f"must be an integer >= 0, got {seed!r}")
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < SEED_LIMIT:
+        # numpy's legacy generators, which the searchers seed (optuna's samplers, hpbandster), take 32 bits
+        raise blame.fail("search.seed", f"must be an integer in [0, 2**32), got {seed!r}")
     searched = algorithm != "grid"
     for key in ("preset", "rows"):
         if searched and raw.get(key) is not None:
@@ -212,3 +213,93 @@ def _config_field(path: str, error: Exception, fields: Collection[str]) -> str:
         if key:
             return f"{path}.{key}"
     return path
+
+
+# -- what only the points together with the run section show -------------------------------------
+# A trial's label names its Ray folder (trial_dirname_creator): letters, digits and _ . = + : - only.
+LABEL_RE = re.compile(r"^[A-Za-z0-9_.=+:-]+$")
+RANGE_VALUES_CHECKED = 10_000  # a searched range of batch sizes is checked value by value up to this width
+
+
+def check_points(run: RunSettings, search: Search, base_train: Mapping[str, Any], points: list, blame: Blame) -> None:
+    """Each point's device against the GPUs its trial gets, its label, its micro-batch against each
+    worker's share, and a searcher's draws of batch sizes and seeds (its points are only the corners)."""
+    gpus, workers = run.worker_gpus, run.workers_per_trial
+    gpu_field = "gpus_per_worker" if run.gpus_per_worker is not None else "gpus_per_trial"
+    devices = {p.train.device: p.label for p in points}
+    for d in search.train.get("device", ()) if not isinstance(search.train.get("device"), Range) else ():
+        devices.setdefault(d, "every draw")
+    for device, label in devices.items():
+        if gpus > 0 and device == "cpu":
+            raise blame.fail(
+                "train.device",
+                f"train.device=cpu (point {label}) would leave idle the GPU that run.{gpu_field}={gpus:g} reserves "
+                f"for each trial; use device auto or cuda, or set run.{gpu_field}: 0",
+            )
+        if gpus <= 0 and device.startswith("cuda"):
+            raise blame.fail(
+                "train.device",
+                f"train.device={device} (point {label}) needs a GPU, but run.{gpu_field}=0 gives the trial none "
+                f"(Ray hides every GPU from it); set run.{gpu_field}, or device auto or cpu",
+            )
+        if gpus > 0 and workers == 1 and device.startswith("cuda:") and device != "cuda:0":
+            raise blame.fail(
+                "train.device",
+                f"train.device={device} (point {label}), but a trial sees only the GPU Ray granted it, as cuda:0",
+            )
+    for p in points:
+        if not LABEL_RE.match(p.label):
+            raise blame.fail("search", f"the trial label {p.label!r} names a folder: letters, digits, _ . = + : - only")
+        m, share = p.train.micro_batch_size, p.train.batch_size // workers
+        if isinstance(m, int) and share % m:
+            raise blame.fail(
+                "train.micro_batch_size",
+                f"train.micro_batch_size={m} (point {p.label}) must divide each worker's share of the batch: "
+                f"{share} sequences (train.batch_size={p.train.batch_size} over run.workers_per_trial={workers})",
+            )
+    if search.searched:
+        _check_draws(run, search, base_train, points, blame)
+
+
+def _values(axis: Any) -> Any:
+    return range(int(axis.low), int(axis.high) + 1) if isinstance(axis, Range) else axis
+
+
+def _check_draws(run: RunSettings, search: Search, base_train: Mapping[str, Any], points: list, blame: Blame) -> None:
+    """A searcher draws any value of a range and of a choice, where the corners show only the ends."""
+    workers = run.workers_per_trial
+    b_axis, m_axis = search.train.get("batch_size"), search.train.get("micro_batch_size")
+    batches = b_axis if b_axis is not None else (base_train.get("batch_size", TrainConfig.batch_size),)
+    micros = m_axis if m_axis is not None else (base_train.get("micro_batch_size", TrainConfig.micro_batch_size),)
+    b_path = "search.train.batch_size" if b_axis is not None else "train.batch_size"
+    m_path = "search.train.micro_batch_size" if m_axis is not None else "train.micro_batch_size"
+    splits = workers > 1 or any(isinstance(m, int) and m > 1 for m in _values(micros))
+    if splits:  # else every batch size is one pass on one worker
+        for axis, path in ((batches, b_path), (micros, m_path)):
+            if isinstance(axis, Range) and axis.high - axis.low >= RANGE_VALUES_CHECKED:
+                wide = f"a range of {axis.high - axis.low + 1:g} values is too wide to check; list the values"
+                raise blame.fail(path, wide)
+        for b in _values(batches):
+            if b % workers:
+                raise blame.fail(
+                    b_path,
+                    f"the searcher may draw train.batch_size={b}, which run.workers_per_trial={workers} workers cannot "
+                    "split evenly; list batch sizes that are multiples of it (a choice, not a range)",
+                )
+            for m in _values(micros):
+                if isinstance(m, int) and (b // workers) % m:
+                    raise blame.fail(
+                        m_path if m_axis is not None else b_path,
+                        f"the searcher may draw train.batch_size={b} with train.micro_batch_size={m}, which does not "
+                        f"divide each worker's share ({b // workers} sequences); list values that divide it",
+                    )
+    seed_axis = search.train.get("seed")
+    top = max(p.train.seed for p in points)
+    if seed_axis is not None:
+        top = max(top, int(seed_axis.high) if isinstance(seed_axis, Range) else max(seed_axis))
+    if top + run.seeds - 1 >= SEED_LIMIT:
+        raise blame.fail(
+            "run.seeds",
+            f"a trial's seed is train.seed + 0..{run.seeds - 1} (run.seeds={run.seeds}), which passes 2**32 "
+            f"from train.seed={top}; lower train.seed",
+        )

@@ -37,6 +37,7 @@ from collections.abc import Callable, Mapping
 from typing import Any
 
 from pipeline.sweep.record import tracking
+from pipeline.sweep.trials.devices import require_usable_gpu
 from pipeline.sweep.trials.trial import TrialConfig
 
 log = logging.getLogger(__name__)
@@ -104,6 +105,7 @@ def worker(loop_config: Mapping[str, Any]) -> None:
     plan = loop_config["plan"]
     rank = ray.train.get_context().get_world_rank()
     torch.set_num_threads(max(1, int(plan["worker"]["CPU"])))  # the cores Ray granted this worker
+    require_usable_gpu(float(plan["worker"].get("GPU", 0)))  # a GPU torch cannot use: fail at once (devices)
     tags = {
         tracking.TAG_TRIAL_ID: loop_config["trial_id"],
         tracking.TAG_TRIAL_NAME: loop_config["trial_name"],
@@ -129,7 +131,7 @@ def rank_device(name: str, ray_device: Callable[[], Any]) -> str:
     """
     from vpn.train import resolve_device
 
-    if resolve_device(name).type != "cuda":
+    if name == "cpu" or (name == "auto" and resolve_device(name).type != "cuda"):  # not the CUDA the rank has
         return name
     device = ray_device()
     if device.type != "cuda":

@@ -61,6 +61,7 @@ from torch import Tensor
 
 from pipeline.sweep.record import forecasting, pictures, tracking
 from pipeline.sweep.trials import search
+from pipeline.sweep.trials.devices import require_usable_gpu
 from pipeline.sweep.trials.trial import TrialConfig
 from vpn.data import MovingMNIST, training_source
 from vpn.evaluate import prepare
@@ -102,6 +103,7 @@ def trial(config: Mapping[str, Any]) -> None:
     granted = dict(ctx.get_trial_resources().required_resources)  # e.g. {"CPU": 1.0, "GPU": 0.5}
     # Threads = the CPUs Ray granted this trial (trials share the node's cores).
     torch.set_num_threads(max(1, int(granted.get("CPU", 1))))
+    require_usable_gpu(float(granted.get("GPU", 0)))  # a GPU torch cannot use fails the trial at once (devices)
     cap_gpu_memory(float(granted.get("GPU", 0)), resolve_device(cfg.train.device))
     tags = {
         tracking.TAG_TRIAL_ID: ctx.get_trial_id(),
