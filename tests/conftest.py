@@ -1,5 +1,5 @@
 """What several test modules share: tiny data, a copy of the checkout as a git repository, a free port,
-the environment, a local Ray, an `mlflow server`.
+the environment, a local Ray, an `mlflow server`, a PostgreSQL.
 
 Helpers are plain functions and context managers (import them: `from conftest import local_ray`),
 so that a module-scoped fixture can set the environment its Ray workers inherit before Ray starts;
@@ -10,14 +10,17 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import numpy as np
@@ -127,11 +130,21 @@ def running_local_ray(**init) -> Iterator[str]:
 
 
 class MlflowServer:
-    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in `root`, on one port
-    for life: stop() then start() again is the same server restarted (its port, its store)."""
+    """`mlflow server` on 127.0.0.1 with proxied artifacts in `root` and a SQLite backend there, or
+    `backend` (a URI); `args` and `env` are added to its command line and environment. On one port for
+    life: stop() then start() again is the same server restarted (its port, its store)."""
 
-    def __init__(self, root: Path, port: int | None = None) -> None:
+    def __init__(
+        self,
+        root: Path,
+        port: int | None = None,
+        backend: str | None = None,
+        workers: int = 1,
+        args: tuple[str, ...] = (),
+        env: Mapping[str, str] | None = None,
+    ) -> None:
         self.root, self.port = root, port or free_port()
+        self.backend, self.workers, self.args, self.env = backend, workers, tuple(args), dict(env or {})
         self.uri = f"http://127.0.0.1:{self.port}"
         self._process: subprocess.Popen | None = None
 
@@ -143,11 +156,12 @@ class MlflowServer:
             self._process = subprocess.Popen(
                 [
                     sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
-                    "--backend-store-uri", f"sqlite:///{self.root / 'server.db'}",
-                    "--artifacts-destination", str(self.root / "server_artifacts"), "--workers", "1",
+                    "--backend-store-uri", self.backend or f"sqlite:///{self.root / 'server.db'}",
+                    "--artifacts-destination", str(self.root / "server_artifacts"),
+                    "--workers", str(self.workers), *self.args,
                 ],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,  # its workers share its process group
-                env={**os.environ, **QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"},
+                env={**os.environ, **QUIET_ENV, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **self.env},
             )  # fmt: skip
         deadline = time.monotonic() + timeout
         while True:
@@ -177,9 +191,15 @@ class MlflowServer:
 
 
 @contextlib.contextmanager
-def running_mlflow_server(root: Path) -> Iterator[str]:
-    """`mlflow server` on 127.0.0.1 with a SQLite backend and proxied artifacts in `root`; yields its URI."""
-    server = MlflowServer(root)
+def running_mlflow_server(
+    root: Path,
+    backend: str | None = None,
+    workers: int = 1,
+    args: tuple[str, ...] = (),
+    env: Mapping[str, str] | None = None,
+) -> Iterator[str]:
+    """An MlflowServer (see there) for the block; yields its URI."""
+    server = MlflowServer(root, backend=backend, workers=workers, args=args, env=env)
     try:
         yield server.start()
     finally:
@@ -200,3 +220,80 @@ def local_ray() -> Iterator[str]:
 
     with environ(QUIET_ENV), running_local_ray() as address:
         yield address
+
+
+PG_USER = "vpnpg"  # PostgreSQL refuses to run as root: the tests' server runs as this user
+
+
+def postgres_bin() -> Path | None:
+    """The newest of Debian's PostgreSQL versions installed (its bin/ folder), or None."""
+    found = sorted(Path("/usr/lib/postgresql").glob("*/bin/initdb"), key=lambda p: int(p.parent.parent.name))
+    return found[-1].parent if found else None
+
+
+def _pg_user() -> pwd.struct_passwd:
+    """Root: the unprivileged PG_USER, created when missing (a fresh CI machine); anyone else: themselves."""
+    if os.geteuid() != 0:
+        return pwd.getpwuid(os.geteuid())
+    try:
+        return pwd.getpwnam(PG_USER)
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--shell", "/usr/sbin/nologin",
+                        PG_USER], check=True)  # fmt: skip
+        return pwd.getpwnam(PG_USER)
+
+
+@contextlib.contextmanager
+def running_postgres(fsync: bool = False) -> Iterator[Callable[[str], str]]:
+    """Debian's PostgreSQL in a temp folder on a free loopback port, with a password (scram-sha-256),
+    run as an unprivileged user; yields `database(name) -> SQLAlchemy URI`, which creates the database.
+
+    fsync off by default: a test's server need not survive a power loss, and it is faster on a loaded
+    machine; the load benchmark keeps it on (what a real server does).
+    """
+    binaries = postgres_bin()
+    if binaries is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed (.ci/run installs Debian's postgresql)")
+        pytest.skip("needs Debian's postgresql (/usr/lib/postgresql/*/bin)")
+    user = _pg_user()
+    as_user = {"user": user.pw_uid, "group": user.pw_gid} if os.geteuid() == 0 else {}
+    # In /tmp, not pytest's tmp_path: that sits in root's 0700 folder, which the server's user cannot enter.
+    folder = Path(tempfile.mkdtemp(prefix="vpn-pg-"))
+    os.chown(folder, user.pw_uid, user.pw_gid)
+    password, port = secrets.token_hex(16), free_port()
+    (folder / "pw").write_text(password)
+    os.chown(folder / "pw", user.pw_uid, user.pw_gid)
+    data, log = folder / "data", folder / "postgres.log"
+
+    def run(*cmd: str) -> None:
+        subprocess.run(cmd, cwd=folder, check=True, capture_output=True, **as_user)
+
+    run(str(binaries / "initdb"), "-D", str(data), "-U", "postgres", "--auth=scram-sha-256",
+        f"--pwfile={folder / 'pw'}", "-E", "UTF8", "--no-instructions")  # fmt: skip
+    (folder / "pw").unlink()
+    with (data / "postgresql.conf").open("a") as conf:
+        conf.write(f"listen_addresses = '127.0.0.1'\nport = {port}\nunix_socket_directories = ''\n"
+                   f"max_connections = 300\nfsync = {'on' if fsync else 'off'}\n")  # fmt: skip
+    try:
+        run(str(binaries / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "120", "start")
+    except subprocess.CalledProcessError:
+        pytest.fail(f"PostgreSQL did not start:\n{log.read_text()[-3000:] if log.exists() else ''}")
+    base = f"postgresql+psycopg2://postgres:{password}@127.0.0.1:{port}"
+
+    def database(name: str) -> str:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(f"{base}/postgres", isolation_level="AUTOCOMMIT")
+        with engine.connect() as c:
+            if not c.execute(sqlalchemy.text("SELECT 1 FROM pg_database WHERE datname = :n"), {"n": name}).first():
+                c.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+        engine.dispose()
+        return f"{base}/{name}"
+
+    try:
+        yield database
+    finally:
+        subprocess.run([str(binaries / "pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"], cwd=folder,
+                       check=False, capture_output=True, **as_user)  # fmt: skip
+        shutil.rmtree(folder, ignore_errors=True)

@@ -335,10 +335,9 @@ def test_cluster_config_is_a_valid_ray_cluster_launcher_config():
     workers = [t for name, t in raw["available_node_types"].items() if name != raw["head_node_type"]]
     assert workers and all(t["node_config"]["InstanceType"].startswith(("g", "p")) for t in workers)  # GPU nodes
     assert raw["file_mounts"]["~/vpn"] == "."  # the repository on every node
-    assert set(raw["file_mounts"]) == {"~/vpn", "~/.ray/auth_token", "~/.vpn_mlflow_credentials"}
-    assert any("--app-name basic-auth" in c and "0.0.0.0" not in c for c in raw["head_start_ray_commands"])
+    assert set(raw["file_mounts"]) == {"~/vpn", "~/.ray/auth_token", "~/.vpn_mlflow_credentials", "~/.vpn_mlflow_admin"}
     assert "pip install -q -e ~/vpn" in raw["setup_commands"]
-    assert any("mlflow server" in c for c in raw["head_start_ray_commands"])
+    assert any("tracking_server start" in c for c in raw["head_start_ray_commands"])
     env = " ".join(raw["setup_commands"] + raw["head_setup_commands"])
     for var in ("VPN_DATA", "VPN_SWEEP_STORAGE", "VPN_WAIT_FOR_NODES", "MLFLOW_TRACKING_URI"):
         assert var in env
@@ -353,12 +352,57 @@ def test_the_onprem_cluster_config_passes_rays_schema():
     validate_config(prepare_config(raw))
     assert raw["provider"]["type"] == "local"
     assert raw["min_workers"] == raw["max_workers"] == len(raw["provider"]["worker_ips"])
-    env = raw["setup_commands"][0]
+    env = next(c for c in raw["setup_commands"] if "> ~/.vpn_env" in c)
     assert f"VPN_HEAD_IP={raw['provider']['head_ip']}" in env  # the two marked copies of the head's address agree
     for var in ("RAY_AUTH_MODE=token", "MLFLOW_TRACKING_URI", "VPN_SWEEP_STORAGE", "VPN_DATA", "VPN_RESULTS_DIR"):
         assert var in env
-    assert any("--app-name basic-auth" in c for c in raw["head_start_ray_commands"])
+    assert any("tracking_server start" in c for c in raw["head_start_ray_commands"])
     assert any("|| dvc pull ||" in c for c in raw["setup_commands"])  # the data from the DVC remote first
+
+
+@pytest.mark.parametrize("config", ["cluster.yaml", "onprem.yaml"])
+def test_cluster_configs_listen_on_no_wildcard_and_keep_secrets_private(config):
+    """Issue 28/30: nothing on 0.0.0.0 (MLflow on the private address, Ray's dashboard on 127.0.0.1);
+    every synced secret made 0600 (its folder 0700) on every node; the trials' login on every node's
+    shell, the admin's only in the head's setup."""
+    raw = yaml.safe_load((REPO / "sweeps" / config).read_text())
+    assert "0.0.0.0" not in repr(raw)  # its comments aside
+    commands = raw["setup_commands"] + raw["head_setup_commands"] + raw["head_start_ray_commands"]
+    assert "mlflow server" not in " ".join(commands)  # started by tracking_server, on --host <private address>
+    assert not any("--dashboard-host" in c and "127.0.0.1" not in c for c in commands)
+    secrets = [m for m in raw["file_mounts"] if m != "~/vpn"]
+    chmod = raw["setup_commands"][0]
+    assert chmod.startswith("chmod 700 ~/.ray && chmod 600") and all(m in chmod for m in secrets)
+    env = next(c for c in raw["setup_commands"] if "~/.vpn_env" in c and "printf" in c)
+    assert "source $HOME/.vpn_mlflow_credentials" in env and "vpn_mlflow_admin" not in env
+    (start,) = [c for c in raw["head_start_ray_commands"] if "tracking_server start" in c]
+    assert "--admin-login ~/.vpn_mlflow_admin --trials-login ~/.vpn_mlflow_credentials" in start
+
+
+@pytest.mark.parametrize("config", ["cluster.yaml", "onprem.yaml"])
+def test_a_failed_cd_runs_no_data_stage(config, tmp_path):
+    """Issue 30: the data command stops when its `cd` fails, instead of running `dvc pull` and the data
+    stages in $HOME. Run as written, with stand-ins for dvc and python that leave a mark."""
+    raw = yaml.safe_load((REPO / "sweeps" / config).read_text())
+    (line,) = [c for c in raw["setup_commands"] if "|| dvc pull ||" in c]
+    line = line.replace(". ~/.vpn_env && ", "")  # on the node it sets VPN_REPO and PATH
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    for tool in ("dvc", "python"):
+        (bin_ / tool).write_text(f"#!/bin/sh\necho {tool} >> {tmp_path / 'ran'}\nexit 1\n")
+        (bin_ / tool).chmod(0o755)
+    env = {"HOME": str(tmp_path / "home"), "VPN_REPO": str(tmp_path / "missing"), "PATH": f"{bin_}:/usr/bin:/bin"}
+    (tmp_path / "home").mkdir()
+    done = subprocess.run(
+        ["bash", "-c", line], check=False, cwd=tmp_path / "home", env=env, capture_output=True, text=True
+    )
+    assert done.returncode != 0 and "cd" in done.stderr
+    assert not (tmp_path / "ran").exists(), (tmp_path / "ran").read_text()
+    # The same line with the repository there does run them (the stand-ins are reached).
+    (tmp_path / "home" / "vpn").mkdir()
+    (tmp_path / "missing").mkdir()
+    subprocess.run(["bash", "-c", line], check=False, cwd=tmp_path / "home", env=env, capture_output=True, text=True)
+    assert (tmp_path / "ran").read_text().split() == ["dvc", "python"]
 
 
 # -- resources: GPUs only where the cluster has them ----------------------------------------------------

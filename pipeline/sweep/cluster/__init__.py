@@ -3,8 +3,9 @@
 placement.py (the profile for the cluster, trial resources, a placement that can hold them, the GPUs
 probed), plan.py (the memory plan: what one GPU must hold, and the settings that make it fit),
 persist.py (results that outlive Ray's uploaded working directory), claim.py (the sweep a driver
-drives, its Ray folder set aside on --start-over) and lease.py (one driver per sweep: its lease, held
-in the MLflow store that every driver of the sweep shares).
+drives, its Ray folder set aside on --start-over), lease.py (one driver per sweep: its lease, held
+in the MLflow store that every driver of the sweep shares) and tracking_server.py (the head's MLflow
+server: PostgreSQL behind it, the admin's and the trials' logins; the configs' head runs it).
 
 May import: the spec, record and trials wings, vpn/ and pipeline's top-level modules.
 """
