@@ -32,7 +32,7 @@ REPO = Path(__file__).resolve().parents[1]
 # The files whose tests take minutes, longest first: pytest runs the suite in two processes
 # (pyproject.toml: pytest-xdist, each file in one process, in collection order), and a long file
 # started last would leave one process working alone at the end.
-LONGEST_FILES = ("test_paper_finding.py", "test_cluster.py", "test_onprem.py", "test_pipeline_e2e.py")
+LONGEST_FILES = ("test_paper_finding.py", "test_cluster.py", "test_onprem.py", "test_slurm.py", "test_pipeline_e2e.py")
 
 
 def pytest_collection_modifyitems(config, items) -> None:

@@ -35,7 +35,8 @@
 5. At the end results/<name>/<profile>/{trials,curves}.parquet and metrics.json are rebuilt from MLflow
    (pipeline.sweep.record.results), and the parent gets the best trial's metrics. Exit status: 0 when every
    trial reached a final state (FINISHED or FAILED: failures are results, recorded in the table), 130
-   when the sweep was interrupted (Ctrl+C), 2 for a bad spec or data, or a sweep another driver drives.
+   when the sweep was interrupted (Ctrl+C, SIGTERM, SIGUSR1: Tune stops and saves), 2 for a bad spec
+   or data, or a sweep another driver drives.
 
 Data: --data, else VPN_DATA, else the spec's data (relative to the repository).
 Storage: --storage, else VPN_SWEEP_STORAGE, else the profile's run.storage_path, else
@@ -55,6 +56,7 @@ import dataclasses
 import json
 import logging
 import os
+import signal
 import sys
 import urllib.parse
 from collections.abc import Mapping
@@ -183,6 +185,8 @@ def _run_sweep(
         claim = claim_sweep(exp.client, exp.experiment_id, exp.uri, sweep, data_info["identity"], exp.store, claiming)
         held.enter_context(claim.lease)
         sweep_id, exp = claim.sweep_id, dataclasses.replace(exp, path=claim.path)
+        log.info("sweep %s: MLflow %s (experiment %r); Ray storage %s; tables %s", sweep_id, exp.uri, sweep.name,
+                 exp.path, results_dir or _tables_folder(sweep))  # fmt: skip
         # The sweep's parent run, its trials nested under it (pipeline.sweep.record.parent); found again on a resume.
         parent = open_parent(exp.client, exp.experiment_id, sweep, sweep_id)
         claim.record(exp.client, parent)  # the code this driver runs (pipeline.sweep.record.lineage)
@@ -356,8 +360,7 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
     trial's model in the registry (pipeline.sweep.record.registry)."""
     from pipeline.sweep.record import results, tracking
 
-    # VPN_RESULTS_DIR is the parent, like <repo>/results: <parent>/<name>/<profile>
-    out_dir = Path(results_dir or results.results_folder(sweep.name, sweep.profile, os.environ.get(RESULTS_ENV)))
+    out_dir = Path(results_dir or _tables_folder(sweep))
     out = results.write_results(exp.client, sweep.name, sweep.profile, sweep_id, sweep.mode, out_dir)
     if register:  # the best of a finished sweep, by the tables' own ranking
         from pipeline.sweep.record import registry
@@ -368,6 +371,14 @@ def _write_tables(sweep: Sweep, sweep_id: str, exp: _Experiment, results_dir, re
         except Exception as e:  # the tables are written; a registry that refuses must not fail the sweep
             log.warning("sweep %s: the best trial's model was not registered: %s", sweep_id, e)
     return out
+
+
+def _tables_folder(sweep: Sweep) -> Path:
+    """Where the tables go without --results-dir: VPN_RESULTS_DIR is the parent, like <repo>/results,
+    and the tables go to <parent>/<name>/<profile>."""
+    from pipeline.sweep.record import results
+
+    return Path(results.results_folder(sweep.name, sweep.profile, os.environ.get(RESULTS_ENV)))
 
 
 def _spec_arg(spec: SweepSpec) -> str:
@@ -397,6 +408,19 @@ def find_spec(path: str) -> Path:
         return p
     alt = repo_root() / p
     return alt if alt.is_file() else p
+
+
+def _stop_gracefully(signum: int, frame: Any) -> None:
+    """SIGTERM (scancel, a preemption, a job's requeue) and SIGUSR1 (sweeps/slurm.sbatch's warning before
+    the time limit) stop the sweep as Ctrl+C does: while Tune runs, its own SIGINT handler saves the
+    sweep's state and returns, keeping every checkpoint; before it runs, KeyboardInterrupt. Either way the
+    lease is released and the exit status is 130, and the same command resumes."""
+    log.warning("%s: stopping the sweep; it resumes from its checkpoints when rerun", signal.Signals(signum).name)
+    tune_handler = signal.getsignal(signal.SIGINT)
+    if callable(tune_handler) and tune_handler not in (signal.default_int_handler, _stop_gracefully):
+        tune_handler(signal.SIGINT, frame)  # ray.tune.tune._setup_signal_catching's: sets its stop event
+    else:
+        raise KeyboardInterrupt
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -436,6 +460,11 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.data is None and os.environ.get("VPN_DATA"):
             args.data = os.environ["VPN_DATA"]
+        for stop in (signal.SIGTERM, signal.SIGUSR1):  # Tune's own handler takes SIGUSR1 while it runs
+            signal.signal(stop, _stop_gracefully)
+        # Ray's core worker would put its crash handler (absl's) on SIGTERM in this process, which dumps a
+        # stack and aborts (exit 134) instead of the stop above.
+        os.environ.setdefault("RAY_DISABLE_FAILURE_SIGNAL_HANDLER", "1")
         outcome = run_sweep(
             spec,
             args.profile,
@@ -448,6 +477,9 @@ def main(argv: list[str] | None = None) -> int:
     except (SpecError, SweepDataError) as e:
         log.error("%s", e)
         return EXIT_BAD_SPEC
+    except KeyboardInterrupt:  # before or after Tune ran: the lease is released, nothing half-written
+        log.warning("interrupted; rerun the same command to resume the sweep")
+        return EXIT_INTERRUPTED
     failed = sorted(label for label, s in outcome.statuses.items() if s == "FAILED")
     done = sum(s == "FINISHED" for s in outcome.statuses.values())
     listed = f": {', '.join(failed)}" if failed else ""

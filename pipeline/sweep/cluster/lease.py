@@ -18,7 +18,8 @@ While the driver lives, a thread sets the heartbeat tag every lapse / 10 seconds
 5 s while the store does not answer). A lease whose heartbeat is older than its lapse time (300 s by
 default, VPN_LEASE_LAPSE_S) has lapsed: its driver was killed, and the next driver takes the next
 generation without a manual step; at once where the holder ran on this host (by its name) and its
-process is gone (a killed driver restarted on the same node). A driver that finds a holder silent for
+process is gone (a killed driver restarted on the same node), or ran in a Slurm job that has ended (a
+requeued job's earlier start, a cancelled job: pipeline.sweep.cluster.slurm). A driver that finds a holder silent for
 more than two heartbeats (most likely dead) waits for its lease to lapse rather than refusing, so that
 a job resubmitted after a crash goes on by itself. Clocks are the holders' own: they must agree to well
 under the lapse time (NTP).
@@ -46,6 +47,7 @@ from typing import Any, Self
 from mlflow.entities import ViewType
 from mlflow.exceptions import MlflowException
 
+from pipeline.sweep.cluster.slurm import driver_gone, this_job
 from pipeline.sweep.record import tracking
 from pipeline.sweep.spec.data_check import SweepDataError
 
@@ -58,6 +60,7 @@ BEATS_PER_LAPSE = 10  # heartbeats in one lapse time: a holder is lapsed after m
 RETRY_S = 5.0  # the heartbeat's pace while the store does not answer
 TAG_HOST, TAG_PID, TAG_USER = "lease.host", "lease.pid", "lease.user"
 TAG_SINCE, TAG_BEAT, TAG_LAPSE = "lease.since_ms", "lease.heartbeat_ms", "lease.lapse_s"
+TAG_SLURM_JOB, TAG_SLURM_RESTART = "lease.slurm_job", "lease.slurm_restart"
 
 
 class LeaseHeld(SweepDataError):
@@ -89,6 +92,8 @@ class Holder:
     since_ms: int
     heartbeat_ms: int
     lapse_s: float
+    slurm_job: str = ""  # the Slurm job its driver ran in, if any, and that job's restart count
+    slurm_restart: int = 0
 
     @classmethod
     def of(cls, experiment: Any, generation: int) -> Holder:
@@ -103,6 +108,8 @@ class Holder:
             since_ms=int(tags.get(TAG_SINCE, "0")),
             heartbeat_ms=int(tags.get(TAG_BEAT, tags.get(TAG_SINCE, "0"))),
             lapse_s=float(tags.get(TAG_LAPSE, DEFAULT_LAPSE_S)),
+            slurm_job=tags.get(TAG_SLURM_JOB, ""),
+            slurm_restart=int(tags.get(TAG_SLURM_RESTART, "0")),
         )
 
     def silent_s(self, now: float) -> float:
@@ -110,8 +117,16 @@ class Holder:
         return max(0.0, now - self.heartbeat_ms / 1000)
 
     def live(self, now: float) -> bool:
-        """Active, heard from within its lapse time, and not a process of this host that has ended."""
-        return self.active and self.silent_s(now) <= self.lapse_s and not self.gone_here()
+        """Active, heard from within its lapse time, not a process of this host that has ended, and not
+        a driver of a Slurm job that has ended."""
+        return self.active and self.silent_s(now) <= self.lapse_s and not self.gone_here() and not self.gone_in_slurm()
+
+    def gone_in_slurm(self) -> bool:
+        """Whether its driver ran in a Slurm job that has certainly ended (pipeline.sweep.cluster.slurm:
+        an earlier start of this same job, or a job Slurm no longer runs): lapsed at once."""
+        if not self.slurm_job:
+            return False
+        return driver_gone(self.slurm_job, self.slurm_restart)
 
     def gone_here(self) -> bool:
         """Whether its driver ran on this host (by name) and its process is gone: lapsed at once."""
@@ -127,8 +142,9 @@ class Holder:
 
     def describe(self, now: float) -> str:
         since = datetime.datetime.fromtimestamp(self.since_ms / 1000, datetime.UTC).strftime("%Y-%m-%d %H:%M:%S")
+        job = f", Slurm job {self.slurm_job}" if self.slurm_job else ""
         return (
-            f"pid {self.pid} on {self.host} (user {self.user}) since {since} UTC, "
+            f"pid {self.pid} on {self.host} (user {self.user}{job}) since {since} UTC, "
             f"last heartbeat {self.silent_s(now):.0f} s ago"
         )
 
@@ -197,6 +213,8 @@ class Lease:
                 "mlflow.note.content": f"The lease of sweep {sweep_id}: held while its driver runs, deleted when "
                 "it ends (pipeline/sweep/cluster/lease.py).",
             }  # fmt: skip
+            if job := this_job():
+                tags.update({TAG_SLURM_JOB: job[0], TAG_SLURM_RESTART: str(job[1])})
             try:
                 experiment_id = client.create_experiment(
                     lease_name(sweep_id, generation), artifact_location=artifact_location, tags=tags
@@ -216,8 +234,9 @@ class Lease:
             if old.active:
                 _delete(client, old.experiment_id)
         holder = Holder(
-            experiment_id, generation, True, tags[TAG_HOST], os.getpid(), tags[TAG_USER], since, since, lapse
-        )
+            experiment_id, generation, True, tags[TAG_HOST], os.getpid(), tags[TAG_USER], since, since, lapse,
+            tags.get(TAG_SLURM_JOB, ""), int(tags.get(TAG_SLURM_RESTART, "0")),
+        )  # fmt: skip
         log.info("sweep %s: lease %s taken (lapses %.0f s after the last heartbeat)", sweep_id, generation, lapse)
         lease = cls(client, sweep_id, holder, on_lost)
         lease._thread.start()

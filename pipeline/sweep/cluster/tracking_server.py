@@ -171,12 +171,14 @@ def _create_databases(folder: Path, port: int) -> None:
 # The logins
 
 
-def write_auth_config(path: Path, auth_uri: str, admin: str, cache_seconds: int = CACHE_SECONDS) -> None:
-    """MLflow's basic-auth config: READ for whoever has no grant, the users in `auth_uri`, a checked
-    login trusted for `cache_seconds`."""
+def write_auth_config(
+    path: Path, auth_uri: str, admin: str, cache_seconds: int = CACHE_SECONDS, default_permission: str = "READ"
+) -> None:
+    """MLflow's basic-auth config: `default_permission` (READ) for whoever has no grant, the users in
+    `auth_uri`, a checked login trusted for `cache_seconds`."""
     write_private(
         path,
-        f"[mlflow]\ndefault_permission = READ\ndatabase_uri = {auth_uri}\nadmin_username = {admin}\n"
+        f"[mlflow]\ndefault_permission = {default_permission}\ndatabase_uri = {auth_uri}\nadmin_username = {admin}\n"
         f"auth_cache_ttl_seconds = {cache_seconds}\n",
     )
 

@@ -12,7 +12,7 @@ from ray.tune import Callback
 
 from pipeline.sweep.record import tracking
 from pipeline.sweep.trials import search
-from pipeline.sweep.trials.trial import TrialConfig
+from pipeline.sweep.trials.trial import TrialConfig, current_uri
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,9 @@ class TrackingCallback(Callback):
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into the experiment state: no client
         return {"uri": self.uri, "_client": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # restored on a resume: this job's server
+        self.__dict__.update(state, uri=current_uri(state["uri"]))
 
     @property
     def client(self):

@@ -26,6 +26,7 @@ from pipeline.sweep.record.runs import drop_orphans, point_params, point_tags
 from pipeline.sweep.spec.budget import FRAME_SIZE, trial_gpu_hours
 from pipeline.sweep.spec.grid import Point
 from pipeline.sweep.trials.search import INDEX, trial_config
+from pipeline.sweep.trials.trial import current_uri
 
 __all__ = ["COST_PARAM", "TAG_PARENT", "TAG_PARENT_OF", "SearchedRuns", "searched_tune_args"]
 
@@ -40,6 +41,9 @@ class SearchedRuns(Callback):
 
     def __getstate__(self) -> dict[str, Any]:  # pickled into the experiment state: no client
         return {**self.__dict__, "_client": None}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:  # restored on a resume: this job's server
+        self.__dict__.update(state, uri=current_uri(state["uri"]))
 
     @property
     def client(self):

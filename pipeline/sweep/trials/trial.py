@@ -15,6 +15,7 @@ The dict holds only JSON values: the two configs as their to_dict(), the data pa
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,17 @@ from pipeline.sweep.spec.sweep import OverfitSettings, Point, Sweep
 from pipeline.sweep.trials.faults import Faults
 from vpn.config import TrainConfig, VPNConfig, refuse_unknown_keys
 
+# The tracking server's address when it differs from the one a trial's config recorded at the sweep's
+# start: Ray Tune restores a resumed trial's config as it was, and a requeued Slurm job starts its MLflow
+# server anew, on another port or node (sweeps/slurm.sbatch sets this on every Ray node of the job).
+TRIALS_URI_ENV = "VPN_TRIALS_TRACKING_URI"
+
+
+def current_uri(recorded: str) -> str:
+    """The tracking URI to use for one recorded in Ray Tune's state (a trial's config, a driver callback):
+    VPN_TRIALS_TRACKING_URI where set, else the recorded one."""
+    return os.environ.get(TRIALS_URI_ENV) or recorded
+
 
 @dataclass(frozen=True)
 class TrialConfig:
@@ -34,7 +46,7 @@ class TrialConfig:
     run_id: the MLflow run the driver created for the point; the trial reattaches to it on a retry.
     mode: "train" or "overfit"; overfit: the one-sequence settings in overfit mode, else None.
     data: the absolute Moving MNIST folder (trials run with their working directory under /tmp/ray).
-    tracking_uri: the MLflow store, absolute.
+    tracking_uri: the MLflow store, absolute (VPN_TRIALS_TRACKING_URI, where set, replaces it in from_dict).
     sample_frames, system_metrics: what the trial logs besides its curves (pipeline.sweep.spec.sweep.RunSettings).
     fault: test hooks (pipeline.sweep.trials.faults), None in every real sweep.
     tracking_wait_s: how long the trial waits for an away tracking server at its start and end (the
@@ -114,6 +126,7 @@ class TrialConfig:
                 "data": Path(d["data"]),
                 "overfit": OverfitSettings(**d["overfit"]) if d.get("overfit") is not None else None,
                 "fault": Faults.from_dict(d["fault"]) if d.get("fault") else None,
+                "tracking_uri": current_uri(d["tracking_uri"]),
             }
         )
 
