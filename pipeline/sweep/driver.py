@@ -88,6 +88,7 @@ QUIET_ENV = {
 # Checkpoints force experiment snapshots (num_to_keep): expected here, so no warning about it.
 LEGACY_OUTPUT_ENV = {"RAY_AIR_NEW_OUTPUT": "0", "TUNE_WARN_EXCESSIVE_EXPERIMENT_CHECKPOINT_SYNC_THRESHOLD_S": "0"}
 EXIT_BAD_SPEC, EXIT_INTERRUPTED = 2, 130
+_graceful_signals = False  # set by the command line (main): SIGTERM and SIGUSR1 stop the sweep as Ctrl+C
 
 
 @dataclass(frozen=True)
@@ -171,6 +172,8 @@ def _run_sweep(
     from pipeline.sweep.record.parent import close_parent, open_parent
 
     started = connect_ray()
+    if _graceful_signals:  # ray.init puts its own SIGTERM handler (sys.exit) over the command line's
+        signal.signal(signal.SIGTERM, _stop_gracefully)
     try:
         sweep, data_info, cluster = _resolve_on_cluster(ray, spec, profile, data, sweep, data_info)
         check_plan_on_cluster(
@@ -460,6 +463,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.data is None and os.environ.get("VPN_DATA"):
             args.data = os.environ["VPN_DATA"]
+        global _graceful_signals
+        _graceful_signals = True
         for stop in (signal.SIGTERM, signal.SIGUSR1):  # Tune's own handler takes SIGUSR1 while it runs
             signal.signal(stop, _stop_gracefully)
         # Ray's core worker would put its crash handler (absl's) on SIGTERM in this process, which dumps a
