@@ -89,6 +89,18 @@ def git_repo(work: Path) -> dict[str, str]:
     return env
 
 
+def need_tools(test: str, tools: tuple[str, ...], installs: str, root_for: str | None = None) -> None:
+    """Skip `test` where a machine-level tool (or root) is missing; under CI (CI set), fail, naming what
+    .ci/run installs: there the test must run."""
+    missing = [t for t in tools if not shutil.which(t)]
+    if root_for and os.geteuid() != 0:
+        missing.append(f"root ({root_for})")
+    if missing:
+        if os.environ.get("CI"):
+            pytest.fail(f"{test} needs {missing} (.ci/run installs {installs})")
+        pytest.skip(f"needs {missing}")
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

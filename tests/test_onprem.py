@@ -35,7 +35,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import environ, free_port, write_splits
+from conftest import environ, free_port, need_tools, write_splits
 from test_job_submit import copy_repository
 
 from pipeline.sweep.record import tracking
@@ -57,14 +57,9 @@ while data := s.recv(65536):
 """
 
 
-def need_tools() -> None:
-    missing = [t for t in ("/usr/sbin/sshd", "rsync", "ssh-keygen", "useradd") if not shutil.which(t)]
-    if os.geteuid() != 0:
-        missing.append("root (to add the throwaway SSH user)")
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the on-prem test needs {missing} (.ci/run installs openssh-server and rsync)")
-        pytest.skip(f"needs {missing}")
+def need_ssh() -> None:
+    need_tools("the on-prem test", ("/usr/sbin/sshd", "rsync", "ssh-keygen", "useradd"), "openssh-server and rsync",
+               root_for="to add the throwaway SSH user")  # fmt: skip
 
 
 def node_user(key_pub: str) -> pwd.struct_passwd:
@@ -112,7 +107,7 @@ def user_processes(uid: int) -> list[str]:
 
 @pytest.fixture()
 def sshd(tmp_path):
-    need_tools()
+    need_ssh()
     # One run at a time per machine: two runs (two checkouts' test suites) would share USER, and each
     # wipes the node's ~/vpn and `ray down` runs `ray stop` as USER, ending the other's Ray.
     lock = open("/tmp/vpn-test-onprem.lock", "w")  # noqa: SIM115 (held until the fixture ends)

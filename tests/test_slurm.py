@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import free_port
+from conftest import free_port, need_tools
 from test_job_submit import copy_repository
 
 from pipeline.sweep.record.tracking import TRAIN_KEY
@@ -72,14 +72,9 @@ PartitionName=test Nodes=n1,n2 Default=YES MaxTime=INFINITE State=UP
 """
 
 
-def need_tools() -> None:
-    missing = [t for t in (*DAEMONS, "sbatch", "scontrol", "squeue", "scancel") if not shutil.which(t)]
-    if os.geteuid() != 0:
-        missing.append("root (slurmd runs the jobs)")
-    if missing:
-        if os.environ.get("CI"):
-            pytest.fail(f"the Slurm test needs {missing} (.ci/run installs slurm-wlm and munge)")
-        pytest.skip(f"needs {missing}")
+def need_slurm() -> None:
+    need_tools("the Slurm test", (*DAEMONS, "sbatch", "scontrol", "squeue", "scancel"), "slurm-wlm and munge",
+               root_for="slurmd runs the jobs")  # fmt: skip
 
 
 class Slurm:
@@ -152,7 +147,7 @@ class Slurm:
 
 @pytest.fixture(scope="module")
 def slurm():
-    need_tools()
+    need_slurm()
     base = Path(tempfile.mkdtemp(prefix="vpnsl", dir="/tmp"))  # short: Ray's socket paths must fit 107 bytes
     cluster = Slurm(base)
     try:
@@ -249,10 +244,7 @@ def test_the_batch_script_passes_bash_n_and_shellcheck():
     script = REPO / "sweeps" / "slurm.sbatch"
     done = subprocess.run(["bash", "-n", script], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stderr
-    if not shutil.which("shellcheck"):
-        if os.environ.get("CI"):
-            pytest.fail("shellcheck is missing (.ci/run installs it)")
-        pytest.skip("needs shellcheck")
+    need_tools("the batch script's check", ("shellcheck",), "shellcheck")
     done = subprocess.run(["shellcheck", script], capture_output=True, text=True, check=False)
     assert done.returncode == 0, done.stdout
 
